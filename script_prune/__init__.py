@@ -1,0 +1,1 @@
+"""Script: graph-structured and query-conditioned visual token pruning (pure torch)."""
