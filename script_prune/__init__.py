@@ -1,1 +1,33 @@
-"""Script: graph-structured and query-conditioned visual token pruning (pure torch)."""
+"""Script: graph-structured and query-conditioned visual token pruning (pure torch).
+
+>>> import script_prune as sp
+>>> idx = sp.select(features, 64, image_embeds=image_embeds, query_embeds=query_embeds)
+"""
+
+from .registry import (
+    MethodSpec,
+    Reduction,
+    dpp_greedy,
+    get_method,
+    list_methods,
+    query_relevance,
+    reduce,
+    redundancy_scores,
+    register_method,
+    select,
+)
+from . import methods  # noqa: E402,F401  registers script and its ablations
+from . import baselines  # noqa: E402,F401  registers the baselines (after registry/methods)
+
+__all__ = [
+    "MethodSpec",
+    "Reduction",
+    "dpp_greedy",
+    "get_method",
+    "list_methods",
+    "query_relevance",
+    "reduce",
+    "redundancy_scores",
+    "register_method",
+    "select",
+]

@@ -1,0 +1,373 @@
+"""Method registry and the validated public API (``select``, ``reduce``, the scoring functions).
+
+All input checking lives here: methods registered with :func:`register_method` receive
+batched, finite float32 tensors and a budget ``1 <= budget < N``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from . import core
+
+__all__ = [
+    "MethodSpec",
+    "Reduction",
+    "register_method",
+    "get_method",
+    "list_methods",
+    "select",
+    "reduce",
+    "redundancy_scores",
+    "query_relevance",
+    "dpp_greedy",
+]
+
+STAGES = ("vision", "llm")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered pruning method.
+
+    ``inputs``: tensor inputs the method needs, by keyword (e.g. ``("image_embeds",
+    "query_embeds")``); ``params``: accepted parameter names with their defaults;
+    ``stage``: ``"vision"`` (acts on the projected visual tokens) or ``"llm"`` (inside the
+    LLM); ``merges``: returns extra merged tokens (use :func:`reduce`).
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    inputs: tuple[str, ...] = ()
+    params: dict[str, Any] = field(default_factory=dict)
+    stage: str = "vision"
+    merges: bool = False
+    paper: str = ""
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """Result of :func:`reduce`: kept token indices (ascending) and optional merged tokens.
+
+    ``indices``: (B, m) int64; ``merged``: (B, e, D) or ``None`` for pure selection.
+    """
+
+    indices: Tensor
+    merged: Tensor | None = None
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register_method(
+    name: str,
+    *,
+    inputs: tuple[str, ...] | list[str] = (),
+    params: Mapping[str, Any] | None = None,
+    stage: str = "vision",
+    merges: bool = False,
+    paper: str = "",
+    description: str = "",
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator registering ``fn(features (B,N,D), budget, **inputs, **params)`` under ``name``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    inputs = tuple(inputs)
+    params = dict(params or {})
+    clash = set(inputs) & set(params)
+    if clash:
+        raise ValueError(f"names {sorted(clash)} are both inputs and params of method {name!r}")
+
+    def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if not callable(fn):
+            raise ValueError(f"fn for method {name!r} must be callable")
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} is already registered")
+        _REGISTRY[name] = MethodSpec(
+            name=name, fn=fn, inputs=inputs, params=params, stage=stage,
+            merges=bool(merges), paper=paper, description=description,
+        )
+        return fn
+
+    return decorator
+
+
+def get_method(name: str) -> MethodSpec:
+    """The :class:`MethodSpec` registered as ``name`` (ValueError listing the known ones)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"method must be one of {list_methods()}, got {name!r}")
+    return _REGISTRY[name]
+
+
+def list_methods() -> list[str]:
+    """Names accepted by :func:`select` / :func:`reduce`, sorted."""
+    return sorted(_REGISTRY)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _float32_tensor(x: Any, name: str, dims: tuple[int, ...], device: torch.device | None = None) -> Tensor:
+    """Check that ``x`` is a finite floating tensor with one of ``dims`` dims; return it as float32."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() not in dims:
+        expected = " or ".join(f"{d}-D" for d in dims)
+        raise ValueError(f"{name} must be {expected}, got shape {tuple(x.shape)}")
+    if device is not None and x.device != device:
+        x = x.to(device)
+    x = x.to(torch.float32)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+    return x
+
+
+def _batched_features(features: Any, name: str = "features") -> tuple[Tensor, bool]:
+    """``features`` as (B, N, D) float32 plus whether the input was batched."""
+    x = _float32_tensor(features, name, (2, 3))
+    batched = x.dim() == 3
+    x = x if batched else x.unsqueeze(0)
+    if x.shape[1] == 0 or x.shape[2] == 0:
+        raise ValueError(f"{name} must have at least one token and one channel, got shape {tuple(x.shape)}")
+    return x, batched
+
+
+def _query(query_embeds: Any, batch: int, channels: int, device: torch.device, batched: bool) -> Tensor:
+    """``query_embeds`` (M, C) shared or (B, M, C) -> (B, M, C) float32."""
+    q = _float32_tensor(query_embeds, "query_embeds", (2, 3), device)
+    if q.dim() == 3 and q.shape[0] != batch:
+        what = f"batch size {batch}" if batched else "a leading dim of 1 for unbatched inputs"
+        raise ValueError(f"query_embeds must be (M, C) or (B, M, C) with {what}, got shape {tuple(q.shape)}")
+    q = q.unsqueeze(0).expand(batch, -1, -1) if q.dim() == 2 else q
+    if q.shape[1] == 0:
+        raise ValueError("query_embeds must have at least one row (M >= 1)")
+    if q.shape[2] != channels:
+        raise ValueError(f"query_embeds must have C={channels} channels like image_embeds, got {q.shape[2]}")
+    return q
+
+
+def _image_embeds(image_embeds: Any, batch: int, n: int, device: torch.device, batched: bool) -> Tensor:
+    """``image_embeds`` (B, N, C) (or (N, C) when unbatched) -> (B, N, C) float32."""
+    x = _float32_tensor(image_embeds, "image_embeds", (3,) if batched else (2,), device)
+    x = x if batched else x.unsqueeze(0)
+    if x.shape[:2] != (batch, n):
+        raise ValueError(f"image_embeds must have (B, N) = {(batch, n)} like features, got shape {tuple(x.shape)}")
+    return x
+
+
+def _other_input(value: Any, name: str, batch: int, device: torch.device, batched: bool) -> Tensor:
+    """A method-specific tensor input: leading batch dim (added when unbatched), float32."""
+    x = _float32_tensor(value, name, tuple(range(1, 6)), device)
+    x = x if batched else x.unsqueeze(0)
+    if x.shape[0] != batch:
+        raise ValueError(f"{name} must have batch size {batch} like features, got shape {tuple(x.shape)}")
+    return x
+
+
+def _budget(budget: Any, name: str = "budget") -> int:
+    """``budget`` as a Python int >= 1."""
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral):
+        if isinstance(budget, Tensor) and budget.numel() == 1 and not budget.is_floating_point():
+            budget = int(budget)
+        else:
+            raise ValueError(f"{name} must be an integer, got {budget!r}")
+    budget = int(budget)
+    if budget < 1:
+        raise ValueError(f"{name} must be >= 1, got {budget}")
+    return budget
+
+
+def _param(method: str, name: str, value: Any, default: Any) -> Any:
+    """Type-check a method parameter against its default's type."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"parameter {name!r} of method {method!r} must be a bool, got {value!r}")
+    elif isinstance(default, numbers.Integral):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"parameter {name!r} of method {method!r} must be an int, got {value!r}")
+        value = int(value)
+    elif isinstance(default, numbers.Real):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"parameter {name!r} of method {method!r} must be a finite number, got {value!r}")
+        value = float(value)
+    return value
+
+
+def _split_kwargs(spec: MethodSpec, given: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split keyword arguments into the method's tensor inputs and its parameters."""
+    inputs, params = {}, dict(spec.params)
+    for key, value in given.items():
+        if key in spec.inputs:
+            inputs[key] = value
+        elif key in spec.params:
+            params[key] = _param(spec.name, key, value, spec.params[key])
+        else:
+            raise ValueError(
+                f"unknown parameter {key!r} for method {spec.name!r}; "
+                f"parameters: {sorted(spec.params)}, inputs: {list(spec.inputs)}"
+            )
+    return inputs, params
+
+
+def _prepared_inputs(spec: MethodSpec, raw: dict[str, Any], x: Tensor, batched: bool) -> dict[str, Tensor]:
+    """Validate the method's tensor inputs against ``x`` (B, N, D) and batch them."""
+    b, n, _ = x.shape
+    out: dict[str, Tensor] = {}
+    for key in spec.inputs:
+        if raw.get(key) is None:
+            raise ValueError(f"method {spec.name!r} needs the input {key}, which was not given")
+        if key == "image_embeds":
+            out[key] = _image_embeds(raw[key], b, n, x.device, batched)
+        elif key != "query_embeds":
+            out[key] = _other_input(raw[key], key, b, x.device, batched)
+    if "query_embeds" in spec.inputs:
+        channels = out["image_embeds"].shape[2] if "image_embeds" in out else x.shape[2]
+        out["query_embeds"] = _query(raw["query_embeds"], b, channels, x.device, batched)
+    return out
+
+
+def _sorted_indices(indices: Any, spec: MethodSpec, batch: int, n: int, width: int | None) -> Tensor:
+    """Check a method's returned indices and sort them ascending."""
+    if not isinstance(indices, Tensor) or indices.dim() != 2 or indices.shape[0] != batch:
+        raise RuntimeError(f"method {spec.name!r} must return (B, m) indices, got {getattr(indices, 'shape', indices)}")
+    if width is not None and indices.shape[1] != width:
+        raise RuntimeError(f"method {spec.name!r} returned {indices.shape[1]} indices per row, expected {width}")
+    indices = torch.sort(indices.to(torch.int64), dim=1).values
+    if indices.numel() and (
+        int(indices[:, 0].min()) < 0 or int(indices[:, -1].max()) >= n or bool((indices[:, 1:] == indices[:, :-1]).any())
+    ):
+        raise RuntimeError(f"method {spec.name!r} returned out-of-range or repeated indices")
+    return indices
+
+
+def _run(
+    features: Any, budget: Any, method: str, tensors: dict[str, Any], kwargs: dict[str, Any], merging_ok: bool
+) -> tuple[Reduction, bool]:
+    """Validate everything, call the method on batched float32 inputs, return a batched Reduction."""
+    spec = get_method(method)
+    if spec.merges and not merging_ok:
+        raise ValueError(f"method {method!r} merges tokens; call script_prune.reduce instead of select")
+    raw_inputs, params = _split_kwargs(spec, kwargs)
+    for key, value in tensors.items():  # explicit image/query embeds; ignored by methods not needing them
+        if key in spec.inputs and raw_inputs.get(key) is None:
+            raw_inputs[key] = value
+    x, batched = _batched_features(features)
+    budget = _budget(budget)
+    inputs = _prepared_inputs(spec, raw_inputs, x, batched)
+    b, n, _ = x.shape
+    if budget >= n or b == 0:
+        kept = torch.arange(min(budget, n), device=x.device).expand(b, -1).clone()
+        return Reduction(indices=kept, merged=None), batched
+    out = spec.fn(x, budget, **inputs, **params)
+    if isinstance(out, Reduction):
+        merged = out.merged
+        if merged is not None and (not isinstance(merged, Tensor) or merged.dim() != 3 or merged.shape[0] != b):
+            raise RuntimeError(f"method {method!r} must return merged tokens as (B, e, D)")
+        return Reduction(_sorted_indices(out.indices, spec, b, n, None), merged), batched
+    return Reduction(_sorted_indices(out, spec, b, n, budget), None), batched
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def select(
+    features: Tensor,
+    budget: int,
+    method: str = "script",
+    image_embeds: Tensor | None = None,
+    query_embeds: Tensor | None = None,
+    **kwargs: Any,
+) -> Tensor:
+    """Indices of the ``budget`` tokens ``method`` keeps. # (B, N, D) | (N, D) -> (B, budget) | (budget,)
+
+    Returned ascending, int64, on the features' device. ``budget >= N`` keeps everything.
+    ``image_embeds`` / ``query_embeds`` are ignored by methods that do not use them;
+    other keyword arguments are the method's inputs and parameters
+    (``get_method(method).inputs`` / ``.params``).
+    """
+    red, batched = _run(
+        features, budget, method, {"image_embeds": image_embeds, "query_embeds": query_embeds}, kwargs, False
+    )
+    return red.indices if batched else red.indices[0]
+
+
+def reduce(
+    features: Tensor,
+    budget: int,
+    method: str = "script",
+    image_embeds: Tensor | None = None,
+    query_embeds: Tensor | None = None,
+    **kwargs: Any,
+) -> Reduction:
+    """Like :func:`select` but for every method, returning a :class:`Reduction`.
+
+    ``merged`` is ``None`` for pure selection methods; unbatched input gives an unbatched
+    ``indices`` (m,) and ``merged`` (e, D).
+    """
+    red, batched = _run(
+        features, budget, method, {"image_embeds": image_embeds, "query_embeds": query_embeds}, kwargs, True
+    )
+    if batched:
+        return red
+    return Reduction(red.indices[0], None if red.merged is None else red.merged[0])
+
+
+def _finite_number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def redundancy_scores(features: Tensor, tau: float = 0.2, gamma: float = 1.0) -> Tensor:
+    """GSP redundancy score per token (Eq. 8-9). # (B, N, D) | (N, D) -> (B, N) | (N,) float32
+
+    Higher = more redundant.
+    """
+    x, batched = _batched_features(features)
+    scores = core.redundancy_scores(x, _finite_number(tau, "tau"), _finite_number(gamma, "gamma"))
+    return scores if batched else scores[0]
+
+
+def query_relevance(image_embeds: Tensor, query_embeds: Tensor, negate: bool = False) -> Tensor:
+    """Query relevance ``r_norm`` (Eq. 3-4, min-max per row). # (B, N, C) | (N, C) -> (B, N) | (N,)
+
+    ``query_embeds``: (M, C) shared by the batch or (B, M, C).
+    """
+    x, batched = _batched_features(image_embeds, "image_embeds")
+    if not isinstance(negate, bool):
+        raise ValueError(f"negate must be a bool, got {negate!r}")
+    q = _query(query_embeds, x.shape[0], x.shape[2], x.device, batched)
+    rel = core.query_relevance(x, q, negate)
+    return rel if batched else rel[0]
+
+
+def dpp_greedy(kernel: Tensor, k: int) -> Tensor:
+    """Greedy DPP MAP pick order (Chen et al. 2018; Eq. 11). # (B, N, N) | (N, N) -> (B, k) | (k,) int64
+
+    ``kernel`` must be symmetric; ``1 <= k <= N``.
+    """
+    x = _float32_tensor(kernel, "kernel", (2, 3))
+    batched = x.dim() == 3
+    x = x if batched else x.unsqueeze(0)
+    n = x.shape[1]
+    if x.shape[2] != n or n == 0:
+        raise ValueError(f"kernel must be square (B, N, N) with N >= 1, got shape {tuple(x.shape)}")
+    scale = float(x.abs().amax()) if x.numel() else 0.0
+    if not torch.allclose(x, x.transpose(1, 2), rtol=1e-5, atol=1e-6 * max(scale, 1.0)):
+        raise ValueError("kernel must be symmetric")
+    k = _budget(k, "k")
+    if k > n:
+        raise ValueError(f"k must be <= N = {n}, got {k}")
+    order = core.dpp_greedy(x, k)
+    return order if batched else order[0]
