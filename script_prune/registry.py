@@ -116,6 +116,14 @@ def list_methods() -> list[str]:
 # --------------------------------------------------------------------------- validation
 
 
+def _all_finite(x: Tensor) -> bool:
+    """True if ``x`` has no NaN/inf (one pass: NaN propagates through min/max)."""
+    if x.numel() == 0:
+        return True
+    low, high = torch.aminmax(x)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def _float32_tensor(x: Any, name: str, dims: tuple[int, ...], device: torch.device | None = None) -> Tensor:
     """Check that ``x`` is a finite floating tensor with one of ``dims`` dims; return it as float32."""
     if not isinstance(x, Tensor):
@@ -128,7 +136,7 @@ def _float32_tensor(x: Any, name: str, dims: tuple[int, ...], device: torch.devi
     if device is not None and x.device != device:
         x = x.to(device)
     x = x.to(torch.float32)
-    if not bool(torch.isfinite(x).all()):
+    if not _all_finite(x):
         raise ValueError(f"{name} contains NaN or inf")
     return x
 
