@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from script_prune.core import dpp_greedy as _dpp_greedy
+from script_prune import core
 from script_prune.registry import Reduction, register_method
 
 __all__ = [
@@ -51,15 +51,9 @@ _VISIONZIP_CONTEXTUAL_SHARE = (10, 64)  # contextual / total of the published sp
 # ----------------------------------------------------------------------------------------------------------
 # small shared helpers
 # ----------------------------------------------------------------------------------------------------------
-def _unit_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Rows of ``x`` (..., D) scaled to unit L2 norm (zero rows stay zero)."""
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
-
-
 def cosine_similarity_matrix(features: torch.Tensor) -> torch.Tensor:
-    """Pairwise cosine similarity: (B, N, D) -> (B, N, N) float32."""
-    unit = _unit_rows(features.float())
-    return unit @ unit.transpose(1, 2)
+    """Pairwise cosine similarity: (B, N, D) -> (B, N, N) float32 (the core's, on float32)."""
+    return core.cosine_similarity_matrix(features.float())
 
 
 def _batch_rows(batch: int, like: torch.Tensor) -> torch.Tensor:
@@ -107,7 +101,7 @@ def _check_query(query_embeds: object, batch: int, width: int) -> torch.Tensor:
 
 def _mean_cosine_to_query(image_embeds: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     """Mean over the M query rows of cos(image_embeds[b, n], query[b, m]): (B, N, C), (B, M, C) -> (B, N)."""
-    return (_unit_rows(image_embeds) @ _unit_rows(query).transpose(1, 2)).mean(dim=-1)
+    return (core.l2_normalize(image_embeds) @ core.l2_normalize(query).transpose(1, 2)).mean(dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -120,10 +114,10 @@ def divprune_select(features: torch.Tensor, budget: int) -> torch.Tensor:
     whose nearest neighbour (j != i) is farthest. Then repeatedly the unpicked token whose minimum distance
     to the picked set is largest (ties: lower index). Returns (B, budget) int64.
     """
-    distance = 1.0 - cosine_similarity_matrix(features)  # (B, N, N)
+    distance = cosine_similarity_matrix(features).neg_().add_(1.0)  # (B, N, N), in place
     batch, n = distance.shape[:2]
     eye = torch.eye(n, dtype=torch.bool, device=distance.device)
-    nearest = distance.masked_fill(eye, float("inf")).amin(dim=-1)  # (B, N)
+    nearest = torch.where(eye, float("inf"), distance).amin(dim=-1)  # (B, N)
     rows = torch.arange(batch, device=distance.device)
     picks = torch.empty(batch, budget, dtype=torch.long, device=distance.device)
     picked = torch.zeros(batch, n, dtype=torch.bool, device=distance.device)
@@ -229,7 +223,7 @@ def visionzip_reduce(
     other_idx = rest_idx[:, ~is_target]  # (B, R - C)
 
     rows = _batch_rows(batch, features)
-    unit_keys = _unit_rows(keys)
+    unit_keys = core.l2_normalize(keys)
     similarity = unit_keys[rows, other_idx] @ unit_keys[rows, target_idx].transpose(1, 2)  # (B, R-C, C)
     assign = similarity.argmax(dim=-1)  # (B, R-C)
     one_hot = torch.nn.functional.one_hot(assign, n_ctx).to(features.dtype)  # (B, R-C, C)
@@ -381,7 +375,7 @@ def cdpruner_relevance(
 
 def cdpruner_kernel(features: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
     """Conditional DPP kernel L_ij = rel_i * cos(h_i, h_j) * rel_j: (B, N, D), (B, N) -> (B, N, N)."""
-    return relevance.unsqueeze(2) * cosine_similarity_matrix(features) * relevance.unsqueeze(1)
+    return core.scale_kernel_(cosine_similarity_matrix(features), relevance)
 
 
 def _check_theta(theta: object) -> float | None:
@@ -404,7 +398,7 @@ def cdpruner_select(
     theta = _check_theta(theta)
     _check_token_input("image_embeds", image_embeds, features, with_dim=True)
     relevance = cdpruner_relevance(image_embeds, query_embeds, negate=negate, theta=theta)
-    return _dpp_greedy(cdpruner_kernel(features, relevance), budget)
+    return core.dpp_greedy(cdpruner_kernel(features, relevance), budget)
 
 
 # ----------------------------------------------------------------------------------------------------------
