@@ -27,6 +27,7 @@ from typing import Any, BinaryIO, Sequence
 
 import torch
 from PIL import Image
+from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
 from llava.constants import (
     DEFAULT_IMAGE_TOKEN,
@@ -283,6 +284,100 @@ def tokenizer_image_token(
     if return_tensors == "pt":
         return torch.tensor(ids, dtype=torch.long)
     return ids
+
+
+_SPIECE_UNDERLINE = "\u2581"
+
+
+class LlamaSentencePieceTokenizer(SentencePieceBackend):
+    """Llama tokenizer running the sentencepiece model itself, like LLaVA's `use_fast=False` tokenizer.
+
+    Non-legacy behaviour of the original slow tokenizer: one "\u2581" prefix per call (none after
+    special tokens such as "</s>"), BOS in front when `add_bos_token`, special tokens kept whole.
+    transformers 5's tokenizers-backed `LlamaTokenizer` differs on runs of spaces.
+    """
+
+    vocab_files_names = {"vocab_file": "tokenizer.model"}
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def __init__(
+        self,
+        vocab_file: str | None = None,
+        unk_token: str = "<unk>",
+        bos_token: str = "<s>",
+        eos_token: str = "</s>",
+        pad_token: str | None = None,
+        add_bos_token: bool = True,
+        add_eos_token: bool = False,
+        legacy: bool = False,
+        add_prefix_space: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        self.add_bos_token = add_bos_token
+        self.add_eos_token = add_eos_token
+        self.add_prefix_space = add_prefix_space
+        super().__init__(
+            vocab_file=vocab_file,
+            unk_token=unk_token,
+            bos_token=bos_token,
+            eos_token=eos_token,
+            pad_token=pad_token,
+            legacy=legacy,
+            add_bos_token=add_bos_token,
+            add_eos_token=add_eos_token,
+            add_prefix_space=add_prefix_space,
+            **kwargs,
+        )
+
+    def tokenize(self, text: str, **kwargs: Any) -> list[str]:
+        if self.legacy or not text:
+            return super().tokenize(text, **kwargs)
+        text = text.replace(_SPIECE_UNDERLINE, " ")
+        if self.add_prefix_space:
+            text = _SPIECE_UNDERLINE + text
+        tokens = super().tokenize(text, **kwargs)
+        # a lone prefix in front of a special token is dropped ("</s>" stays one token)
+        if len(tokens) > 1 and tokens[0] == _SPIECE_UNDERLINE and tokens[1] in self.all_special_tokens:
+            tokens = tokens[1:]
+        return tokens
+
+    def build_inputs_with_special_tokens(
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
+    ) -> list[int]:
+        bos = [self.bos_token_id] if self.add_bos_token else []
+        eos = [self.eos_token_id] if self.add_eos_token else []
+        ids = bos + list(token_ids_0) + eos
+        if token_ids_1 is not None:
+            ids += bos + list(token_ids_1) + eos
+        return ids
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        tokens = list(tokens)
+        if tokens and self.add_prefix_space and tokens[0].startswith(_SPIECE_UNDERLINE):
+            tokens[0] = tokens[0][1:]
+        text, run = "", []
+        for token in tokens:
+            if token in self.all_special_tokens:
+                text += self.sp_model.decode(run) + token
+                run = []
+            else:
+                run.append(token)
+        return text + self.sp_model.decode(run)
+
+
+
+def load_sentencepiece_tokenizer(path: str | os.PathLike, **kwargs: Any):
+    """Load a Llama/Mistral `tokenizer.model` folder with the sentencepiece-exact tokenizer.
+
+    Use this for LLaVA-1.5 / 1.6 checkpoints when prompts may contain runs of spaces: it reproduces the
+    ids of LLaVA's original slow tokenizer (`use_fast=False`) exactly. `tokenizer_config.json` fields
+    (add_bos_token, legacy, special tokens) are honoured. FileNotFoundError when the folder has no
+    tokenizer.model.
+    """
+    folder = Path(os.fspath(path))
+    if folder.is_dir() and not (folder / "tokenizer.model").is_file():
+        raise FileNotFoundError(f"no tokenizer.model in {os.fspath(path)!r}")
+    return LlamaSentencePieceTokenizer.from_pretrained(os.fspath(path), **kwargs)
 
 
 def get_model_name_from_path(model_path: str | os.PathLike) -> str:

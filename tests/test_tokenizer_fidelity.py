@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from llava.constants import IMAGE_TOKEN_INDEX  # noqa: E402
 from llava.conversation import conv_templates  # noqa: E402
-from llava.mm_utils import tokenizer_image_token  # noqa: E402
+from llava.mm_utils import load_sentencepiece_tokenizer, tokenizer_image_token  # noqa: E402
 
 SP_MODEL = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "llama2" / "tokenizer.model"
 
@@ -60,14 +60,30 @@ def sp():
 
 
 @pytest.fixture(scope="module")
-def llava_tokenizer(tmp_path_factory):
-    """The tokenizer as LLaVA's builder loads it: AutoTokenizer(use_fast=False) on the checkpoint folder."""
-    from transformers import AutoTokenizer
-
+def tokenizer_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("llama2_tokenizer")
     shutil.copy(SP_MODEL, folder / "tokenizer.model")
     (folder / "tokenizer_config.json").write_text(json.dumps(LLAVA_TOKENIZER_CONFIG))
-    return AutoTokenizer.from_pretrained(str(folder), use_fast=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tokenizer_dir):
+    """transformers 5's tokenizer as LLaVA's builder asks for it: AutoTokenizer(use_fast=False)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir), use_fast=False)
+
+
+@pytest.fixture(scope="module")
+def exact_tokenizer(tokenizer_dir):
+    """The sentencepiece-backed tokenizer from llava.mm_utils."""
+    return load_sentencepiece_tokenizer(tokenizer_dir)
+
+
+@pytest.fixture(scope="module", params=["transformers", "sentencepiece"])
+def llava_tokenizer(request):
+    return request.getfixturevalue("hf_tokenizer" if request.param == "transformers" else "exact_tokenizer")
 
 
 def _reference_ids(prompt: str, sp) -> list[int]:
@@ -124,11 +140,30 @@ def test_answer_with_eos_string_maps_to_eos_id(llava_tokenizer, sp):
     assert tokenizer_image_token(prompt, llava_tokenizer) == expected
 
 
+@pytest.mark.parametrize("text", ["two  spaces   and three", " ", "  leading", "end  ", "tab\tand\n\nnewlines  x"])
+def test_sentencepiece_tokenizer_matches_on_repeated_spaces(text, exact_tokenizer, sp):
+    assert exact_tokenizer(text).input_ids == [sp.bos_id()] + sp.encode(text)
+
+
 @pytest.mark.xfail(
     reason="transformers 5's tokenizers-backed LlamaTokenizer merges runs of spaces differently from "
     "sentencepiece (e.g. 'a  b'); LLaVA prompts use single spaces. See docs/preprocessing.md.",
     strict=False,
 )
-def test_repeated_spaces_match_sentencepiece(llava_tokenizer, sp):
+def test_transformers_tokenizer_repeated_spaces_match_sentencepiece(hf_tokenizer, sp):
     text = "two  spaces   and three"
-    assert llava_tokenizer(text).input_ids == [sp.bos_id()] + sp.encode(text)
+    assert hf_tokenizer(text).input_ids == [sp.bos_id()] + sp.encode(text)
+
+
+def test_decode_generated_answers_like_sentencepiece(exact_tokenizer, hf_tokenizer, sp):
+    answers = ["Yes", "2 apples\nand  a pear.", "中文 🙂"]
+    generated = [sp.encode(a) + [sp.eos_id()] for a in answers]  # what generate() returns after the prompt
+    for tokenizer in (exact_tokenizer, hf_tokenizer):
+        decoded = tokenizer.batch_decode(generated, skip_special_tokens=True)
+        assert [d.strip() for d in decoded] == [sp.decode(ids[:-1]).strip() for ids in generated]
+    assert exact_tokenizer.batch_decode(generated, skip_special_tokens=True) == answers
+
+
+def test_load_sentencepiece_tokenizer_missing_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer.model"):
+        load_sentencepiece_tokenizer(tmp_path)
