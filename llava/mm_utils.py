@@ -13,6 +13,8 @@ Text:
 - `tokenizer_image_token` turns a prompt with ``<image>`` tags into ids with `IMAGE_TOKEN_INDEX`
   where the visual tokens go (each text chunk encoded on its own, one BOS at the front).
 - `strip_short_answer_prompt` gives the query text used for relevance scoring.
+- `load_sentencepiece_tokenizer` loads a Llama/Mistral `tokenizer.model` with ids identical to
+  LLaVA's original slow tokenizer (transformers 5's converted tokenizer differs on runs of spaces).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import ast
 import math
 import os
 import urllib.request
+import warnings
 from io import BytesIO
 from pathlib import Path
 from typing import Any, BinaryIO, Sequence
@@ -110,6 +113,16 @@ def _processor_resize_edge(image_processor: Any) -> int:
     return _size_value(getattr(image_processor, "size", None), "shortest_edge") or processor_input_size(
         image_processor
     )
+
+
+def _warn_if_not_pil_backend(image_processor: Any) -> None:
+    backend = getattr(image_processor, "backend", "pil")
+    if backend != "pil":
+        warnings.warn(
+            f"image_processor uses the {backend!r} backend; LLaVA's results were produced with the PIL backend "
+            "and pixels differ slightly. Load it with llava.mm_utils.load_image_processor for exact fidelity.",
+            stacklevel=3,
+        )
 
 
 def _pixel_values(image_processor: Any, images: list[Image.Image]) -> torch.Tensor:
@@ -240,9 +253,11 @@ def process_images(
       -> (B, 1 + tiles, 3, S, S) when every image has the same number of tiles, else a list of
       (1 + tiles_i, 3, S, S) tensors (LLaVA's convention).
     - anything else (None, "square", ...): the processor as is -> (B, 3, S, S).
-    Non-RGB images are converted to RGB first.
+    Non-RGB images are converted to RGB first. A processor whose `backend` is not "pil" triggers a
+    warning (see `load_image_processor`).
     """
     images = _check_images(images)
+    _warn_if_not_pil_backend(image_processor)
     aspect = getattr(model_cfg, "image_aspect_ratio", None)
     if aspect == "pad":
         color = mean_color(image_processor)

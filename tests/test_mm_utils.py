@@ -146,6 +146,18 @@ def test_process_images_rejects_bad_input():
         )
 
 
+def test_process_images_warns_for_non_pil_backend():
+    class _TorchvisionLike:
+        backend = "torchvision"
+        image_mean = [0.5, 0.5, 0.5]
+
+        def preprocess(self, images, return_tensors):
+            return {"pixel_values": torch.zeros(len(images), 3, 2, 2)}
+
+    with pytest.warns(UserWarning, match="PIL backend"):
+        process_images([_random_image(3, 2)], _TorchvisionLike(), SimpleNamespace(image_aspect_ratio="pad"))
+
+
 # ----------------------------------------------------------------------------- anyres
 @pytest.mark.parametrize(
     ("size", "expected"),
