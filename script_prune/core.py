@@ -30,9 +30,14 @@ def l2_normalize(x: Tensor) -> Tensor:
 
 
 def cosine_similarity_matrix(features: Tensor) -> Tensor:
-    """Pairwise cosine similarity ``S_ij`` of the tokens (Eq. 8 / Eq. 10). # (B, N, D) -> (B, N, N)"""
-    unit = l2_normalize(features)
-    return torch.bmm(unit, unit.transpose(1, 2))
+    """Pairwise cosine similarity ``S_ij`` of the tokens (Eq. 8 / Eq. 10). # (B, N, D) -> (B, N, N)
+
+    One Gram of the raw features scaled by the inverse norms in place (no normalised copy
+    of the (B, N, D) features).
+    """
+    inv_norm = features.norm(dim=-1).clamp_min(NORM_EPS).reciprocal()  # (B, N)
+    gram = torch.bmm(features, features.transpose(1, 2))
+    return gram.mul_(inv_norm.unsqueeze(2)).mul_(inv_norm.unsqueeze(1))
 
 
 # --------------------------------------------------------------------------- GSP (Sec. 4.1)
@@ -126,44 +131,56 @@ class _CholeskyGreedy:
     """Fast greedy MAP of a DPP (Chen et al., 2018), run a chunk of steps at a time.
 
     State: residuals ``d2`` (picked items set to -inf), the factor buffer ``c`` whose row
-    ``t`` is the projection coefficient of every item on the ``t``-th pick, the picks and
-    the picked residuals. One step is a handful of batched ops and no host sync; the
-    picks made after a row's kernel is exhausted are meaningless and get replaced by
-    :func:`complete_order`.
+    ``t`` holds every item's coefficient on the ``t``-th pick (grown on demand), the picks
+    and their residuals. One step is eight batched kernels and no host sync. The picks
+    made after a row's kernel is exhausted are meaningless (their residuals may even turn
+    NaN; rows never mix) and get replaced by :func:`complete_order`.
     """
 
-    def __init__(self, kernel: Tensor, max_steps: int) -> None:
+    def __init__(self, kernel: Tensor, max_steps: int, capacity: int | None = None) -> None:
         b, n, _ = kernel.shape
         self.kernel = kernel  # (B, N, N)
+        self.max_steps = max_steps
         self.d2 = torch.diagonal(kernel, dim1=1, dim2=2).clone()  # (B, N)
-        self.c = kernel.new_empty(b, max_steps, n)  # (B, T, N)
-        self.picks = torch.empty(b, max_steps, dtype=torch.long, device=kernel.device)  # (B, T)
-        self.picked_d2 = kernel.new_empty(b, max_steps)  # (B, T)
-        self.steps = 0
+        self.c = kernel.new_empty(b, min(max_steps, capacity or max_steps), n)  # (B, T, N)
+        self._picks = torch.empty(max_steps, b, dtype=torch.long, device=kernel.device)  # (T, B)
+        self._best = kernel.new_empty(max_steps, b)  # (T, B) residual of each pick
         self._neg_inf = kernel.new_full((b, 1), -math.inf)
-        self._row_index = (b, 1, n)
+        self.steps = 0
+
+    @property
+    def picks(self) -> Tensor:
+        """Picks so far. # (B, steps) int64"""
+        return self._picks[: self.steps].T
+
+    def _reserve(self, steps: int) -> None:
+        """Grow the factor buffer to hold ``steps`` rows (doubling)."""
+        if steps > self.c.shape[1]:
+            grown = self.c.new_empty(self.c.shape[0], min(self.max_steps, max(steps, 2 * self.c.shape[1])), self.c.shape[2])
+            grown[:, : self.steps] = self.c[:, : self.steps]
+            self.c = grown
 
     def run(self, stop: int) -> None:
-        """Advance the greedy until ``stop`` picks have been made."""
+        """Advance the greedy until ``stop`` picks have been made (``stop <= max_steps``)."""
+        self._reserve(stop)
         kernel, d2, c = self.kernel, self.d2, self.c
+        b, n, _ = kernel.shape
         for t in range(self.steps, stop):
-            best, j = torch.max(d2, dim=1, keepdim=True)  # first max on ties
-            self.picks[:, t : t + 1] = j
-            self.picked_d2[:, t : t + 1] = best
-            row = torch.gather(kernel, 1, j.unsqueeze(2).expand(self._row_index))  # (B, 1, N)
+            best, j = torch.max(d2, dim=1, out=(self._best[t], self._picks[t]))  # first max on ties
+            j = j.view(b, 1)
+            row = torch.gather(kernel, 1, j.view(b, 1, 1).expand(b, 1, n))  # (B, 1, N): L_j.
             if t > 0:
                 prev = c[:, :t]  # (B, t, N)
-                cj = torch.gather(prev, 2, j.unsqueeze(1).expand(-1, t, 1))  # (B, t, 1)
+                cj = torch.gather(prev, 2, j.view(b, 1, 1).expand(b, t, 1))  # (B, t, 1)
                 row = torch.baddbmm(row, cj.transpose(1, 2), prev, alpha=-1.0)  # L_j - <c_j, c_i>
-            e = row.squeeze(1) * torch.rsqrt(best.clamp_min(EXHAUSTED_RESIDUAL))  # (B, N)
-            c[:, t] = e
+            e = torch.mul(row.view(b, n), torch.rsqrt(best).view(b, 1), out=c[:, t])  # (B, N), Eq. 11
             d2.addcmul_(e, e, value=-1.0)
             d2.scatter_(1, j, self._neg_inf)
         self.steps = max(self.steps, stop)
 
     def exhausted_at(self) -> Tensor:
         """Per row, the first step whose pick had residual <= 1e-10 (``steps`` if none). # (B,)"""
-        done = self.picked_d2[:, : self.steps] <= EXHAUSTED_RESIDUAL
+        done = (self._best[: self.steps] <= EXHAUSTED_RESIDUAL).T  # (B, steps)
         first = done.to(torch.int8).argmax(dim=1)
         return torch.where(done.any(dim=1), first, torch.full_like(first, self.steps))
 
@@ -220,7 +237,7 @@ def script_walk(kernel: Tensor, keep: Tensor, m: int, min_chunk: int = 4) -> Ten
     picks or is exhausted, so the host syncs once per chunk, a handful of times in all.
     """
     b, n, _ = kernel.shape
-    greedy = _CholeskyGreedy(kernel, n)
+    greedy = _CholeskyGreedy(kernel, n, capacity=4 * m)
     target = min(m, n)
     while greedy.steps < n:
         greedy.run(min(n, greedy.steps + max(target, min_chunk)))

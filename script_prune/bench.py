@@ -1,0 +1,232 @@
+"""Speed / memory benchmark of the registered methods (not a test).
+
+    python -m script_prune.bench [--device cpu|cuda] [--json out.json] [--methods script qcsp ...]
+
+Prints the median wall time (ms) of ``select`` (``reduce`` for merging methods) through the
+public, validating API, and the peak extra memory of one call, for the paper's settings
+(B, N, D, k) = (1,576,4096,64), (1,576,4096,192), (5,576,4096,64), (64,169,3584,16),
+(1,2880,4096,320). Inputs are float32 Gaussian noise (seed 0) with CLIP-sized auxiliaries.
+
+Peak extra memory: on CUDA ``torch.cuda.max_memory_allocated`` minus the allocated bytes
+before the call; on CPU the torch profiler's allocation events of one call, replayed in
+time order (the maximum running sum of bytes allocated minus freed), i.e. torch tensor
+memory only (not Python objects or allocator caching).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+
+import script_prune as sp
+
+#: Channels of the CLIP joint space (ViT-L/14) and of the per-head keys, for synthetic inputs.
+CLIP_DIM = 768
+KEY_DIM = 64
+QUERY_ROWS = 2
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One benchmark setting: batch, tokens, feature dim, budget."""
+
+    B: int
+    N: int
+    D: int
+    k: int
+
+
+CASES = (
+    BenchCase(1, 576, 4096, 64),
+    BenchCase(1, 576, 4096, 192),
+    BenchCase(5, 576, 4096, 64),
+    BenchCase(64, 169, 3584, 16),
+    BenchCase(1, 2880, 4096, 320),
+)
+
+
+@dataclass
+class BenchRow:
+    """One measured (case, method)."""
+
+    B: int
+    N: int
+    D: int
+    k: int
+    method: str
+    median_ms: float | None
+    min_ms: float | None
+    repeats: int
+    peak_extra_mib: float | None
+    note: str = ""
+
+
+def synthetic_inputs(case: BenchCase, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Every tensor input a registered method may ask for, float32 on ``device``."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    b, n = case.B, case.N
+    tensors = {
+        "features": torch.randn(b, n, case.D, generator=g),
+        "image_embeds": torch.randn(b, n, CLIP_DIM, generator=g),
+        "query_embeds": torch.randn(b, QUERY_ROWS, CLIP_DIM, generator=g),
+        "cls_attention": torch.softmax(torch.randn(b, n, generator=g), dim=-1),
+        "keys": torch.randn(b, n, KEY_DIM, generator=g),
+        "scores": torch.softmax(torch.randn(b, n, generator=g), dim=-1),
+    }
+    return {name: t.to(device) for name, t in tensors.items()}
+
+
+def method_call(method: str, case: BenchCase, tensors: dict[str, torch.Tensor]) -> Callable[[], Any]:
+    """A zero-argument call of ``method`` through the public API (ValueError if an input is unknown)."""
+    spec = sp.get_method(method)
+    missing = [name for name in spec.inputs if name not in tensors]
+    if missing:
+        raise ValueError(f"no synthetic input for {missing}")
+    inputs = {name: tensors[name] for name in spec.inputs}
+    run = sp.reduce if spec.merges else sp.select
+    return lambda: run(tensors["features"], case.k, method, **inputs)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], Any], device: torch.device, min_repeats: int, budget_s: float) -> list[float]:
+    """Wall times (ms) of ``fn`` after one warm-up: at least ``min_repeats``, more while under ``budget_s``."""
+    fn()
+    _sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_repeats or (time.perf_counter() - start < budget_s and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(1000.0 * (time.perf_counter() - t0))
+    return times
+
+
+def cpu_peak_extra_bytes(fn: Callable[[], Any]) -> int:
+    """Peak of (bytes allocated - bytes freed) by torch on the CPU during one call of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    running = peak = 0
+    for e in events:
+        if e.device_type() == torch.device("cpu").type or str(e.device_type()).endswith("CPU"):
+            running += e.nbytes()
+            peak = max(peak, running)
+    return peak
+
+
+def cuda_peak_extra_bytes(fn: Callable[[], Any], device: torch.device) -> int:
+    """``max_memory_allocated`` during one call of ``fn`` minus the bytes allocated before it."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def bench_one(method: str, case: BenchCase, tensors: dict[str, torch.Tensor], device: torch.device,
+              min_repeats: int, budget_s: float) -> BenchRow:
+    """Measure one (case, method)."""
+    base = dict(B=case.B, N=case.N, D=case.D, k=case.k, method=method)
+    try:
+        fn = method_call(method, case, tensors)
+        times = time_call(fn, device, min_repeats, budget_s)
+        peak = cuda_peak_extra_bytes(fn, device) if device.type == "cuda" else cpu_peak_extra_bytes(fn)
+    except ValueError as err:
+        return BenchRow(**base, median_ms=None, min_ms=None, repeats=0, peak_extra_mib=None, note=f"skipped: {err}")
+    return BenchRow(**base, median_ms=statistics.median(times), min_ms=min(times), repeats=len(times),
+                    peak_extra_mib=peak / 2**20)
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    """Plain-text table of the rows."""
+    head = f"{'B':>3} {'N':>5} {'D':>5} {'k':>4}  {'method':<16} {'median ms':>10} {'min ms':>9} {'reps':>4} {'peak MiB':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r.median_ms is None:
+            lines.append(f"{r.B:>3} {r.N:>5} {r.D:>5} {r.k:>4}  {r.method:<16} {r.note}")
+            continue
+        lines.append(f"{r.B:>3} {r.N:>5} {r.D:>5} {r.k:>4}  {r.method:<16} {r.median_ms:>10.1f} "
+                     f"{r.min_ms:>9.1f} {r.repeats:>4} {r.peak_extra_mib:>9.1f}")
+    return "\n".join(lines)
+
+
+def write_json_atomic(path: str, payload: dict[str, Any]) -> None:
+    """Write JSON to ``path`` via a temporary file and ``os.replace`` (never half-written)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(payload, fh, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m script_prune.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (or cuda:N); default cpu")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--methods", nargs="+", default=None, help="methods to run (default: all registered)")
+    parser.add_argument("--cases", nargs="+", type=int, default=None,
+                        help="indices (0-4) of the cases to run (default: all)")
+    parser.add_argument("--min-repeats", type=int, default=5, help="timed calls per row at least (default 5)")
+    parser.add_argument("--budget-s", type=float, default=2.0, help="time per row after min-repeats (default 2)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but CUDA is not available")
+    methods = args.methods or sp.list_methods()
+    unknown = [m for m in methods if m not in sp.list_methods()]
+    if unknown:
+        raise ValueError(f"--methods: unknown {unknown}; choose from {sp.list_methods()}")
+    cases = CASES if args.cases is None else tuple(CASES[i] for i in args.cases)
+    rows: list[BenchRow] = []
+    for case in cases:
+        tensors = synthetic_inputs(case, device)
+        for method in methods:
+            row = bench_one(method, case, tensors, device, args.min_repeats, args.budget_s)
+            rows.append(row)
+            print(format_table([row]).splitlines()[-1], file=sys.stderr, flush=True)
+        del tensors
+    print(format_table(rows))
+    if args.json:
+        write_json_atomic(args.json, {
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "dtype": "float32",
+            "memory_method": "cuda max_memory_allocated delta" if device.type == "cuda"
+            else "torch profiler allocation events (max running sum)",
+            "rows": [asdict(r) for r in rows],
+        })
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
