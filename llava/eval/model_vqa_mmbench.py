@@ -1,0 +1,99 @@
+"""Answer MMBench / MMBench-CN (a tsv with base64 images).
+
+Usage:
+    python -m llava.eval.model_vqa_mmbench --model-path liuhaotian/llava-v1.5-7b \
+        --question-file mmbench/mmbench_dev_20230712.tsv --answers-file out.jsonl \
+        --single-pred-prompt [--lang cn] [--all-rounds] --visual-token-num 64
+
+Options are the columns A, B, C, D up to the first empty one. The question is the hint (when present),
+the question and one "X. option" line per option; `--single-pred-prompt` appends the multiple-choice
+instruction (Chinese with `--lang cn`). `--all-rounds` answers every rotation of the options
+(CircularEval), one line per `round_id`.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+
+from llava.eval.common import EvalSample, add_generation_args, run_generation
+from llava.eval.io_utils import require_path
+
+ALL_OPTIONS = ("A", "B", "C", "D")
+
+
+def is_none(value) -> bool:
+    """Empty cell: None, NaN, or the strings 'nan' / 'none' (any case)."""
+    if value is None:
+        return True
+    if isinstance(value, float) and value != value:
+        return True
+    return isinstance(value, str) and value.strip().lower() in ("nan", "none")
+
+
+def row_options(row) -> list[str]:
+    options = []
+    for letter in ALL_OPTIONS:
+        value = row.get(letter)
+        if is_none(value):
+            break
+        options.append(str(value))
+    return options
+
+
+def build_question(question: str, hint, options: list[str]) -> str:
+    text = question if is_none(hint) else f"{hint}\n{question}"
+    for letter, option in zip(ALL_OPTIONS, options):
+        text += f"\n{letter}. {option}"
+    return text
+
+
+def base64_image_loader(data: str):
+    def _load():
+        from PIL import Image
+
+        return Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+
+    return _load
+
+
+def load_samples(question_file: str, single_pred_prompt: bool, lang: str, all_rounds: bool) -> list[EvalSample]:
+    import pandas as pd
+
+    from llava.constants import MULTIPLE_CHOICE_PROMPT, MULTIPLE_CHOICE_PROMPT_CN
+
+    if lang not in ("en", "cn"):
+        raise ValueError(f"--lang: expected 'en' or 'cn', got {lang!r}")
+    df = pd.read_csv(require_path(question_file, "MMBench tsv (--question-file)"), sep="\t")
+    missing = [c for c in ("index", "question", "image", "A", "B") if c not in df.columns]
+    if missing:
+        raise ValueError(f"--question-file {question_file}: missing MMBench columns {missing}")
+    instruction = MULTIPLE_CHOICE_PROMPT_CN if lang == "cn" else MULTIPLE_CHOICE_PROMPT
+    samples = []
+    for row in df.to_dict("records"):
+        options = row_options(row)
+        letters = list(ALL_OPTIONS[: len(options)])
+        for round_id in range(len(options) if all_rounds else 1):
+            text = build_question(str(row["question"]), row.get("hint"), options)
+            question = text + "\n" + instruction if single_pred_prompt else text
+            samples.append(EvalSample(
+                question_id=int(row["index"]), question=question, prompt_field=text,
+                load_image=base64_image_loader(row["image"]), query=text,
+                extra={"round_id": round_id, "options": list(options), "option_char": list(letters)}))
+            options = options[1:] + options[:1]
+            letters = letters[1:] + letters[:1]
+    return samples
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_generation_args(ap, max_new_tokens=128)
+    ap.add_argument("--single-pred-prompt", action="store_true")
+    ap.add_argument("--lang", default="en", choices=["en", "cn"])
+    ap.add_argument("--all-rounds", action="store_true")
+    args = ap.parse_args(argv)
+    return run_generation(args, load_samples(args.question_file, args.single_pred_prompt, args.lang, args.all_rounds))
+
+
+if __name__ == "__main__":
+    main()
