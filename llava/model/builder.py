@@ -1,0 +1,156 @@
+"""``load_pretrained_model``: LLaVA-1.5 / LLaVA-NeXT checkpoints in the original format on transformers 5.
+
+The checkpoints' config.json says ``"model_type": "llava"``, which transformers maps to its own,
+differently laid out LLaVA class. We therefore never go through ``AutoConfig``: config.json is read as a
+plain dict, the class is picked from ``architectures`` and the config built as our ``LlavaConfig``
+(model_type ``llava_llama`` / ``llava_mistral``).
+
+Vision tower weights: LLaVA-1.5 checkpoints do not contain them (they are read from ``mm_vision_tower``,
+the CLIP checkpoint); LLaVA-1.6 checkpoints ship a fine-tuned tower under ``model.vision_tower.*``,
+which is then used. Any other missing weight is an error that lists the keys.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
+from .language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
+from .multimodal_encoder.clip_encoder import quiet_loading, resolve_vision_tower_path
+from .pruning import PruningConfig
+
+ARCHITECTURES = {
+    "LlavaLlamaForCausalLM": (LlavaLlamaForCausalLM, LlavaConfig),
+    "LlavaMistralForCausalLM": (LlavaMistralForCausalLM, LlavaMistralConfig),
+}
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+VISION_PREFIX = "model.vision_tower."
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def read_config_dict(model_path: str | os.PathLike) -> dict:
+    """config.json of a local folder or hub id, as a dict (never through AutoConfig)."""
+    local = Path(model_path) / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    if os.path.isdir(model_path):
+        raise FileNotFoundError(f"model_path {str(model_path)!r} has no config.json")
+    from transformers.utils import cached_file
+
+    try:
+        return json.loads(Path(cached_file(str(model_path), "config.json")).read_text())
+    except OSError as err:
+        raise FileNotFoundError(f"model_path {str(model_path)!r}: no local folder and no hub config.json ({err})") from err
+
+
+def resolve_dtype(torch_dtype: Any, device: str | torch.device | None) -> torch.dtype:
+    """torch_dtype as a torch.dtype; default float16 on CUDA, float32 elsewhere."""
+    if torch_dtype is None or torch_dtype == "auto":
+        return torch.float16 if device is not None and torch.device(device).type == "cuda" else torch.float32
+    if isinstance(torch_dtype, torch.dtype):
+        return torch_dtype
+    if isinstance(torch_dtype, str) and torch_dtype in DTYPES:
+        return DTYPES[torch_dtype]
+    raise ValueError(f"torch_dtype must be a torch.dtype or one of {sorted(DTYPES)}, got {torch_dtype!r}")
+
+
+def check_attn_implementation(attn_implementation: str) -> str:
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}")
+    if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ValueError("attn_implementation='flash_attention_2' needs the flash-attn package (pip install flash-attn)")
+    return attn_implementation
+
+
+def build_llava_config(config_dict: dict, model_path: str | os.PathLike):
+    """(model class, config) for a LLaVA config.json dict; mm_vision_tower resolved to a usable path."""
+    archs = config_dict.get("architectures") or []
+    arch = next((a for a in archs if a in ARCHITECTURES), None)
+    if arch is None:
+        raise ValueError(
+            f"config.json of {str(model_path)!r} has architectures {archs}; expected one of {sorted(ARCHITECTURES)} "
+            "(LLaVA's original checkpoint format)"
+        )
+    if not config_dict.get("mm_vision_tower"):
+        raise ValueError(f"config.json of {str(model_path)!r} has no mm_vision_tower: not a LLaVA checkpoint")
+    model_cls, config_cls = ARCHITECTURES[arch]
+    fields = {k: v for k, v in config_dict.items() if k not in ("model_type", "transformers_version")}
+    fields["mm_vision_tower"] = resolve_vision_tower_path(fields["mm_vision_tower"], model_path)
+    return model_cls, config_cls(**fields)
+
+
+def _split_missing(missing: list[str]) -> tuple[list[str], list[str]]:
+    """Missing checkpoint keys -> (vision tower keys, other keys)."""
+    vision = [k for k in missing if k.startswith(VISION_PREFIX)]
+    return vision, [k for k in missing if not k.startswith(VISION_PREFIX)]
+
+
+def _load_tokenizer(model_path: str | os.PathLike, config):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, use_fast=False)
+    added = []
+    if getattr(config, "mm_use_im_patch_token", False):
+        added.append("<im_patch>")
+    if getattr(config, "mm_use_im_start_end", False):
+        added += ["<im_start>", "<im_end>"]
+    if added:
+        tokenizer.add_tokens(added, special_tokens=True)
+    return tokenizer
+
+
+def load_pretrained_model(
+    model_path: str | os.PathLike,
+    model_base: str | None = None,
+    model_name: str | None = None,
+    *,
+    device_map: str | dict | None = None,
+    device: str | torch.device = "cpu",
+    torch_dtype: torch.dtype | str | None = None,
+    attn_implementation: str = "sdpa",
+    pruning: PruningConfig | dict | None = None,
+):
+    """Load a LLaVA checkpoint -> (tokenizer, model, image_processor, context_len).
+
+    ``device_map="auto"`` shards over the visible GPUs with accelerate; otherwise the model goes to ``device``.
+    ``pruning`` (PruningConfig / dict / None) is installed with ``model.set_pruning``.
+    """
+    if model_base is not None:
+        raise ValueError("model_base (LoRA / projector-only checkpoints) is not supported: pass a merged checkpoint")
+    attn_implementation = check_attn_implementation(attn_implementation)
+    dtype = resolve_dtype(torch_dtype, device if device_map is None else "cuda")
+    model_cls, config = build_llava_config(read_config_dict(model_path), model_path)
+    config._attn_implementation = attn_implementation
+    load_kwargs: dict[str, Any] = dict(config=config, dtype=dtype, attn_implementation=attn_implementation,
+                                       output_loading_info=True)
+    if device_map is not None:
+        load_kwargs["device_map"] = device_map
+    with quiet_loading():
+        model, info = model_cls.from_pretrained(model_path, **load_kwargs)
+    vision_missing, other_missing = _split_missing(sorted(info.get("missing_keys", [])))
+    if other_missing:
+        raise ValueError(f"checkpoint {str(model_path)!r} is missing weights: {other_missing}")
+    tower = model.get_vision_tower()
+    vision_keys = [k for k in model.state_dict() if k.startswith(VISION_PREFIX)]
+    if vision_missing and len(vision_missing) != len(vision_keys):
+        raise ValueError(f"checkpoint {str(model_path)!r} has a partial vision tower; missing: {vision_missing}")
+    if vision_missing:
+        tower.load_pretrained_weights(dtype)
+    if device_map is None:
+        model.to(device)
+    else:
+        tower.to(model.get_model().embed_tokens.weight.device)
+    model.eval()
+    tokenizer = _load_tokenizer(model_path, config)
+    image_processor = tower.load_image_processor()
+    model.set_query_tokenizer(tokenizer)
+    model.set_pruning(pruning)
+    context_len = int(getattr(config, "max_sequence_length", 2048))
+    return tokenizer, model, image_processor, context_len

@@ -1,0 +1,397 @@
+"""LLaVA's multimodal glue: vision tower -> (pruning) -> projector -> visual tokens spliced into the prompt.
+
+Two mixins, as in LLaVA's layout:
+- ``LlavaMetaModel`` (mixed into the LLM's base model, e.g. ``LlamaModel``) owns ``vision_tower``,
+  ``mm_projector`` and, for ``spatial_unpad``, ``image_newline`` -> checkpoint keys ``model.mm_projector.*``,
+  ``model.image_newline``, ``model.vision_tower.vision_tower.*``.
+- ``LlavaMetaForCausalLM`` (mixed into the ``*ForCausalLM``) turns ``input_ids`` with ``IMAGE_TOKEN_INDEX``
+  markers plus images into ``inputs_embeds``, and holds the pruning setting.
+
+Pruning happens per image row before the prefill (``_image_tokens``): one row per LLaVA-1.5 image, one
+row per LLaVA-NeXT crop (base + every anyres tile), each keeping ``visual_token_num`` tokens in their
+spatial order. For ``spatial_unpad`` the kept tile tokens are placed through the grid/unpad layout and a
+row's ``image_newline`` is kept iff that row still holds a kept token (the base crop has no newlines).
+Merged tokens of merging methods (VisionZip, TRIM) follow the kept tokens of their crop (for NeXT tiles:
+after the whole tile grid).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .multimodal_encoder.builder import build_vision_tower
+from .multimodal_encoder.clip_encoder import CLIPRelevanceEncoder, CLIPVisionTower
+from .multimodal_projector.builder import build_vision_projector
+from .pruning import PrunedRows, PruningConfig, as_pruning_config, prune_rows
+
+IGNORE_INDEX = -100  # same values as llava.constants (kept local so the model does not depend on preprocessing)
+IMAGE_TOKEN_INDEX = -200
+
+# The assistant-turn opener that ends a prompt (vicuna/llava_v1, mistral_instruct, chatml_direct, llava_v0).
+_ROLE_TAIL = re.compile(r"\s*(ASSISTANT:|\[/INST\]|<\|im_end\|>\s*<\|im_start\|>\s*assistant|###\s*Assistant:?)\s*$")
+
+
+class LlavaMetaModel:
+    """Mixin for the LLM base model: vision tower, projector and image_newline."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        if getattr(config, "mm_vision_tower", None):
+            self.vision_tower = build_vision_tower(config)
+            self.mm_projector = build_vision_projector(config)
+            if "unpad" in str(getattr(config, "mm_patch_merge_type", "flat")):
+                self.image_newline = nn.Parameter(torch.zeros(config.hidden_size))
+
+    def get_vision_tower(self) -> CLIPVisionTower | None:
+        return getattr(self, "vision_tower", None)
+
+
+@dataclass
+class ImageInput:
+    """One image's views and size. views (V, 3, S, S): V = 1 (LLaVA-1.5) or 1 + tiles (NeXT anyres)."""
+
+    views: torch.Tensor
+    size: tuple[int, int] | None  # original (width, height); required for anyres layouts
+    sample: int  # index of the prompt it belongs to
+
+
+def _split_images(images: Any, image_sizes: Any, images_per_sample: list[int], anyres: bool) -> list[ImageInput]:
+    """Normalise ``images`` (Tensor (B,3,S,S) | (B,V,3,S,S) | list of (3,S,S)/(V,3,S,S)) to one ImageInput each."""
+    if isinstance(images, torch.Tensor):
+        if images.dim() not in (4, 5):
+            raise ValueError(f"images must be (B, 3, H, W) or (B, V, 3, H, W), got shape {tuple(images.shape)}")
+        per_image = list(images) if images.dim() == 5 else [img.unsqueeze(0) for img in images]
+    elif isinstance(images, (list, tuple)):
+        per_image = []
+        for i, img in enumerate(images):
+            if not isinstance(img, torch.Tensor) or img.dim() not in (3, 4):
+                raise ValueError(f"images[{i}] must be a (3, H, W) or (V, 3, H, W) tensor")
+            per_image.append(img.unsqueeze(0) if img.dim() == 3 else img)
+    else:
+        raise ValueError(f"images must be a tensor or a list of tensors, got {type(images).__name__}")
+    total = sum(images_per_sample)
+    if len(per_image) != total:
+        raise ValueError(
+            f"input_ids hold {total} <image> token(s) ({images_per_sample} per sample) but {len(per_image)} "
+            "image(s) were given: every prompt needs one <image> token per image"
+        )
+    if image_sizes is None:
+        if anyres and any(v.shape[0] > 1 for v in per_image):
+            raise ValueError("image_sizes (original (width, height) per image) is required for anyres images")
+        sizes: list = [None] * total
+    else:
+        sizes = [tuple(int(x) for x in s) for s in image_sizes]
+        if len(sizes) != total:
+            raise ValueError(f"image_sizes has {len(sizes)} entries for {total} images")
+    owners = [b for b, n in enumerate(images_per_sample) for _ in range(n)]
+    return [ImageInput(v, s, b) for v, s, b in zip(per_image, sizes, owners)]
+
+
+def unpad_extent(grid_hw: tuple[int, int], original_wh: tuple[int, int]) -> tuple[slice, slice]:
+    """Rows/cols of a (H, W) feature grid that cover the image, not the letterbox padding (LLaVA's unpad)."""
+    height, width = grid_hw
+    orig_w, orig_h = original_wh
+    if orig_w / orig_h > width / height:
+        new_h = int(orig_h * (width / orig_w))
+        pad = (height - new_h) // 2
+        return slice(pad, height - pad), slice(0, width)
+    new_w = int(orig_w * (height / orig_h))
+    pad = (width - new_w) // 2
+    return slice(0, height), slice(pad, width - pad)
+
+
+def tile_grid_positions(rows: int, cols: int, side: int) -> torch.Tensor:
+    """(rows*side, cols*side) grid of flat token positions t*side^2 + i*side + j of tile t (row-major tiles)."""
+    pos = torch.arange(rows * cols * side * side).view(rows, cols, side, side)
+    return pos.permute(0, 2, 1, 3).reshape(rows * side, cols * side)
+
+
+class LlavaMetaForCausalLM:
+    """Mixin for ``*ForCausalLM``: multimodal input preparation, pruning setting, generate with images."""
+
+    # ------------------------------------------------------------------ accessors / settings
+    def get_model(self):
+        return self.model
+
+    def get_vision_tower(self) -> CLIPVisionTower:
+        tower = self.get_model().get_vision_tower()
+        if tower is None:
+            raise ValueError("this model has no vision tower (config has no mm_vision_tower)")
+        return tower
+
+    @property
+    def pruning(self) -> PruningConfig | None:
+        return getattr(self, "_pruning", None)
+
+    @property
+    def last_visual_token_counts(self) -> list[int]:
+        """Visual tokens (incl. NeXT newlines) that reached the LLM per sample, for the last forward/generate."""
+        return list(getattr(self, "_last_visual_token_counts", []))
+
+    def set_pruning(self, pruning: PruningConfig | dict | None) -> None:
+        """Set (or clear with None) the pruning applied before the prefill."""
+        cfg = as_pruning_config(pruning)
+        if cfg is not None and cfg.in_llm:
+            self._prepare_llm_stage_pruning(cfg)
+        if cfg is not None and cfg.needs_relevance:
+            self._relevance_encoder()
+        self._pruning = cfg
+
+    def _prepare_llm_stage_pruning(self, cfg: PruningConfig) -> None:
+        """The single place where in-LLM methods (MethodSpec.stage == "llm", e.g. FastV) get hooked in."""
+        raise ValueError(
+            f"pruning method {cfg.method!r} acts inside the LLM (stage 'llm'); it is not wired into this model yet. "
+            "Use a vision-stage method (see script_prune.list_methods())."
+        )
+
+    def set_query_tokenizer(self, tokenizer) -> None:
+        """Tokenizer used to recover the question from input_ids when generate/forward get no ``texts``."""
+        self._query_tokenizer = tokenizer
+
+    def _relevance_encoder(self) -> CLIPRelevanceEncoder:
+        """CLIP text tower + visual projection, loaded once on first need from the vision tower's checkpoint."""
+        encoder = getattr(self, "_clip_relevance", None)
+        if encoder is None:
+            tower = self.get_vision_tower()
+            encoder = CLIPRelevanceEncoder.from_pretrained(tower.vision_tower_name, dtype=tower.dtype, device=tower.device)
+            object.__setattr__(self, "_clip_relevance", encoder)  # not a submodule: stays out of state_dict
+        return encoder
+
+    # ------------------------------------------------------------------ vision side
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Unpruned visual tokens: images (R, 3, S, S) -> (R, N, D)."""
+        features = self.get_vision_tower()(images).features
+        projector = self.get_model().mm_projector
+        return projector(features.to(self._projector_dtype()))
+
+    def _projector_dtype(self) -> torch.dtype:
+        return next(self.get_model().mm_projector.parameters()).dtype
+
+    def _query_texts(self, texts: Sequence[str] | None, input_ids: torch.Tensor, attention_mask) -> list[str]:
+        """The per-sample query for relevance: ``texts`` if given, else the prompt's text after its last <image>."""
+        from llava.mm_utils import strip_short_answer_prompt
+
+        batch = input_ids.shape[0]
+        if texts is not None:
+            texts = [texts] if isinstance(texts, str) else list(texts)
+            if len(texts) != batch:
+                raise ValueError(f"texts must hold one query per sample ({batch}), got {len(texts)}")
+            return [strip_short_answer_prompt(t) for t in texts]
+        tokenizer = getattr(self, "_query_tokenizer", None)
+        if tokenizer is None:
+            raise ValueError(
+                f"pruning method {self.pruning.method!r} needs the question text: pass texts=[query per sample]"
+            )
+        queries = []
+        for b in range(batch):
+            ids = input_ids[b] if attention_mask is None else input_ids[b][attention_mask[b].bool()]
+            marks = (ids == IMAGE_TOKEN_INDEX).nonzero()
+            tail = ids[int(marks[-1]) + 1 :] if len(marks) else ids
+            text = _ROLE_TAIL.sub("", tokenizer.decode(tail[tail >= 0], skip_special_tokens=True)).strip()
+            queries.append(strip_short_answer_prompt(text))
+        return queries
+
+    def _method_inputs(self, cfg: PruningConfig, vision, query: str | None) -> dict[str, torch.Tensor]:
+        """Tensor inputs the pruning method declares (MethodSpec.inputs) for R rows of one sample."""
+        inputs: dict[str, torch.Tensor] = {}
+        names = cfg.spec.inputs
+        if cfg.needs_relevance:
+            encoder = self._relevance_encoder()
+            post_ln = self.get_vision_tower().vision_tower.vision_model.post_layernorm
+            if "image_embeds" in names:
+                inputs["image_embeds"] = encoder.embed_image(vision.features, post_ln)  # (R, N, P)
+            if "query_embeds" in names:
+                inputs["query_embeds"] = encoder.embed_query(query)  # (M, P)
+        if "cls_attention" in names:
+            inputs["cls_attention"] = vision.cls_attention
+        if "keys" in names:
+            inputs["keys"] = vision.keys
+        unknown = set(names) - set(inputs)
+        if unknown:
+            raise ValueError(f"pruning method {cfg.method!r} needs inputs {sorted(unknown)} this model cannot provide")
+        return inputs
+
+    def _row_tokens(self, features: torch.Tensor, vision, query: str | None) -> PrunedRows:
+        """R rows of features (R, N, C) -> kept indices + LLM tokens, pruned when a setting applies."""
+        projector = self.get_model().mm_projector
+        features = features.to(self._projector_dtype())
+        cfg = self.pruning
+        n = features.shape[1]
+        if cfg is None or cfg.is_noop_for(n):
+            kept = torch.arange(n, device=features.device).expand(features.shape[0], -1)
+            return PrunedRows(kept_indices=kept, tokens=projector(features))
+        return prune_rows(cfg, features, projector, self._method_inputs(cfg, vision, query))
+
+    def _image_tokens(self, image: ImageInput, vision, query: str | None) -> torch.Tensor:
+        """All LLM tokens of one image -> (n, D), laid out as LLaVA does (flat, or NeXT spatial_unpad)."""
+        rows = self._row_tokens(vision.features, vision, query)
+        merge_type = str(getattr(self.config, "mm_patch_merge_type", "flat"))
+        if merge_type == "flat" or not merge_type.startswith("spatial"):
+            return rows.tokens.flatten(0, 1)  # (V * k, D)
+        base = rows.tokens[0]  # (k + e, D)
+        newline = getattr(self.get_model(), "image_newline", None) if "unpad" in merge_type else None
+        if image.views.shape[0] == 1:
+            return base if newline is None else torch.cat([base, newline[None].to(base.dtype)], dim=0)
+        return torch.cat([base, self._tile_layout(image, rows, merge_type, newline)], dim=0)
+
+    def _tile_layout(self, image: ImageInput, rows: PrunedRows, merge_type: str, newline) -> torch.Tensor:
+        """Kept tile tokens placed on the anyres grid (unpadded), one newline per non-empty grid row -> (n, D)."""
+        from llava.mm_utils import get_anyres_image_grid_shape
+
+        tower = self.get_vision_tower()
+        side = tower.num_patches_per_side
+        tiles = rows.tokens[1:]  # (T, k + e, D)
+        kept = rows.kept_indices[1:]  # (T, k)
+        num_tiles, k = kept.shape
+        if image.size is None:
+            raise ValueError("image_sizes is required for LLaVA-NeXT anyres images")
+        cols, grid_rows = get_anyres_image_grid_shape(image.size, self.config.image_grid_pinpoints, tower.config.image_size)
+        if cols * grid_rows != num_tiles:
+            raise ValueError(
+                f"image of size {image.size} should have {cols}x{grid_rows} anyres tiles, got {num_tiles}: "
+                "pixel values and image_sizes disagree"
+            )
+        device, d = tiles.device, tiles.shape[-1]
+        # Scatter the kept tokens back to their flat tile positions t * side^2 + i; absent positions stay empty.
+        flat_pos = (kept + torch.arange(num_tiles, device=device)[:, None] * side * side).flatten()  # (T*k,)
+        present = torch.zeros(num_tiles * side * side, dtype=torch.bool, device=device)
+        present[flat_pos] = True
+        source = tiles.new_zeros(num_tiles * side * side, d)
+        source[flat_pos] = tiles[:, :k].reshape(-1, d)
+        grid = tile_grid_positions(grid_rows, cols, side).to(device)  # (rows*side, cols*side)
+        if "unpad" in merge_type:
+            row_slice, col_slice = unpad_extent(tuple(grid.shape), image.size)
+            grid = grid[row_slice, col_slice]
+        keep = present[grid]  # (H', W')
+        tokens = source[grid]  # (H', W', D)
+        if newline is not None:
+            tokens = torch.cat([tokens, newline.to(tokens.dtype).expand(tokens.shape[0], 1, d)], dim=1)
+            keep = torch.cat([keep, keep.any(dim=1, keepdim=True)], dim=1)  # newline iff its row has a token
+        laid_out = tokens[keep]  # (n, D) row-major
+        merged = tiles[:, k:].reshape(-1, d)  # (T * e, D)
+        return torch.cat([laid_out, merged], dim=0)
+
+    def _visual_tokens(self, images: list[ImageInput], queries: list[str] | None) -> list[torch.Tensor]:
+        """Per image its LLM tokens (n_i, D). The tower runs once on all views of all images."""
+        cfg = self.pruning
+        with_attention = cfg is not None and cfg.needs_attention
+        views = torch.cat([img.views for img in images], dim=0)  # (sum V, 3, S, S)
+        vision = self.get_vision_tower()(views, with_attention=with_attention)
+        out, start = [], 0
+        for img in images:
+            stop = start + img.views.shape[0]
+            part = type(vision)(*(None if t is None else t[start:stop] for t in
+                                  (vision.features, vision.cls_attention, vision.keys)))
+            out.append(self._image_tokens(img, part, None if queries is None else queries[img.sample]))
+            start = stop
+        return out
+
+    # ------------------------------------------------------------------ text side
+    def prepare_inputs_labels_for_multimodal(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        past_key_values: Any,
+        labels: torch.Tensor | None,
+        images: Any,
+        image_sizes: Any = None,
+        texts: Sequence[str] | None = None,
+        padding_side: str | None = None,
+    ):
+        """Splice visual tokens into the prompt embeddings.
+
+        input_ids (B, L) with IMAGE_TOKEN_INDEX where each image goes; attention_mask (B, L) marks real tokens
+        (either padding side). Returns (None, position_ids (B, L'), attention_mask (B, L'), past_key_values,
+        inputs_embeds (B, L', D), labels (B, L') | None), padded on ``padding_side`` (default: the config's
+        ``tokenizer_padding_side``, "right"); position ids count real tokens only (contiguous from 0).
+        """
+        if input_ids is None or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError("input_ids must be a (B, L) tensor holding IMAGE_TOKEN_INDEX (-200) for every <image>")
+        is_image = input_ids == IMAGE_TOKEN_INDEX  # (B, L)
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        per_sample = (is_image & mask).sum(dim=1).tolist()
+        if images is None:
+            if any(per_sample):
+                raise ValueError("input_ids contain <image> tokens (IMAGE_TOKEN_INDEX) but no images were given")
+            self._last_visual_token_counts = [0] * input_ids.shape[0]
+            return input_ids, position_ids, attention_mask, past_key_values, None, labels
+        if not all(per_sample):
+            missing = [b for b, n in enumerate(per_sample) if n == 0]
+            raise ValueError(
+                f"input_ids of sample(s) {missing} hold no <image> token (IMAGE_TOKEN_INDEX={IMAGE_TOKEN_INDEX}): "
+                "the prompt must contain '<image>', tokenised with tokenizer_image_token"
+            )
+        anyres = str(getattr(self.config, "image_aspect_ratio", "")).startswith("anyres")
+        image_list = _split_images(images, image_sizes, per_sample, anyres)
+        queries = None
+        if self.pruning is not None and self.pruning.needs_relevance:
+            queries = self._query_texts(texts, input_ids, attention_mask)
+        visual = self._visual_tokens(image_list, queries)
+        embed = self.get_model().embed_tokens
+        text_embeds = embed(input_ids.masked_fill(is_image, 0))  # (B, L, D)
+        sequences, seq_labels, counts = [], [], []
+        image_iter = iter(visual)
+        for b in range(input_ids.shape[0]):
+            valid = mask[b]
+            ids, emb = input_ids[b][valid], text_embeds[b][valid]
+            lab = labels[b][valid] if labels is not None else None
+            pieces, lab_pieces, count, start = [], [], 0, 0
+            for pos in (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist() + [ids.numel()]:
+                pieces.append(emb[start:pos])
+                if lab is not None:
+                    lab_pieces.append(lab[start:pos])
+                if pos < ids.numel():
+                    tokens = next(image_iter).to(emb.dtype)
+                    pieces.append(tokens)
+                    lab_pieces.append(torch.full((tokens.shape[0],), IGNORE_INDEX, device=emb.device, dtype=torch.long))
+                    count += tokens.shape[0]
+                start = pos + 1
+            sequences.append(torch.cat(pieces, dim=0))
+            seq_labels.append(torch.cat(lab_pieces, dim=0) if lab is not None else None)
+            counts.append(count)
+        self._last_visual_token_counts = counts
+        return self._pad_sequences(sequences, seq_labels, past_key_values, padding_side)
+
+    def _pad_sequences(self, sequences, seq_labels, past_key_values, padding_side):
+        """Pad the per-sample (L_b, D) embeddings to (B, L', D) with mask, contiguous position ids and labels."""
+        max_len = getattr(self.config, "tokenizer_model_max_length", None)
+        if max_len is not None:
+            sequences = [s[:max_len] for s in sequences]
+            seq_labels = [None if l is None else l[:max_len] for l in seq_labels]
+        side = padding_side or getattr(self.config, "tokenizer_padding_side", "right")
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        batch, length = len(sequences), max(s.shape[0] for s in sequences)
+        ref = sequences[0]
+        embeds = ref.new_zeros(batch, length, ref.shape[-1])
+        mask = torch.zeros(batch, length, dtype=torch.long, device=ref.device)
+        has_labels = seq_labels[0] is not None
+        labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long, device=ref.device) if has_labels else None
+        for b, seq in enumerate(sequences):
+            span = slice(length - seq.shape[0], length) if side == "left" else slice(0, seq.shape[0])
+            embeds[b, span] = seq
+            mask[b, span] = 1
+            if has_labels:
+                labels[b, span] = seq_labels[b]
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, L') contiguous over real tokens
+        return None, position_ids, mask, past_key_values, embeds, labels
+
+    # ------------------------------------------------------------------ forward / generate helpers
+    def _multimodal_forward_inputs(self, input_ids, attention_mask, position_ids, past_key_values, labels,
+                                   inputs_embeds, images, image_sizes, texts, padding_side=None):
+        """Shared by forward/generate: returns kwargs for the LLM (input_ids or inputs_embeds, mask, positions)."""
+        if inputs_embeds is None and images is not None:
+            (input_ids, position_ids, attention_mask, past_key_values, inputs_embeds,
+             labels) = self.prepare_inputs_labels_for_multimodal(
+                input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes, texts,
+                padding_side)
+        elif images is None and input_ids is not None and bool((input_ids == IMAGE_TOKEN_INDEX).any()):
+            raise ValueError("input_ids contain <image> tokens (IMAGE_TOKEN_INDEX) but no images were given")
+        return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels)

@@ -1,0 +1,141 @@
+"""The pruning setting of a LLaVA model and the per-image-row call into ``script_prune``.
+
+Budget semantics: ``visual_token_num`` tokens are kept per image ROW — one row per LLaVA-1.5 image,
+one row per LLaVA-NeXT crop (the base image and every anyres tile each keep ``visual_token_num``;
+NeXT newline tokens come on top, see ``llava_arch``). A budget >= the tokens per row (576 for
+CLIP-L/336) leaves the model exactly unpruned.
+
+Relevance (methods whose ``MethodSpec.inputs`` name ``image_embeds`` / ``query_embeds``, e.g. script):
+the CLIP text tower embeds the user's question and CLIP's visual projection maps the patch features
+to the joint space. ``negate_relevance`` (default True) is passed to the method as its ``negate``
+parameter when the method has one: with CLIP's penultimate-layer patch features the similarity to
+the text embedding is inverted (CDPruner's maintainers report it; the authors' Script release and
+CDPruner both negate), so negation is what makes "relevant" mean relevant on LLaVA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import script_prune as sp
+
+RELEVANCE_INPUTS = ("image_embeds", "query_embeds")
+ATTENTION_INPUTS = ("cls_attention", "keys")
+
+
+@dataclass
+class PruningConfig:
+    """Which ``script_prune`` method runs, with which per-row budget and parameters."""
+
+    method: str = "script"
+    visual_token_num: int = 576  # tokens kept per image row / per NeXT crop
+    params: dict = field(default_factory=dict)  # method parameters passed to script_prune
+    negate_relevance: bool = True  # passed as the method's `negate` param when it has one
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.method, str) or self.method not in sp.list_methods():
+            raise ValueError(f"method must be one of {sp.list_methods()}, got {self.method!r}")
+        if isinstance(self.visual_token_num, bool) or not isinstance(self.visual_token_num, int):
+            raise ValueError(f"visual_token_num must be an int >= 1, got {self.visual_token_num!r}")
+        if self.visual_token_num < 1:
+            raise ValueError(f"visual_token_num must be >= 1, got {self.visual_token_num}")
+        if not isinstance(self.params, dict):
+            raise ValueError(f"params must be a dict of method parameters, got {type(self.params).__name__}")
+        if not isinstance(self.negate_relevance, bool):
+            raise ValueError(f"negate_relevance must be a bool, got {self.negate_relevance!r}")
+        spec = self.spec
+        unknown = sorted(set(self.params) - set(spec.params))
+        if unknown:
+            raise ValueError(
+                f"params {unknown} are not parameters of method {self.method!r}; it accepts {sorted(spec.params)}"
+            )
+
+    @property
+    def spec(self) -> sp.MethodSpec:
+        return sp.get_method(self.method)
+
+    @property
+    def needs_relevance(self) -> bool:
+        """True when the method reads CLIP image/query embeddings (then the text tower is loaded)."""
+        return any(name in self.spec.inputs for name in RELEVANCE_INPUTS)
+
+    @property
+    def needs_attention(self) -> bool:
+        """True when the method reads the vision tower's [CLS] attention and keys (VisionZip)."""
+        return any(name in self.spec.inputs for name in ATTENTION_INPUTS)
+
+    @property
+    def in_llm(self) -> bool:
+        """True for methods that act inside the LLM (MethodSpec.stage == "llm", e.g. FastV)."""
+        return self.spec.stage == "llm"
+
+    def method_params(self) -> dict[str, Any]:
+        """The keyword parameters for script_prune: ``params`` plus ``negate`` when the method has it."""
+        params = dict(self.params)
+        if "negate" in self.spec.params and "negate" not in params:
+            params["negate"] = self.negate_relevance
+        return params
+
+    def is_noop_for(self, tokens_per_row: int) -> bool:
+        """A budget >= the row length keeps every token: skip pruning (exactly unpruned)."""
+        return self.visual_token_num >= tokens_per_row
+
+
+def as_pruning_config(pruning: PruningConfig | dict | None) -> PruningConfig | None:
+    """Accept a PruningConfig, a dict of its fields, or None."""
+    if pruning is None or isinstance(pruning, PruningConfig):
+        return pruning
+    if isinstance(pruning, dict):
+        return PruningConfig(**pruning)
+    raise ValueError(f"pruning must be a PruningConfig, a dict or None, got {type(pruning).__name__}")
+
+
+@dataclass
+class PrunedRows:
+    """Result of pruning R image rows of N tokens each.
+
+    kept_indices: (R, k) int64 ascending positions within each row of the tokens kept in place.
+    tokens: (R, k + e, D) projected tokens for the LLM: the kept ones in index order, then e merged
+            tokens (e = 0 for selection methods).
+    """
+
+    kept_indices: torch.Tensor
+    tokens: torch.Tensor
+
+    @property
+    def merged_count(self) -> int:
+        return self.tokens.shape[1] - self.kept_indices.shape[1]
+
+
+def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """x (R, N, D), indices (R, k) -> (R, k, D)."""
+    return torch.gather(x, 1, indices.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def prune_rows(
+    cfg: PruningConfig,
+    features: torch.Tensor,
+    projector: torch.nn.Module,
+    method_inputs: dict[str, torch.Tensor],
+) -> PrunedRows:
+    """Prune R rows of vision-tower features (pre-projector) and return what the LLM receives.
+
+    features: (R, N, C) selected-layer patch features; projector maps C -> D.
+    Selection methods run ``sp.select`` on the projected tokens H_v (R, N, D) (the paper's Sec. 4 works
+    on the projector outputs); merging methods (MethodSpec.merges) run ``sp.reduce`` on the pre-projector
+    features and the kept + merged tokens are projected afterwards.
+    """
+    spec = cfg.spec
+    params = cfg.method_params()
+    if spec.merges:
+        reduction = sp.reduce(features, cfg.visual_token_num, cfg.method, **method_inputs, **params)
+        kept = gather_rows(features, reduction.indices)  # (R, k, C)
+        if reduction.merged is not None:
+            kept = torch.cat([kept, reduction.merged.to(features.dtype)], dim=1)  # (R, k + e, C)
+        return PrunedRows(kept_indices=reduction.indices, tokens=projector(kept))
+    projected = projector(features)  # (R, N, D) = H_v
+    indices = sp.select(projected, cfg.visual_token_num, cfg.method, **method_inputs, **params)  # (R, k)
+    return PrunedRows(kept_indices=indices, tokens=gather_rows(projected, indices))
