@@ -237,7 +237,7 @@ def script_walk(kernel: Tensor, keep: Tensor, m: int, min_chunk: int = 4) -> Ten
     picks or is exhausted, so the host syncs once per chunk, a handful of times in all.
     """
     b, n, _ = kernel.shape
-    greedy = _CholeskyGreedy(kernel, n, capacity=4 * m)
+    greedy = _CholeskyGreedy(kernel, n, capacity=2 * m + 64)  # grows if needed
     target = min(m, n)
     while greedy.steps < n:
         greedy.run(min(n, greedy.steps + max(target, min_chunk)))

@@ -156,6 +156,19 @@ def test_first_kept_walks_the_order() -> None:
     assert core.first_kept(order, keep, 2).tolist() == [[0, 3]]
 
 
+def test_script_walk_exhausted_row_continues_by_diagonal() -> None:
+    # row 0: rank-one kernel v v^T (exact in float32): greedy picks 1, then every residual is 0,
+    # so the order goes on by descending diagonal v^2 = (1, 4, 1, .25, .0625, 1): 1, 0, 2, 5, 3, 4.
+    # GSP keeps {0, 3, 4, 5}: the first 3 kept in that order are 0, 5, 3.
+    v = torch.tensor([1.0, 2.0, 1.0, 0.5, 0.25, 1.0])
+    other = _well_conditioned_kernel(6, 4).float()
+    keep = torch.tensor([[True, False, False, True, True, True]] * 2)
+    got = core.script_walk(torch.stack([torch.outer(v, v), other]), keep, 3)
+    assert sorted(got[0].tolist()) == [0, 3, 5]
+    want = [i for i in ref.dpp_greedy_slogdet(other, 6) if keep[1, i]][:3]
+    assert got[1].tolist() == want
+
+
 def test_released_greedy_matches_loop() -> None:
     feats = torch.randn(15, 10, generator=_gen(7))
     img = torch.randn(15, 5, generator=_gen(8))
