@@ -277,12 +277,14 @@ def pruning_figure(image: Any, grid_hw: Sequence[int], kept: Mapping[str, Any], 
 def next_crops_figure(image: Any, tile_grid: Sequence[int], tokens_per_side: int, kept: Mapping[str, Any],
                       out_path: str | os.PathLike, relevance: Any = None, redundancy: Any = None,
                       merged: Mapping[str, int] | None = None, query: str | None = None,
-                      panel_px: int = 336) -> FigureResult:
+                      panel_px: int = 336, tiles_image: Any = None) -> FigureResult:
     """One PNG for LLaVA-NeXT: top row the base crop, bottom row the tiles assembled over the
     image (fitted to the tile canvas as LLaVA-NeXT does), one column per map / method.
 
     tile_grid: (cols, rows) of tiles; kept: method -> per-crop index lists (1 + cols*rows lists,
-    crop 0 = base; a (crops, k) array works too); relevance / redundancy: (crops, P*P) scores."""
+    crop 0 = base; a (crops, k) array works too); relevance / redundancy: (crops, P*P) scores.
+    tiles_image: the image exactly as tiled (e.g. LLaVA's resize-and-pad to the best resolution); by
+    default ``image`` is fitted to the tile canvas here (aspect kept, black padding, centred)."""
     cols, rows = _check_grid_hw(tile_grid)
     p = int(tokens_per_side)
     if p < 1:
@@ -290,7 +292,8 @@ def next_crops_figure(image: Any, tile_grid: Sequence[int], tokens_per_side: int
     n_crops = 1 + cols * rows
     base_hw, tiles_hw = (p, p), (rows * p, cols * p)
     base_img = fit_image(image, _panel_size(base_hw, panel_px))
-    tiles_img = pad_to_canvas(image, _panel_size(tiles_hw, panel_px * max(cols, rows)))
+    tiles_img = pad_to_canvas(image if tiles_image is None else tiles_image,
+                              _panel_size(tiles_hw, panel_px * max(cols, rows)))
     top = [Panel("base crop", base_img, np.ones(base_hw, dtype=bool), "image")]
     bottom = [Panel(f"tiles {cols}x{rows}", tiles_img, np.ones(tiles_hw, dtype=bool), "image")]
 

@@ -112,3 +112,51 @@ def test_next_crops_mapped_onto_image(tmp_path):
     np.testing.assert_array_equal(_read_back(out, tiles.bbox, (rows * p, cols * p)), expected)
     with pytest.raises(ValueError, match="one entry per crop"):
         V.next_crops_figure(_uniform_image(8, 8), (2, 1), p, {"x": per_crop[:2]}, tmp_path / "bad.png")
+
+
+def test_cli_from_saved_tensors(tmp_path):
+    import script_prune as sp
+    from llava.eval import visualize as cli
+
+    gen = torch.Generator().manual_seed(2)
+    feats = torch.randn(1, 25, 8, generator=gen)
+    path = tmp_path / "feats.pt"
+    torch.save({"features": feats, "image": torch.full((50, 50, 3), 0, dtype=torch.uint8) + torch.tensor(COLOUR,
+                dtype=torch.uint8), "query": "what is here?"}, path)
+    out = tmp_path / "fig.png"
+    res = cli.main(["--features", str(path), "--budget", "6", "--methods", "gsp,uniform", "--out", str(out),
+                    "--panel-px", "100"])
+    assert out.exists()
+    for method in ("gsp", "uniform"):
+        expected = _mask_from_indices(sp.select(feats[0], 6, method).tolist(), 5, 5)
+        panel = next(p for p in res.panels if p.title.startswith(method + ":"))
+        np.testing.assert_array_equal(_read_back(out, panel.bbox, (5, 5)), expected)
+    with pytest.raises(SystemExit):  # query methods need embeddings the file lacks
+        cli.main(["--features", str(path), "--budget", "6", "--methods", "script", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        cli.main(["--features", str(tmp_path / "missing.pt"), "--out", str(out)])
+
+
+def test_cli_from_tiny_checkpoint(tiny_llava15_path, tmp_path):
+    import script_prune as sp
+    from llava.eval import visualize as cli
+
+    image = tmp_path / "img.png"
+    _uniform_image(64, 64).save(image)
+    out, feats = tmp_path / "fig.png", tmp_path / "feats.pt"
+    res = cli.main(["--model-path", tiny_llava15_path, "--image-file", str(image), "--query", "Is there a cat?",
+                    "--budget", "4", "--methods", "script,random", "--out", str(out), "--save-features", str(feats)])
+    assert out.exists() and out.stat().st_size > 0
+    saved = torch.load(feats, weights_only=True)
+    tokens = saved["tokens"]  # (1, N, D) projected tokens of the tiny model
+    side = int(tokens.shape[1] ** 0.5)
+    expected = {
+        "script": sp.select(tokens[0], 4, "script", image_embeds=saved["image_embeds"][0],
+                            query_embeds=saved["query_embeds"], negate=True),
+        "random": sp.select(tokens[0], 4, "random"),
+    }
+    for method, idx in expected.items():
+        panel = next(p for p in res.panels if p.title.startswith(method + ":"))
+        np.testing.assert_array_equal(_read_back(out, panel.bbox, (side, side)),
+                                      _mask_from_indices(idx.tolist(), side, side))
+    assert "query relevance" in [p.title for p in res.panels]
