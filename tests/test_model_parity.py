@@ -170,3 +170,25 @@ def test_llava_next_uses_the_checkpoints_fine_tuned_vision_tower(llava_next, tin
     key = "model.vision_tower.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"
     ours = model.state_dict()[key]
     torch.testing.assert_close(ours, shipped[key], atol=0, rtol=0)
+
+
+def test_mistral_architecture_matches_llama_on_the_same_weights(llava15, tiny_llava15_path, tmp_path):
+    """LlavaMistralForCausalLM (LLaVA-1.6-mistral) loads the same format; with no sliding window a Mistral
+    LLM with Llama's weights computes the same function, so logits must match."""
+    import json
+    import shutil
+
+    tokenizer, model, processor, _ = llava15
+    path = tmp_path / "mistral"
+    shutil.copytree(tiny_llava15_path, path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(architectures=["LlavaMistralForCausalLM"], sliding_window=None)
+    (path / "config.json").write_text(json.dumps(cfg))
+    _, mistral, _, _ = load_pretrained_model(str(path), torch_dtype=torch.float32)
+    assert type(mistral).__name__ == "LlavaMistralForCausalLM"
+    image = random_image(70, 50, seed=3)
+    ids = prompt_ids(tokenizer, "What is it?")
+    pixels = process_images([image], processor, model.config)
+    with torch.no_grad():
+        torch.testing.assert_close(mistral(ids, images=pixels).logits, model(ids, images=pixels).logits,
+                                   atol=1e-5, rtol=0)

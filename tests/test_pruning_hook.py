@@ -364,3 +364,19 @@ def test_llava_next_pruned_generation_end_to_end(llava_next):
     counts = model.last_visual_token_counts
     # base 3 + 3 per tile + at most one newline per unpadded grid row (4 rows per tile row)
     assert all(3 + 3 * 2 <= c <= 3 + 3 * 2 + 8 for c in counts), counts
+
+
+def test_labels_are_expanded_with_ignore_index_over_visual_tokens(llava15):
+    """Training path: the loss equals cross-entropy over the spliced sequence with image positions ignored."""
+    tokenizer, model, processor, _ = llava15
+    ids = prompt_ids(tokenizer, "Name it.")[None]
+    labels = ids.clone()
+    labels[labels < 0] = -100
+    pixels = process_images([random_image(50, 50)], processor, model.config)
+    with torch.no_grad():
+        out = model(ids, images=pixels, labels=labels)
+    n = model.last_visual_token_counts[0]
+    at = image_span(ids[0])
+    expanded = torch.cat([labels[0, :at], torch.full((n,), -100), labels[0, at + 1:]])
+    expected = torch.nn.functional.cross_entropy(out.logits[0, :-1], expanded[1:], ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=0)

@@ -156,10 +156,12 @@ class LlavaMetaForCausalLM:
     def _relevance_encoder(self) -> CLIPRelevanceEncoder:
         """CLIP text tower + visual projection, loaded once on first need from the vision tower's checkpoint."""
         encoder = getattr(self, "_clip_relevance", None)
+        tower = self.get_vision_tower()
         if encoder is None:
-            tower = self.get_vision_tower()
             encoder = CLIPRelevanceEncoder.from_pretrained(tower.vision_tower_name, dtype=tower.dtype, device=tower.device)
             object.__setattr__(self, "_clip_relevance", encoder)  # not a submodule: stays out of state_dict
+        elif encoder.visual_projection.weight.device != tower.device:
+            encoder.to(tower.device)  # follow the tower after model.to(...)
         return encoder
 
     # ------------------------------------------------------------------ vision side
@@ -167,10 +169,13 @@ class LlavaMetaForCausalLM:
         """Unpruned visual tokens: images (R, 3, S, S) -> (R, N, D)."""
         features = self.get_vision_tower()(images).features
         projector = self.get_model().mm_projector
-        return projector(features.to(self._projector_dtype()))
+        return projector(features.to(self._projector_device(), self._projector_dtype()))
 
     def _projector_dtype(self) -> torch.dtype:
         return next(self.get_model().mm_projector.parameters()).dtype
+
+    def _projector_device(self) -> torch.device:
+        return next(self.get_model().mm_projector.parameters()).device
 
     def _query_texts(self, texts: Sequence[str] | None, input_ids: torch.Tensor, attention_mask) -> list[str]:
         """The per-sample query for relevance: ``texts`` if given, else the prompt's text after its last <image>."""
@@ -219,7 +224,7 @@ class LlavaMetaForCausalLM:
     def _row_tokens(self, features: torch.Tensor, vision, query: str | None) -> PrunedRows:
         """R rows of features (R, N, C) -> kept indices + LLM tokens, pruned when a setting applies."""
         projector = self.get_model().mm_projector
-        features = features.to(self._projector_dtype())
+        features = features.to(self._projector_device(), self._projector_dtype())
         cfg = self.pruning
         n = features.shape[1]
         if cfg is None or cfg.is_noop_for(n):
@@ -236,7 +241,7 @@ class LlavaMetaForCausalLM:
         base = rows.tokens[0]  # (k + e, D)
         newline = getattr(self.get_model(), "image_newline", None) if "unpad" in merge_type else None
         if image.views.shape[0] == 1:
-            return base if newline is None else torch.cat([base, newline[None].to(base.dtype)], dim=0)
+            return base if newline is None else torch.cat([base, newline[None].to(base.device, base.dtype)], dim=0)
         return torch.cat([base, self._tile_layout(image, rows, merge_type, newline)], dim=0)
 
     def _tile_layout(self, image: ImageInput, rows: PrunedRows, merge_type: str, newline) -> torch.Tensor:
@@ -270,7 +275,7 @@ class LlavaMetaForCausalLM:
         keep = present[grid]  # (H', W')
         tokens = source[grid]  # (H', W', D)
         if newline is not None:
-            tokens = torch.cat([tokens, newline.to(tokens.dtype).expand(tokens.shape[0], 1, d)], dim=1)
+            tokens = torch.cat([tokens, newline.to(device, tokens.dtype).expand(tokens.shape[0], 1, d)], dim=1)
             keep = torch.cat([keep, keep.any(dim=1, keepdim=True)], dim=1)  # newline iff its row has a token
         laid_out = tokens[keep]  # (n, D) row-major
         merged = tiles[:, k:].reshape(-1, d)  # (T * e, D)
@@ -347,7 +352,7 @@ class LlavaMetaForCausalLM:
                 if lab is not None:
                     lab_pieces.append(lab[start:pos])
                 if pos < ids.numel():
-                    tokens = next(image_iter).to(emb.dtype)
+                    tokens = next(image_iter).to(emb.device, emb.dtype)
                     pieces.append(tokens)
                     lab_pieces.append(torch.full((tokens.shape[0],), IGNORE_INDEX, device=emb.device, dtype=torch.long))
                     count += tokens.shape[0]
