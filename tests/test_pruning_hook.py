@@ -239,10 +239,11 @@ def test_visionzip_runs_end_to_end(llava15):
     assert model.last_visual_token_counts == [6]
 
 
-def test_pruned_generation_and_left_padded_batch(llava15):
+@pytest.mark.parametrize("long_query", [False, True])  # True: the samples' queries have 1 vs. several segments
+def test_pruned_generation_and_left_padded_batch(llava15, long_query):
     tokenizer, model, processor, _ = llava15
     images = [random_image(60, 40, seed=4), random_image(40, 60, seed=5)]
-    questions = ["What is shown?", "Is there a red car next to the small house?"]
+    questions = ["What is shown?", "Is there a red car next to the small house?" * (8 if long_query else 1)]
     prompts = [prompt_ids(tokenizer, q) for q in questions]
     pixels = process_images(images, processor, model.config)
     model.set_pruning(PruningConfig(method="script", visual_token_num=4))

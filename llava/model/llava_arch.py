@@ -7,7 +7,7 @@ Two mixins, as in LLaVA's layout:
 - ``LlavaMetaForCausalLM`` (mixed into the ``*ForCausalLM``) turns ``input_ids`` with ``IMAGE_TOKEN_INDEX``
   markers plus images into ``inputs_embeds``, and holds the pruning setting.
 
-Pruning happens per image row before the prefill (``_image_tokens``): one row per LLaVA-1.5 image, one
+Pruning happens per image row before the prefill (``_rows_per_image``): one row per LLaVA-1.5 image, one
 row per LLaVA-NeXT crop (base + every anyres tile), each keeping ``visual_token_num`` tokens in their
 spatial order. For ``spatial_unpad`` the kept tile tokens are placed through the grid/unpad layout and a
 row's ``image_newline`` is kept iff that row still holds a kept token (the base crop has no newlines).
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .multimodal_encoder.builder import build_vision_tower
-from .multimodal_encoder.clip_encoder import CLIPRelevanceEncoder, CLIPVisionTower
+from .multimodal_encoder.clip_encoder import CLIPRelevanceEncoder, CLIPVisionTower, VisionOutput
 from .multimodal_projector.builder import build_vision_projector
 from .pruning import PrunedRows, PruningConfig, as_pruning_config, prune_rows
 
@@ -201,40 +201,64 @@ class LlavaMetaForCausalLM:
             queries.append(strip_short_answer_prompt(text))
         return queries
 
-    def _method_inputs(self, cfg: PruningConfig, vision, query: str | None) -> dict[str, torch.Tensor]:
-        """Tensor inputs the pruning method declares (MethodSpec.inputs) for R rows of one sample."""
+    def _row_inputs(self, cfg: PruningConfig, vision: VisionOutput) -> dict[str, torch.Tensor]:
+        """Row-aligned tensor inputs the method declares (MethodSpec.inputs), except the per-sample query."""
         inputs: dict[str, torch.Tensor] = {}
         names = cfg.spec.inputs
-        if cfg.needs_relevance:
-            encoder = self._relevance_encoder()
+        if "image_embeds" in names:
             post_ln = self.get_vision_tower().vision_tower.vision_model.post_layernorm
-            if "image_embeds" in names:
-                inputs["image_embeds"] = encoder.embed_image(vision.features, post_ln)  # (R, N, P)
-            if "query_embeds" in names:
-                inputs["query_embeds"] = encoder.embed_query(query)  # (M, P)
+            inputs["image_embeds"] = self._relevance_encoder().embed_image(vision.features, post_ln)  # (R, N, P)
         if "cls_attention" in names:
-            inputs["cls_attention"] = vision.cls_attention
+            inputs["cls_attention"] = vision.cls_attention  # (R, N)
         if "keys" in names:
-            inputs["keys"] = vision.keys
-        unknown = set(names) - set(inputs)
+            inputs["keys"] = vision.keys  # (R, N, Dk)
+        unknown = set(names) - set(inputs) - {"query_embeds"}
         if unknown:
             raise ValueError(f"pruning method {cfg.method!r} needs inputs {sorted(unknown)} this model cannot provide")
         return inputs
 
-    def _row_tokens(self, features: torch.Tensor, vision, query: str | None) -> PrunedRows:
-        """R rows of features (R, N, C) -> kept indices + LLM tokens, pruned when a setting applies."""
-        projector = self.get_model().mm_projector
-        features = features.to(self._projector_device(), self._projector_dtype())
-        cfg = self.pruning
-        n = features.shape[1]
-        if cfg is None or cfg.is_noop_for(n):
-            kept = torch.arange(n, device=features.device).expand(features.shape[0], -1)
-            return PrunedRows(kept_indices=kept, tokens=projector(features))
-        return prune_rows(cfg, features, projector, self._method_inputs(cfg, vision, query))
+    def _rows_per_image(self, images: list[ImageInput], vision: VisionOutput,
+                        queries: list[str] | None) -> list[PrunedRows]:
+        """Kept indices + LLM tokens of every image's rows (views), pruned when a setting applies.
 
-    def _image_tokens(self, image: ImageInput, vision, query: str | None) -> torch.Tensor:
+        The method runs batched over all rows of all images; rows are only split into groups when the
+        samples' queries have different numbers of 77-token segments M (query_embeds (R, M, P) per group)."""
+        projector = self.get_model().mm_projector
+        features = vision.features.to(self._projector_device(), self._projector_dtype())  # (R, N, C)
+        bounds = torch.tensor([0] + [img.views.shape[0] for img in images]).cumsum(0).tolist()
+        spans = [range(bounds[i], bounds[i + 1]) for i in range(len(images))]
+        cfg = self.pruning
+        if cfg is None or cfg.is_noop_for(features.shape[1]):
+            tokens = projector(features)  # (R, N, D)
+            kept = torch.arange(features.shape[1], device=features.device).expand(features.shape[0], -1)
+            return [PrunedRows(kept[span.start:span.stop], tokens[span.start:span.stop]) for span in spans]
+        row_inputs = self._row_inputs(cfg, vision)
+        groups: dict[int, list[int]] = {0: list(range(len(images)))}
+        sample_queries: dict[int, torch.Tensor] = {}
+        if "query_embeds" in cfg.spec.inputs:
+            encoder = self._relevance_encoder()
+            sample_queries = {img.sample: encoder.embed_query(queries[img.sample]) for img in images}  # (M, P)
+            groups = {}
+            for i, img in enumerate(images):
+                groups.setdefault(sample_queries[img.sample].shape[0], []).append(i)
+        results: list[PrunedRows | None] = [None] * len(images)
+        for image_ids in groups.values():
+            rows = [r for i in image_ids for r in spans[i]]
+            index = torch.tensor(rows, device=features.device)
+            inputs = {name: t[index.to(t.device)] for name, t in row_inputs.items()}
+            if sample_queries:
+                inputs["query_embeds"] = torch.stack(
+                    [sample_queries[images[i].sample] for i in image_ids for _ in spans[i]])  # (R_g, M, P)
+            pruned = prune_rows(cfg, features[index], projector, inputs)
+            start = 0
+            for i in image_ids:
+                stop = start + len(spans[i])
+                results[i] = PrunedRows(pruned.kept_indices[start:stop], pruned.tokens[start:stop])
+                start = stop
+        return results
+
+    def _image_tokens(self, image: ImageInput, rows: PrunedRows) -> torch.Tensor:
         """All LLM tokens of one image -> (n, D), laid out as LLaVA does (flat, or NeXT spatial_unpad)."""
-        rows = self._row_tokens(vision.features, vision, query)
         merge_type = str(getattr(self.config, "mm_patch_merge_type", "flat"))
         if merge_type == "flat" or not merge_type.startswith("spatial"):
             return rows.tokens.flatten(0, 1)  # (V * k, D)
@@ -284,17 +308,11 @@ class LlavaMetaForCausalLM:
     def _visual_tokens(self, images: list[ImageInput], queries: list[str] | None) -> list[torch.Tensor]:
         """Per image its LLM tokens (n_i, D). The tower runs once on all views of all images."""
         cfg = self.pruning
-        with_attention = cfg is not None and cfg.needs_attention
+        with_attention = cfg is not None and cfg.needs_attention and not cfg.is_noop_for(self.get_vision_tower().num_patches)
         views = torch.cat([img.views for img in images], dim=0)  # (sum V, 3, S, S)
         vision = self.get_vision_tower()(views, with_attention=with_attention)
-        out, start = [], 0
-        for img in images:
-            stop = start + img.views.shape[0]
-            part = type(vision)(*(None if t is None else t[start:stop] for t in
-                                  (vision.features, vision.cls_attention, vision.keys)))
-            out.append(self._image_tokens(img, part, None if queries is None else queries[img.sample]))
-            start = stop
-        return out
+        rows = self._rows_per_image(images, vision, queries)
+        return [self._image_tokens(img, r) for img, r in zip(images, rows)]
 
     # ------------------------------------------------------------------ text side
     def prepare_inputs_labels_for_multimodal(
