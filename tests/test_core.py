@@ -175,3 +175,16 @@ def test_released_greedy_matches_loop() -> None:
     query = torch.randn(3, 5, generator=_gen(9))
     got = sp.select(feats, 6, "script_released", image_embeds=img, query_embeds=query)
     assert got.tolist() == ref.released_select(feats, img, query, 6)
+
+
+@pytest.mark.parametrize("n", [5, 383, 401, 800])  # 383: one bmm; 401 and 800: blocked Gram on CPU
+def test_cosine_matrix_matches_float64(n: int) -> None:
+    feats = torch.randn(2, n, 8, generator=_gen(n))
+    feats[1, 3] = 0.0  # a zero token has cosine 0 with everything
+    got = core.cosine_similarity_matrix(feats)
+    h = feats.double().numpy()
+    norms = np.linalg.norm(h, axis=-1, keepdims=True)
+    unit = np.divide(h, norms, out=np.zeros_like(h), where=norms > 0)
+    np.testing.assert_allclose(got.double().numpy(), unit @ unit.transpose(0, 2, 1), atol=2e-6)
+    torch.testing.assert_close(got, got.transpose(1, 2), rtol=0, atol=1e-6)
+    assert ref.cosine(h[0, 1], h[0, 2]) == pytest.approx(float(got[0, 1, 2]), abs=1e-6)
