@@ -314,7 +314,7 @@ def test_mmbench_xlsx_and_local_accuracy(tmp_path):
     df.to_csv(tsv, sep="\t", index=False)
     ans = _jsonl(tmp_path / "a.jsonl", [
         {"question_id": 10, "round_id": 0, "text": "B"}, {"question_id": 11, "round_id": 0, "text": "C. c"},
-        {"question_id": 12, "round_id": 0, "text": "The answer is D."},
+        {"question_id": 12, "round_id": 0, "text": "The answer is D.\x07"},   # control char: dropped for xlsx
     ])
     out = tmp_path / "up" / "exp.xlsx"
     m = convert_mmbench_for_submission.main(["--annotation-file", str(tsv), "--result-file", ans, "--out", str(out)])

@@ -240,17 +240,23 @@ def build_prompt(question: str, has_image: bool, conv_mode: str, mm_use_im_start
     return conv.get_prompt()
 
 
-def image_file_loader(image_folder: str, image_file: str) -> Callable[[], Any]:
-    """A callable that opens `image_folder/image_file` as RGB."""
-    path = Path(image_folder) / image_file
+@dataclass(frozen=True)
+class ImageFile:
+    """Picklable image source (DataLoader workers): `folder/name` opened as RGB."""
 
-    def _load():
+    folder: str
+    name: str
+
+    def __call__(self):
         from PIL import Image
 
-        with Image.open(require_path(path, "image")) as im:
+        with Image.open(require_path(Path(self.folder) / self.name, "image")) as im:
             return im.convert("RGB")
 
-    return _load
+
+def image_file_loader(image_folder: str, image_file: str) -> ImageFile:
+    """A callable that opens `image_folder/image_file` as RGB."""
+    return ImageFile(str(image_folder), str(image_file))
 
 
 def check_images_exist(image_folder: str, image_files: Sequence[str]) -> None:

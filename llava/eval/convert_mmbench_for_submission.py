@@ -38,8 +38,17 @@ def build_table(annotation_file: str, result_file: str):
     if unknown:
         raise ValueError(f"--result-file: question_ids not in the tsv: {sorted(unknown)[:5]}")
     out = df.drop(columns=[c for c in DROPPED_COLUMNS if c in df.columns])
-    out["prediction"] = [preds.get(int(i)) for i in df["index"]]
+    out["prediction"] = [_xlsx_safe(preds.get(int(i))) for i in df["index"]]
     return out
+
+
+def _xlsx_safe(text: str | None) -> str | None:
+    """Drop the control characters an xlsx cell cannot hold (openpyxl rejects them)."""
+    if text is None:
+        return None
+    from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
+
+    return ILLEGAL_CHARACTERS_RE.sub("", text)
 
 
 def local_accuracy(table) -> float | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+from dataclasses import dataclass
 
 from llava.eval.common import EvalSample, add_generation_args, run_generation
 from llava.eval.io_utils import require_path
@@ -48,13 +49,20 @@ def build_question(question: str, hint, options: list[str]) -> str:
     return text
 
 
-def base64_image_loader(data: str):
-    def _load():
+@dataclass(frozen=True)
+class Base64Image:
+    """Picklable image source (DataLoader workers): a base64-encoded image cell, decoded as RGB."""
+
+    data: str
+
+    def __call__(self):
         from PIL import Image
 
-        return Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+        return Image.open(io.BytesIO(base64.b64decode(self.data))).convert("RGB")
 
-    return _load
+
+def base64_image_loader(data: str) -> Base64Image:
+    return Base64Image(str(data))
 
 
 def load_samples(question_file: str, single_pred_prompt: bool, lang: str, all_rounds: bool) -> list[EvalSample]:
