@@ -208,9 +208,11 @@ def test_textvqa_soft_accuracy_end_to_end(tmp_path):
         {"question_id": "img1", "prompt": "What brand is it?\nReference OCR token: NIKON, D90" + sfx, "text": "nikon."},
         {"question_id": "img2", "prompt": "How many birds?" + sfx, "text": "2"},
     ])
-    m = eval_textvqa.main(["--annotation-file", str(tmp_path / "ann.json"), "--result-file", afile])
+    out = tmp_path / "m.json"
+    m = eval_textvqa.main(["--annotation-file", str(tmp_path / "ann.json"), "--result-file", afile, "--json", str(out)])
     # 3 of 10 match -> 0.9; 1 of 10 ("two" -> "2") -> 0.3; mean 0.6
     assert m["accuracy"] == pytest.approx(60.0)
+    assert json.loads(out.read_text()) == pytest.approx({"accuracy": 60.0})
 
 
 def test_textvqa_question_line():
@@ -260,7 +262,8 @@ def test_gqa_predictions_and_accuracy(tmp_path):
     (tmp_path / "questions.json").write_text(json.dumps(questions))
     pred_out = tmp_path / "data" / "testdev_balanced_predictions.json"
     m = eval_gqa.main(["--answers-file", afile, "--predictions-out", str(pred_out),
-                       "--questions-file", str(tmp_path / "questions.json")])
+                       "--questions-file", str(tmp_path / "questions.json"), "--json", str(tmp_path / "m.json")])
+    assert json.loads((tmp_path / "m.json").read_text()) == pytest.approx({"accuracy": 200 / 3})
     assert json.loads(pred_out.read_text()) == [
         {"questionId": "q1", "prediction": "yes"}, {"questionId": "q2", "prediction": "table"},
         {"questionId": "q3", "prediction": "red"}]

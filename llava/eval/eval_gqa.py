@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.questions_file:
         return {}
     metrics = gqa_accuracy(predictions, args.questions_file)
-    maybe_write_metrics(args.json, metrics)
+    maybe_write_metrics(args.json, {"accuracy": metrics["accuracy"]})
     print(f"GQA accuracy: {metrics['accuracy']:.2f}")
     return metrics
 

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     metrics = score_textvqa(args.annotation_file, args.result_file)
-    maybe_write_metrics(args.json, metrics)
+    maybe_write_metrics(args.json, {"accuracy": metrics["accuracy"]})
     print(f"Samples: {metrics['num_questions']}")
     print(f"TextVQA accuracy: {metrics['accuracy']:.2f}")
     return metrics
