@@ -113,13 +113,29 @@ def llava_next(tiny_llava_next_path):
     return load_pretrained_model(tiny_llava_next_path, torch_dtype=torch.float32)
 
 
-@pytest.mark.parametrize("width,height", [(56, 56), (90, 40), (33, 77), (120, 121)])
-def test_llava15_logits_match_transformers(llava15, width, height):
-    tokenizer, model, processor, _ = llava15
-    image = random_image(width, height, seed=width * height)
+@pytest.fixture(scope="module")
+def reference15(llava15):
+    """(prompt ids, image token id, transformers LlavaForConditionalGeneration) for the 1.5 tests."""
+    tokenizer, model, _, _ = llava15
     ids = prompt_ids(tokenizer, "What is in the picture?")
     token_id = unused_token_id(tokenizer, ids)
-    ref = build_reference(model, token_id, next_arch=False)
+    return ids, token_id, build_reference(model, token_id, next_arch=False)
+
+
+@pytest.fixture(scope="module")
+def reference_next(llava_next):
+    """(prompt ids, image token id, transformers LlavaNextForConditionalGeneration) for the NeXT tests."""
+    tokenizer, model, _, _ = llava_next
+    ids = prompt_ids(tokenizer, "Describe the image.")
+    token_id = unused_token_id(tokenizer, ids)
+    return ids, token_id, build_reference(model, token_id, next_arch=True)
+
+
+@pytest.mark.parametrize("width,height", [(56, 56), (90, 40), (33, 77), (120, 121)])
+def test_llava15_logits_match_transformers(llava15, reference15, width, height):
+    tokenizer, model, processor, _ = llava15
+    image = random_image(width, height, seed=width * height)
+    ids, token_id, ref = reference15
     hf_processor = LlavaImageProcessorPil(
         do_pad=True, size={"shortest_edge": processor.size["shortest_edge"]}, crop_size=processor.crop_size,
         image_mean=processor.image_mean, image_std=processor.image_std,
@@ -135,12 +151,10 @@ def test_llava15_logits_match_transformers(llava15, width, height):
 
 
 @pytest.mark.parametrize("width,height", [(56, 56), (100, 40), (40, 100), (130, 125), (170, 50), (61, 140)])
-def test_llava_next_logits_match_transformers(llava_next, width, height):
+def test_llava_next_logits_match_transformers(llava_next, reference_next, width, height):
     tokenizer, model, processor, _ = llava_next
     image = random_image(width, height, seed=width + height)
-    ids = prompt_ids(tokenizer, "Describe the image.")
-    token_id = unused_token_id(tokenizer, ids)
-    ref = build_reference(model, token_id, next_arch=True)
+    ids, token_id, ref = reference_next
     hf_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": processor.size["shortest_edge"]}, crop_size=processor.crop_size,
         image_mean=processor.image_mean, image_std=processor.image_std,

@@ -381,3 +381,15 @@ def test_labels_are_expanded_with_ignore_index_over_visual_tokens(llava15):
     expanded = torch.cat([labels[0, :at], torch.full((n,), -100), labels[0, at + 1:]])
     expected = torch.nn.functional.cross_entropy(out.logits[0, :-1], expanded[1:], ignore_index=-100)
     torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=0)
+
+
+def test_bfloat16_model_prunes_and_generates(tiny_llava15_path):
+    """Half-precision weights: pruning still runs (script_prune does its math in float32) and generates."""
+    tokenizer, model, processor, _ = load_pretrained_model(tiny_llava15_path, torch_dtype="bfloat16")
+    assert model.get_vision_tower().dtype == torch.bfloat16
+    ids = prompt_ids(tokenizer, "What is it?")[None]
+    pixels = process_images([random_image(50, 70)], processor, model.config)
+    model.set_pruning(PruningConfig(method="script", visual_token_num=3))
+    out = model.generate(ids, images=pixels, texts=["What is it?"], max_new_tokens=2, do_sample=False)
+    assert out.shape == (1, 2)
+    assert model.last_visual_token_counts == [3]
