@@ -18,22 +18,27 @@ after the whole tile grid).
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
 from .multimodal_encoder.builder import build_vision_tower
 from .multimodal_encoder.clip_encoder import CLIPRelevanceEncoder, CLIPVisionTower, VisionOutput
 from .multimodal_projector.builder import build_vision_projector
 from .pruning import PrunedRows, PruningConfig, as_pruning_config, prune_rows
 
-IGNORE_INDEX = -100  # same values as llava.constants (kept local so the model does not depend on preprocessing)
-IMAGE_TOKEN_INDEX = -200
-
 # The assistant-turn opener that ends a prompt (vicuna/llava_v1, mistral_instruct, chatml_direct, llava_v0).
 _ROLE_TAIL = re.compile(r"\s*(ASSISTANT:|\[/INST\]|<\|im_end\|>\s*<\|im_start\|>\s*assistant|###\s*Assistant:?)\s*$")
+
+
+def _is_prefill(past_key_values: Any) -> bool:
+    """True when no tokens are cached yet (the first forward of a generation, or a plain forward)."""
+    return past_key_values is None or past_key_values.get_seq_length() == 0
 
 
 class LlavaMetaModel:
@@ -384,7 +389,8 @@ class LlavaMetaForCausalLM:
     def _pad_sequences(self, sequences, seq_labels, past_key_values, padding_side):
         """Pad the per-sample (L_b, D) embeddings to (B, L', D) with mask, contiguous position ids and labels."""
         max_len = getattr(self.config, "tokenizer_model_max_length", None)
-        if max_len is not None:
+        if max_len is not None and any(s.shape[0] > max_len for s in sequences):
+            warnings.warn(f"multimodal prompt longer than tokenizer_model_max_length={max_len}: truncated (as LLaVA does)")
             sequences = [s[:max_len] for s in sequences]
             seq_labels = [None if l is None else l[:max_len] for l in seq_labels]
         side = padding_side or getattr(self.config, "tokenizer_padding_side", "right")
@@ -414,7 +420,9 @@ class LlavaMetaForCausalLM:
              labels) = self.prepare_inputs_labels_for_multimodal(
                 input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes, texts,
                 padding_side)
-        elif images is None and input_ids is not None and bool((input_ids == IMAGE_TOKEN_INDEX).any()):
-            raise ValueError("input_ids contain <image> tokens (IMAGE_TOKEN_INDEX) but no images were given")
+        elif images is None and input_ids is not None and _is_prefill(past_key_values):
+            # checked on the prefill only: a per-step check would sync the GPU on every decoded token
+            if bool((input_ids == IMAGE_TOKEN_INDEX).any()):
+                raise ValueError("input_ids contain <image> tokens (IMAGE_TOKEN_INDEX) but no images were given")
         return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels)
