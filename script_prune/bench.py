@@ -183,7 +183,7 @@ def write_json_atomic(path: str, payload: dict[str, Any]) -> None:
         raise
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m script_prune.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (or cuda:N); default cpu")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
@@ -192,18 +192,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="indices (0-4) of the cases to run (default: all)")
     parser.add_argument("--min-repeats", type=int, default=5, help="timed calls per row at least (default 5)")
     parser.add_argument("--budget-s", type=float, default=2.0, help="time per row after min-repeats (default 2)")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    device = torch.device(args.device)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but CUDA is not available")
+        parser.error("--device cuda was requested but CUDA is not available")
     methods = args.methods or sp.list_methods()
     unknown = [m for m in methods if m not in sp.list_methods()]
     if unknown:
-        raise ValueError(f"--methods: unknown {unknown}; choose from {sp.list_methods()}")
+        parser.error(f"--methods: unknown {unknown}; choose from {sp.list_methods()}")
+    bad_cases = [i for i in args.cases or [] if not 0 <= i < len(CASES)]
+    if bad_cases:
+        parser.error(f"--cases must be in 0..{len(CASES) - 1}, got {bad_cases}")
+    if args.min_repeats < 1 or args.budget_s < 0:
+        parser.error("--min-repeats must be >= 1 and --budget-s >= 0")
     cases = CASES if args.cases is None else tuple(CASES[i] for i in args.cases)
     rows: list[BenchRow] = []
     for case in cases:

@@ -1,0 +1,40 @@
+"""The benchmark CLI runs end to end on tiny cases and reports sane numbers (speed goals are not tested)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from script_prune import bench
+
+
+def test_bench_main_writes_table_and_json(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(bench, "CASES", (bench.BenchCase(2, 40, 16, 8), bench.BenchCase(1, 31, 8, 5)))
+    out = tmp_path / "sub" / "bench.json"
+    assert bench.main(["--methods", "script", "uniform", "--json", str(out), "--min-repeats", "2",
+                       "--budget-s", "0"]) == 0
+    table = capsys.readouterr().out
+    assert "script" in table and "median ms" in table
+    payload = json.loads(out.read_text())
+    assert payload["device"] == "cpu" and len(payload["rows"]) == 4
+    script = payload["rows"][0]
+    assert (script["B"], script["N"], script["method"]) == (2, 40, "script")
+    assert script["median_ms"] > 0 and script["repeats"] >= 2
+    # the Gram matrix alone is B * N * N float32 values, a lower bound on script's peak
+    assert script["peak_extra_mib"] * 2**20 >= 2 * 40 * 40 * 4
+
+
+def test_bench_skips_methods_without_synthetic_inputs(monkeypatch) -> None:
+    case = bench.BenchCase(1, 10, 4, 3)
+    tensors = bench.synthetic_inputs(case, torch.device("cpu"))
+    del tensors["scores"]
+    row = bench.bench_one("fastv", case, tensors, torch.device("cpu"), 1, 0.0)
+    assert row.median_ms is None and "scores" in row.note
+
+
+@pytest.mark.parametrize("args", [["--methods", "nope"], ["--cases", "9"], ["--device", "tpu"]])
+def test_bench_bad_arguments(args) -> None:
+    with pytest.raises(SystemExit):
+        bench.main(args)
