@@ -142,3 +142,21 @@ def test_eager_attention_gives_the_same_logits(llava15, tiny_llava15_path):
     with torch.no_grad():
         torch.testing.assert_close(eager(ids, images=pixels).logits, model(ids, images=pixels).logits,
                                    atol=1e-5, rtol=0)
+
+
+def test_device_map_auto_loads_the_same_model(llava15, tiny_llava15_path):
+    tokenizer, model, _, _ = llava15
+    _, mapped, _, _ = load_pretrained_model(tiny_llava15_path, torch_dtype=torch.float32, device_map="auto")
+    ids = tokenizer_image_token("USER: <image>\nhi ASSISTANT:", tokenizer, return_tensors="pt")[None]
+    pixels = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(mapped(ids, images=pixels).logits, model(ids, images=pixels).logits, atol=0, rtol=0)
+
+
+def test_unused_checkpoint_weights_are_reported(tiny_llava15_path, tmp_path):
+    path = copy_checkpoint(tiny_llava15_path, tmp_path / "extra")
+    state = load_file(f"{path}/model.safetensors")
+    state["model.vision_resampler.weight"] = torch.zeros(2)
+    save_file(state, f"{path}/model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="model.vision_resampler.weight"):
+        load_pretrained_model(path)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,9 @@ def load_pretrained_model(
         load_kwargs["device_map"] = device_map
     with quiet_loading():
         model, info = model_cls.from_pretrained(model_path, **load_kwargs)
+    unexpected = sorted(info.get("unexpected_keys", []))
+    if unexpected:
+        warnings.warn(f"checkpoint {str(model_path)!r} has weights this model does not use (ignored): {unexpected}")
     vision_missing, other_missing = _split_missing(sorted(info.get("missing_keys", [])))
     if other_missing:
         raise ValueError(f"checkpoint {str(model_path)!r} is missing weights: {other_missing}")
