@@ -94,6 +94,7 @@ def test_llava15_pruned_embeddings_are_projected_selected_features(llava15, monk
     torch.testing.assert_close(embeds[at + budget:], text[at + 1:], atol=0, rtol=0)
     assert positions.tolist() == list(range(embeds.shape[0]))
     assert model.last_visual_token_counts == [budget]
+    assert model.last_visual_mask[0].nonzero().flatten().tolist() == list(range(at, at + budget))
 
 
 def clip_reference_relevance(clip_path: str, features: torch.Tensor, query: str):
@@ -261,6 +262,7 @@ def test_pruned_generation_and_left_padded_batch(llava15, long_query):
     finally:
         model.set_pruning(None)
     assert model.last_visual_token_counts == [4, 4]
+    assert model.last_visual_mask.sum(dim=1).tolist() == [4, 4]
     for i in range(2):
         assert both[i].tolist() == singles[i].tolist()
 

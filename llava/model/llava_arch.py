@@ -138,6 +138,11 @@ class LlavaMetaForCausalLM:
         """Visual tokens (incl. NeXT newlines) that reached the LLM per sample, for the last forward/generate."""
         return list(getattr(self, "_last_visual_token_counts", []))
 
+    @property
+    def last_visual_mask(self) -> torch.Tensor | None:
+        """(B, L') bool: where the visual tokens sit in the last spliced (padded) sequence."""
+        return getattr(self, "_last_visual_mask", None)
+
     def set_pruning(self, pruning: PruningConfig | dict | None) -> None:
         """Set (or clear with None) the pruning applied before the prefill."""
         cfg = as_pruning_config(pruning)
@@ -363,36 +368,43 @@ class LlavaMetaForCausalLM:
         visual = self._visual_tokens(image_list, queries)
         embed = self.get_model().embed_tokens
         text_embeds = embed(input_ids.masked_fill(is_image, 0))  # (B, L, D)
-        sequences, seq_labels, counts = [], [], []
+        sequences, seq_labels, seq_visual, counts = [], [], [], []
         image_iter = iter(visual)
         for b in range(input_ids.shape[0]):
             valid = mask[b]
             ids, emb = input_ids[b][valid], text_embeds[b][valid]
             lab = labels[b][valid] if labels is not None else None
-            pieces, lab_pieces, count, start = [], [], 0, 0
+            pieces, lab_pieces, vis_pieces, count, start = [], [], [], 0, 0
             for pos in (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist() + [ids.numel()]:
                 pieces.append(emb[start:pos])
+                vis_pieces.append(torch.zeros(pos - start, dtype=torch.bool, device=emb.device))
                 if lab is not None:
                     lab_pieces.append(lab[start:pos])
                 if pos < ids.numel():
                     tokens = next(image_iter).to(emb.device, emb.dtype)
                     pieces.append(tokens)
+                    vis_pieces.append(torch.ones(tokens.shape[0], dtype=torch.bool, device=emb.device))
                     lab_pieces.append(torch.full((tokens.shape[0],), IGNORE_INDEX, device=emb.device, dtype=torch.long))
                     count += tokens.shape[0]
                 start = pos + 1
             sequences.append(torch.cat(pieces, dim=0))
+            seq_visual.append(torch.cat(vis_pieces, dim=0))
             seq_labels.append(torch.cat(lab_pieces, dim=0) if lab is not None else None)
             counts.append(count)
         self._last_visual_token_counts = counts
-        return self._pad_sequences(sequences, seq_labels, past_key_values, padding_side)
+        return self._pad_sequences(sequences, seq_labels, seq_visual, past_key_values, padding_side)
 
-    def _pad_sequences(self, sequences, seq_labels, past_key_values, padding_side):
-        """Pad the per-sample (L_b, D) embeddings to (B, L', D) with mask, contiguous position ids and labels."""
+    def _pad_sequences(self, sequences, seq_labels, seq_visual, past_key_values, padding_side):
+        """Pad the per-sample (L_b, D) embeddings to (B, L', D) with mask, contiguous position ids and labels.
+
+        Also records ``last_visual_mask`` (B, L'): True where a visual token sits (the hook point for
+        in-LLM methods and for measurements)."""
         max_len = getattr(self.config, "tokenizer_model_max_length", None)
         if max_len is not None and any(s.shape[0] > max_len for s in sequences):
             warnings.warn(f"multimodal prompt longer than tokenizer_model_max_length={max_len}: truncated (as LLaVA does)")
             sequences = [s[:max_len] for s in sequences]
             seq_labels = [None if l is None else l[:max_len] for l in seq_labels]
+            seq_visual = [v[:max_len] for v in seq_visual]
         side = padding_side or getattr(self.config, "tokenizer_padding_side", "right")
         if side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
@@ -400,15 +412,18 @@ class LlavaMetaForCausalLM:
         ref = sequences[0]
         embeds = ref.new_zeros(batch, length, ref.shape[-1])
         mask = torch.zeros(batch, length, dtype=torch.long, device=ref.device)
+        visual = torch.zeros(batch, length, dtype=torch.bool, device=ref.device)
         has_labels = seq_labels[0] is not None
         labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long, device=ref.device) if has_labels else None
         for b, seq in enumerate(sequences):
             span = slice(length - seq.shape[0], length) if side == "left" else slice(0, seq.shape[0])
             embeds[b, span] = seq
             mask[b, span] = 1
+            visual[b, span] = seq_visual[b]
             if has_labels:
                 labels[b, span] = seq_labels[b]
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, L') contiguous over real tokens
+        self._last_visual_mask = visual
         return None, position_ids, mask, past_key_values, embeds, labels
 
     # ------------------------------------------------------------------ forward / generate helpers
