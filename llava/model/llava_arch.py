@@ -163,6 +163,10 @@ class LlavaMetaForCausalLM:
         """Tokenizer used to recover the question from input_ids when generate/forward get no ``texts``."""
         self._query_tokenizer = tokenizer
 
+    def relevance_encoder(self) -> CLIPRelevanceEncoder:
+        """CLIP text tower + visual projection (for query relevance), loaded on first use."""
+        return self._relevance_encoder()
+
     def _relevance_encoder(self) -> CLIPRelevanceEncoder:
         """CLIP text tower + visual projection, loaded once on first need from the vision tower's checkpoint."""
         encoder = getattr(self, "_clip_relevance", None)
