@@ -195,7 +195,9 @@ def test_loader_killed_mid_write_resumes_without_duplicates(tiny15, tmp_path):
     assert crashed.returncode == common.CRASH_EXIT_CODE, crashed.stderr[-2000:]
     raw = answers.read_text()
     assert raw.count("\n") == 2 and not raw.endswith("\n")   # two answers + half a line
-    done = subprocess.run(_loader_cmd(tiny15, tmp_path, answers), env=_env(), capture_output=True, text=True, timeout=240)
+    # resume with a DataLoader worker process (the GPU default path loads images in workers)
+    done = subprocess.run(_loader_cmd(tiny15, tmp_path, answers) + ["--num-workers", "1"], env=_env(),
+                          capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "dropped a partial last line" in done.stderr
     rows = [json.loads(l) for l in answers.read_text().splitlines()]

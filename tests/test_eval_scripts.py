@@ -154,3 +154,25 @@ def test_budget_must_be_a_positive_integer(ckpts, tmp_path):
     for bad in ("", "abc", "0", "-4"):
         res = _run("v1_6", "pope", ckpts["v1_6"], tmp_path, budget=bad)
         assert res.returncode == 2 and "usage:" in res.stderr
+
+
+def test_method_and_params_pass_through(ckpts, tmp_path):
+    """METHOD=none keeps every CLIP patch; METHOD=random with --pruning-param reaches the generator."""
+    ckpt = ckpts["v1_5"]
+    make_eval_data(tmp_path / "data")
+    vision = json.loads((ckpt / "clip" / "config.json").read_text())["vision_config"]
+    patches = (vision["image_size"] // vision["patch_size"]) ** 2      # "patch" feature: CLS dropped
+    full = _run("v1_5", "pope", ckpt, tmp_path, budget=576, extra_env={"METHOD": "none"})
+    assert full.returncode == 0, full.stderr[-3000:]
+    rows = _rows(_merged(tmp_path, "pope", ckpt, "none_576"))
+    assert {r["metadata"]["visual_tokens"] for r in rows} == {patches}
+    assert {r["metadata"]["method"] for r in rows} == {"none"}
+    rnd = _run("v1_5", "pope", ckpt, tmp_path, budget=3, extra_env={"METHOD": "random"},
+               args=GEN_ARGS + ["--pruning-param", "seed=3"])
+    assert rnd.returncode == 0, rnd.stderr[-3000:]
+    rows = _rows(_merged(tmp_path, "pope", ckpt, "random_3"))
+    assert {r["metadata"]["visual_tokens"] for r in rows} == {3}
+    assert all(r["metadata"]["params"] == {"seed": 3} for r in rows)
+    bad = _run("v1_5", "pope", ckpt, tmp_path, budget=3, extra_env={"METHOD": "random"},
+               args=GEN_ARGS + ["--pruning-param", "nope=1"])
+    assert bad.returncode != 0 and "nope" in bad.stderr

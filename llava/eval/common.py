@@ -343,6 +343,7 @@ def run_generation(args: argparse.Namespace, samples: list[EvalSample]) -> int:
     import torch
     from tqdm import tqdm
 
+    pruning = build_pruning_config(args)  # validate the flags even when there is nothing left to answer
     chunk = get_chunk(samples, args.num_chunks, args.chunk_idx)
     writer = ResumableJsonlWriter(os.path.expanduser(args.answers_file))
     todo = [s for s in chunk if s.key not in writer]
@@ -361,7 +362,6 @@ def run_generation(args: argparse.Namespace, samples: list[EvalSample]) -> int:
     dataset = _SampleDataset(todo, tokenizer, image_processor, model.config, args.conv_mode)
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, num_workers=num_workers,
                                          collate_fn=_first)
-    pruning = build_pruning_config(args)
     method = pruning.method if pruning is not None else "none"
     params = pruning.params if pruning is not None else {}
     gen_kwargs = _generation_kwargs(args)
