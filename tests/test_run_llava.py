@@ -47,3 +47,17 @@ def test_main_missing_image_names_the_path(tiny_llava15_path, tmp_path):
     missing = str(tmp_path / "nope.jpg")
     with pytest.raises(FileNotFoundError, match="nope.jpg"):
         main(["--model-path", tiny_llava15_path, "--image-file", missing, "--query", "Q?"])
+
+
+def test_tiny_cli_writes_original_llava_format(tmp_path):
+    import json
+
+    out = subprocess.run([sys.executable, "-m", "llava.model.tiny", "--out", str(tmp_path / "t"), "--arch", "llava-next"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    cfg = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert cfg["model_type"] == "llava" and cfg["architectures"] == ["LlavaLlamaForCausalLM"]
+    assert cfg["image_aspect_ratio"] == "anyres" and cfg["mm_patch_merge_type"] == "spatial_unpad"
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json"):
+        assert (tmp_path / "t" / "clip" / name).is_file()
