@@ -1,7 +1,11 @@
 """Script: graph-structured and query-conditioned visual token pruning (pure torch).
 
->>> import script_prune as sp
->>> idx = sp.select(features, 64, image_embeds=image_embeds, query_embeds=query_embeds)
+Usage::
+
+    import script_prune as sp
+    idx = sp.select(features, 64, image_embeds=image_embeds, query_embeds=query_embeds)  # (B, 64)
+
+See docs/algorithm.md for the exact semantics.
 """
 
 from .registry import (
