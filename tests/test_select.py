@@ -176,3 +176,21 @@ def test_method_specs() -> None:
     assert spec.stage == "vision" and not spec.merges
     assert sp.get_method("random").params == {"seed": 0}
     assert sp.get_method("gsp").inputs == ()
+
+
+def test_ties_go_to_lower_index() -> None:
+    # identical tokens, N even (both sides have N/2 partners): equal redundancy everywhere,
+    # and a constant relevance row (all ones)
+    feats = torch.ones(8, 4)
+    img = torch.ones(8, 3)
+    query = torch.randn(2, 3, generator=_gen(1))
+    kw = dict(image_embeds=img, query_embeds=query)
+    assert sp.select(feats, 3, "gsp").tolist() == [0, 1, 2]
+    assert sp.select(feats, 3, "qcrs", **kw).tolist() == [0, 1, 2]
+    assert sp.select(feats, 3, "gsp_qcrs", **kw).tolist() == [0, 1, 2]
+    # kernel of ones: rank one, exhausted after the first pick (index 0), then diagonal ties by index
+    assert sp.select(feats, 3, "qcsp", **kw).tolist() == [0, 1, 2]
+    assert sp.select(feats, 3, "script", **kw).tolist() == [0, 1, 2]
+    assert ref.script_select(feats, img, query, 3) == [0, 1, 2]
+    # odd N: src tokens have one partner fewer, so they are the less redundant ones
+    assert sp.select(torch.ones(9, 4), 3, "gsp").tolist() == [0, 2, 4]
