@@ -162,6 +162,13 @@ def test_mmbench_options_hint_and_rounds(tmp_path):
     assert rounds[0].load_image().size == (36, 28)
 
 
+def test_mmbench_image_cell_referring_to_another_row():
+    images = {0: "iVBORw0KGgoAAAA", 5: "0"}
+    assert model_vqa_mmbench.resolve_image_cell("5", images) == "iVBORw0KGgoAAAA"
+    with pytest.raises(ValueError, match="index 9"):
+        model_vqa_mmbench.resolve_image_cell("9", images)
+
+
 # ----------------------------------------------------------------------------- a real run, killed and resumed
 @pytest.fixture(scope="module")
 def tiny15(request, tmp_path_factory):

@@ -176,3 +176,8 @@ def test_method_and_params_pass_through(ckpts, tmp_path):
     bad = _run("v1_5", "pope", ckpt, tmp_path, budget=3, extra_env={"METHOD": "random"},
                args=GEN_ARGS + ["--pruning-param", "nope=1"])
     assert bad.returncode != 0 and "nope" in bad.stderr
+
+
+def test_chunks_must_be_a_positive_integer(ckpts, workdir):
+    res = _run("v1_5", "vizwiz", ckpts["v1_5"], workdir, extra_env={"CHUNKS": "two"})
+    assert res.returncode == 1 and "CHUNKS must be a positive integer" in res.stderr

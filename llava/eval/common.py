@@ -338,6 +338,34 @@ def _generation_kwargs(args: argparse.Namespace) -> dict:
     return kw
 
 
+def _generate_answer(model, tokenizer, sample: EvalSample, input_ids, pixels, image_size, gen_kwargs: dict) -> tuple[str, int]:
+    """Greedy (or sampled) answer text and the number of visual tokens that reached the LLM (0 without image)."""
+    param = next(model.parameters())
+    input_ids = input_ids.unsqueeze(0).to(param.device)  # (1, L)
+    images = _to_device(pixels, param.device, param.dtype)
+    extra_inputs: dict[str, Any] = {}
+    if images is not None:
+        extra_inputs = {"images": images, "image_sizes": [image_size], "texts": [sample.query]}
+    output_ids = model.generate(input_ids, **extra_inputs, **gen_kwargs)
+    text = tokenizer.batch_decode(_strip_prompt_ids(output_ids, input_ids), skip_special_tokens=True)[0].strip()
+    counts = getattr(model, "last_visual_token_counts", None) if images is not None else None
+    return text, int(counts[0]) if counts else 0
+
+
+def _answer_line(sample: EvalSample, text: str, model_id: str, method: str, budget: int, params: dict,
+                 visual_tokens: int) -> dict:
+    """`{question_id, [round_id,] prompt, text, [options, option_char,] answer_id, model_id, metadata}`."""
+    extra = dict(sample.extra)
+    head = {"question_id": sample.question_id}
+    if "round_id" in extra:
+        head["round_id"] = extra.pop("round_id")
+    return {
+        **head, "prompt": sample.prompt_field, "text": text, **extra,
+        "answer_id": uuid.uuid4().hex, "model_id": model_id,
+        "metadata": {"method": method, "budget": budget, "params": params, "visual_tokens": visual_tokens},
+    }
+
+
 def run_generation(args: argparse.Namespace, samples: list[EvalSample]) -> int:
     """Answer this process's chunk of `samples` into `--answers-file`; returns the number of new answers."""
     import torch
@@ -357,8 +385,8 @@ def run_generation(args: argparse.Namespace, samples: list[EvalSample]) -> int:
     crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
 
     tokenizer, model, image_processor, model_name = load_model(args)
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    num_workers = args.num_workers if args.num_workers is not None else (4 if device.type == "cuda" else 0)
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    num_workers = args.num_workers if args.num_workers is not None else (4 if on_gpu else 0)
     dataset = _SampleDataset(todo, tokenizer, image_processor, model.config, args.conv_mode)
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, num_workers=num_workers,
                                          collate_fn=_first)
@@ -370,26 +398,8 @@ def run_generation(args: argparse.Namespace, samples: list[EvalSample]) -> int:
                dynamic_ncols=True)
     with writer, torch.inference_mode():
         for sample, input_ids, pixels, image_size in loader:
-            input_ids = input_ids.unsqueeze(0).to(device)
-            images = _to_device(pixels, device, dtype)
-            extra_inputs: dict[str, Any] = {}
-            if images is not None:
-                extra_inputs = {"images": images, "image_sizes": [image_size], "texts": [sample.query]}
-            output_ids = model.generate(input_ids, **extra_inputs, **gen_kwargs)
-            text = tokenizer.batch_decode(_strip_prompt_ids(output_ids, input_ids), skip_special_tokens=True)[0].strip()
-            counts = getattr(model, "last_visual_token_counts", None) if images is not None else None
-            visual_tokens = int(counts[0]) if counts else 0
-            row = {
-                "question_id": sample.question_id,
-                **({"round_id": sample.extra["round_id"]} if "round_id" in sample.extra else {}),
-                "prompt": sample.prompt_field,
-                "text": text,
-                **{k: v for k, v in sample.extra.items() if k != "round_id"},
-                "answer_id": uuid.uuid4().hex,
-                "model_id": model_name,
-                "metadata": {"method": method, "budget": args.visual_token_num, "params": params,
-                             "visual_tokens": visual_tokens},
-            }
+            text, visual_tokens = _generate_answer(model, tokenizer, sample, input_ids, pixels, image_size, gen_kwargs)
+            row = _answer_line(sample, text, model_name, method, args.visual_token_num, params, visual_tokens)
             if crash_after and written >= crash_after:
                 writer.write_partial_and_die(row)
             writer.write(row)

@@ -65,6 +65,18 @@ def base64_image_loader(data: str) -> Base64Image:
     return Base64Image(str(data))
 
 
+def resolve_image_cell(cell: str, images_by_index: dict[int, str]) -> str:
+    """The base64 image of a tsv cell; newer MMBench tsvs store a repeated image as the index of its first row."""
+    seen = set()
+    while cell.strip().isdigit() and len(cell) < 16:
+        ref = int(cell)
+        if ref not in images_by_index or ref in seen:
+            raise ValueError(f"--question-file: image cell refers to index {ref}, which has no image")
+        seen.add(ref)
+        cell = images_by_index[ref]
+    return cell
+
+
 def load_samples(question_file: str, single_pred_prompt: bool, lang: str, all_rounds: bool) -> list[EvalSample]:
     import pandas as pd
 
@@ -77,8 +89,11 @@ def load_samples(question_file: str, single_pred_prompt: bool, lang: str, all_ro
     if missing:
         raise ValueError(f"--question-file {question_file}: missing MMBench columns {missing}")
     instruction = MULTIPLE_CHOICE_PROMPT_CN if lang == "cn" else MULTIPLE_CHOICE_PROMPT
+    records = df.to_dict("records")
+    images_by_index = {int(r["index"]): str(r["image"]) for r in records}
     samples = []
-    for row in df.to_dict("records"):
+    for row in records:
+        image = resolve_image_cell(str(row["image"]), images_by_index)
         options = row_options(row)
         letters = list(ALL_OPTIONS[: len(options)])
         for round_id in range(len(options) if all_rounds else 1):
@@ -86,7 +101,7 @@ def load_samples(question_file: str, single_pred_prompt: bool, lang: str, all_ro
             question = text + "\n" + instruction if single_pred_prompt else text
             samples.append(EvalSample(
                 question_id=int(row["index"]), question=question, prompt_field=text,
-                load_image=base64_image_loader(row["image"]), query=text,
+                load_image=base64_image_loader(image), query=text,
                 extra={"round_id": round_id, "options": list(options), "option_char": list(letters)}))
             options = options[1:] + options[:1]
             letters = letters[1:] + letters[:1]

@@ -64,7 +64,8 @@ run_sharded() {
     local gpus=()
     if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then IFS=',' read -ra gpus <<< "$CUDA_VISIBLE_DEVICES"; fi
     local chunks=${CHUNKS:-${#gpus[@]}}
-    [ "$chunks" -ge 1 ] 2>/dev/null || chunks=1
+    [ "$chunks" = 0 ] && chunks=1
+    [[ "$chunks" =~ ^[1-9][0-9]*$ ]] || die "CHUNKS must be a positive integer, got '$chunks'"
     mkdir -p "$outdir"
     local pids=() i
     for ((i = 0; i < chunks; i++)); do
