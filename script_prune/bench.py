@@ -1,6 +1,7 @@
 """Speed / memory benchmark of the registered methods (not a test).
 
     python -m script_prune.bench [--device cpu|cuda] [--json out.json] [--methods script qcsp ...]
+                                 [--cases 0 1 2] [--threads N] [--min-repeats 5] [--budget-s 2]
 
 Prints the median wall time (ms) of ``select`` (``reduce`` for merging methods) through the
 public, validating API, and the peak extra memory of one call, for the paper's settings
@@ -190,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", nargs="+", default=None, help="methods to run (default: all registered)")
     parser.add_argument("--cases", nargs="+", type=int, default=None,
                         help="indices (0-4) of the cases to run (default: all)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads for the run (default: torch's default)")
     parser.add_argument("--min-repeats", type=int, default=5, help="timed calls per row at least (default 5)")
     parser.add_argument("--budget-s", type=float, default=2.0, help="time per row after min-repeats (default 2)")
     return parser
@@ -215,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--cases must be in 0..{len(CASES) - 1}, got {bad_cases}")
     if args.min_repeats < 1 or args.budget_s < 0:
         parser.error("--min-repeats must be >= 1 and --budget-s >= 0")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     cases = CASES if args.cases is None else tuple(CASES[i] for i in args.cases)
     rows: list[BenchRow] = []
     for case in cases:
