@@ -191,6 +191,12 @@ def test_broken_method_output_is_caught(scratch_registry) -> None:
     def short(features, budget):
         return torch.arange(budget - 1).expand(features.shape[0], -1)
 
+    @sp.register_method("_t_range")
+    def out_of_range(features, budget):
+        return torch.arange(budget).expand(features.shape[0], -1) + features.shape[1] - 1
+
+    with pytest.raises(RuntimeError, match="out-of-range"):
+        sp.select(torch.zeros(6, 3), 3, "_t_range")
     with pytest.raises(RuntimeError, match="repeated"):
         sp.select(torch.zeros(6, 3), 3, "_t_dupes")
     with pytest.raises(RuntimeError, match="expected 3"):
