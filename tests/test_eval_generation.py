@@ -217,3 +217,21 @@ def test_loader_killed_mid_write_resumes_without_duplicates(tiny15, tmp_path):
     before = answers.read_text()
     again = subprocess.run(_loader_cmd(tiny15, tmp_path, answers), env=_env(), capture_output=True, text=True, timeout=240)
     assert again.returncode == 0 and answers.read_text() == before
+
+
+def test_resume_refuses_answers_of_another_setting(tmp_path):
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    common.add_generation_args(ap, max_new_tokens=8)
+    answers = tmp_path / "a.jsonl"
+    answers.write_text(json.dumps({**_row(1), "metadata": {"method": "script", "budget": 64, "params": {}}}) + "\n")
+    args = ap.parse_args(["--model-path", "unused", "--question-file", "q", "--answers-file", str(answers),
+                          "--visual-token-num", "64", "--pruning-param", "tau=0.1"])
+    sample = common.EvalSample(question_id=1, question="q", prompt_field="p", load_image=None, query="q")
+    with pytest.raises(ValueError, match="another setting"):
+        common.run_generation(args, [sample])
+    # same setting: nothing left to do, the model is never loaded
+    args = ap.parse_args(["--model-path", "unused", "--question-file", "q", "--answers-file", str(answers),
+                          "--visual-token-num", "64"])
+    assert common.run_generation(args, [sample]) == 0

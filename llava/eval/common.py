@@ -60,6 +60,11 @@ def answer_key(row: dict) -> str:
     return json.dumps([row["question_id"], row.get("round_id", 0), row.get("prompt", "")], ensure_ascii=False)
 
 
+def run_settings(metadata: dict) -> str:
+    """The part of an answer's metadata that must match for a resumed run: method, budget, params."""
+    return json.dumps([metadata.get("method"), metadata.get("budget"), metadata.get("params", {})], sort_keys=True)
+
+
 class ResumableJsonlWriter:
     """Append-only jsonl writer that resumes an interrupted file.
 
@@ -72,6 +77,7 @@ class ResumableJsonlWriter:
         self.key = key
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.done: set[str] = set()
+        self.settings: set[str] = set()  # run_settings() of the lines already in the file
         self.repaired = self._repair()
         self._f = open(self.path, "a", encoding="utf-8")
 
@@ -91,9 +97,8 @@ class ResumableJsonlWriter:
                     row = json.loads(line)
                 except (json.JSONDecodeError, UnicodeDecodeError):
                     break
-                k = self.key(row)
-                if k not in self.done:
-                    self.done.add(k)
+                self.done.add(self.key(row))
+                self.settings.add(run_settings(row.get("metadata") or {}))
             good_end = nl + 1
             pos = nl + 1
         if good_end < len(data):
@@ -374,6 +379,14 @@ def run_generation(args: argparse.Namespace, samples: list[EvalSample]) -> int:
     pruning = build_pruning_config(args)  # validate the flags even when there is nothing left to answer
     chunk = get_chunk(samples, args.num_chunks, args.chunk_idx)
     writer = ResumableJsonlWriter(os.path.expanduser(args.answers_file))
+    current = run_settings({"method": pruning.method if pruning else "none", "budget": args.visual_token_num,
+                            "params": pruning.params if pruning else {}})
+    other = writer.settings - {current}
+    if other:
+        writer.close()
+        raise ValueError(
+            f"--answers-file {args.answers_file} holds answers of another setting (method, budget, params) "
+            f"{sorted(other)} than this run {current}; write to another file (scripts: set RUN_TAG) or delete it")
     todo = [s for s in chunk if s.key not in writer]
     if writer.repaired:
         print(f"[resume] dropped a partial last line of {args.answers_file}", file=sys.stderr)

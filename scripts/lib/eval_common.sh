@@ -10,6 +10,7 @@
 #   CHUNKS (number of shards; default: one per GPU in CUDA_VISIBLE_DEVICES, else 1)
 #   RESULTS_DIR (default ./results; rows go to RESULTS_DIR/summary.csv)  PYTHON (default python)
 #   CONV_MODE (default vicuna_v1)
+#   RUN_TAG (results folder name; default METHOD_NOMINAL; set it when you change --pruning-param values)
 # See EVAL.md for the data layout.
 
 set -euo pipefail
@@ -42,7 +43,7 @@ eval_setup() {
         *) die "unknown version $VERSION" ;;
     esac
     MODEL_PATH=$CKPT_DIR/$CKPT
-    TAG=${METHOD}_${NOMINAL}
+    TAG=${RUN_TAG:-${METHOD}_${NOMINAL}}
     GEN_ARGS=(--model-path "$MODEL_PATH" --conv-mode "$CONV_MODE" --temperature 0
               --visual-token-num "$BUDGET" --pruning-method "$METHOD")
     echo "[$BENCH] checkpoint=$MODEL_PATH method=$METHOD budget=$BUDGET per row (nominal $NOMINAL) data=$DATA_DIR" >&2
