@@ -27,6 +27,7 @@ from torch import nn
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
+from .fastv import ALWAYS_KEPT, TEXT, LLMPruning, decode_inputs, fastv_prefill, fastv_state
 from .multimodal_encoder.builder import build_vision_tower
 from .multimodal_encoder.clip_encoder import CLIPRelevanceEncoder, CLIPVisionTower, VisionOutput
 from .multimodal_projector.builder import build_vision_projector
@@ -54,6 +55,31 @@ class LlavaMetaModel:
 
     def get_vision_tower(self) -> CLIPVisionTower | None:
         return getattr(self, "vision_tower", None)
+
+    @property
+    def llm_pruning(self) -> LLMPruning | None:
+        """The in-LLM pruning setting (FastV), installed by ``LlavaMetaForCausalLM.set_pruning``."""
+        return getattr(self, "_llm_pruning", None)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, visual_rows: torch.Tensor | None = None, **kwargs):
+        """The decoder stack; with an in-LLM pruning setting and ``visual_rows`` (B, L) on the prefill, FastV
+        (``llava.model.fastv``). Decoding steps after a FastV prefill are mapped onto its shortened cache."""
+        setting = self.llm_pruning
+        if setting is not None and visual_rows is not None and _is_prefill(past_key_values):
+            if inputs_embeds is None:
+                inputs_embeds = self.embed_tokens(input_ids)
+            output, kept = fastv_prefill(self, inputs_embeds, attention_mask, position_ids, past_key_values,
+                                         use_cache, visual_rows, setting, **kwargs)
+            self._llm_kept_visual = kept
+            return output
+        state = fastv_state(past_key_values)
+        if state is not None and not _is_prefill(past_key_values):
+            length = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
+            attention_mask, position_ids = decode_inputs(state, past_key_values, attention_mask, position_ids, length)
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                               **kwargs)
 
 
 @dataclass
@@ -135,8 +161,16 @@ class LlavaMetaForCausalLM:
 
     @property
     def last_visual_token_counts(self) -> list[int]:
-        """Visual tokens (incl. NeXT newlines) that reached the LLM per sample, for the last forward/generate."""
+        """Visual tokens (incl. NeXT newlines) that reached the LLM per sample, for the last forward/generate.
+
+        With an in-LLM method (FastV): the tokens kept after layer K (the first K layers saw all of them)."""
         return list(getattr(self, "_last_visual_token_counts", []))
+
+    @property
+    def last_visual_rows(self) -> torch.Tensor | None:
+        """(B, L') long for the last spliced sequence: image row (crop) id of each visual token, numbered over
+        the batch; -1 text/padding, -2 NeXT newline. The per-row budget of in-LLM methods follows it."""
+        return getattr(self, "_last_visual_rows", None)
 
     @property
     def last_visual_mask(self) -> torch.Tensor | None:
@@ -146,18 +180,26 @@ class LlavaMetaForCausalLM:
     def set_pruning(self, pruning: PruningConfig | dict | None) -> None:
         """Set (or clear with None) the pruning applied before the prefill."""
         cfg = as_pruning_config(pruning)
-        if cfg is not None and cfg.in_llm:
-            self._prepare_llm_stage_pruning(cfg)
+        llm_setting = self._prepare_llm_stage_pruning(cfg) if cfg is not None and cfg.in_llm else None
         if cfg is not None and cfg.needs_relevance:
             self._relevance_encoder()
+        self.get_model()._llm_pruning = llm_setting
         self._pruning = cfg
 
-    def _prepare_llm_stage_pruning(self, cfg: PruningConfig) -> None:
-        """The single place where in-LLM methods (MethodSpec.stage == "llm", e.g. FastV) get hooked in."""
-        raise ValueError(
-            f"pruning method {cfg.method!r} acts inside the LLM (stage 'llm'); it is not wired into this model yet. "
-            "Use a vision-stage method (see script_prune.list_methods())."
-        )
+    def _prepare_llm_stage_pruning(self, cfg: PruningConfig) -> LLMPruning:
+        """The in-LLM setting (MethodSpec.stage == "llm", FastV) for the decoder stack; checks the layer K."""
+        spec = cfg.spec
+        if spec.params.keys() != {"layer"}:
+            raise ValueError(f"pruning method {cfg.method!r} acts inside the LLM; only FastV-style methods "
+                             "(parameter 'layer') are wired into this model")
+        layer = cfg.params.get("layer", spec.params["layer"])
+        num_layers = int(self.config.num_hidden_layers)
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer < num_layers:
+            raise ValueError(
+                f"pruning method {cfg.method!r} acts inside the LLM after decoder layer K = params['layer'] = {layer!r}; "
+                f"K must be an int in [1, {num_layers - 1}] for this LLM ({num_layers} layers)"
+            )
+        return LLMPruning(layer=layer, budget=cfg.visual_token_num, method=cfg.method)
 
     def set_query_tokenizer(self, tokenizer) -> None:
         """Tokenizer used to recover the question from input_ids when generate/forward get no ``texts``."""
@@ -242,7 +284,7 @@ class LlavaMetaForCausalLM:
         bounds = torch.tensor([0] + [img.views.shape[0] for img in images]).cumsum(0).tolist()
         spans = [range(bounds[i], bounds[i + 1]) for i in range(len(images))]
         cfg = self.pruning
-        if cfg is None or cfg.is_noop_for(features.shape[1]):
+        if cfg is None or cfg.in_llm or cfg.is_noop_for(features.shape[1]):
             tokens = projector(features)  # (R, N, D)
             kept = torch.arange(features.shape[1], device=features.device).expand(features.shape[0], -1)
             return [PrunedRows(kept[span.start:span.stop], tokens[span.start:span.stop]) for span in spans]
@@ -271,19 +313,31 @@ class LlavaMetaForCausalLM:
                 start = stop
         return results
 
-    def _image_tokens(self, image: ImageInput, rows: PrunedRows) -> torch.Tensor:
-        """All LLM tokens of one image -> (n, D), laid out as LLaVA does (flat, or NeXT spatial_unpad)."""
+    def _image_tokens(self, image: ImageInput, rows: PrunedRows) -> tuple[torch.Tensor, torch.Tensor]:
+        """All LLM tokens of one image -> (tokens (n, D), view (n,) long), laid out as LLaVA does (flat, or NeXT
+        spatial_unpad). ``view`` is the image row (view) each token comes from, ALWAYS_KEPT (-2) for newlines."""
         merge_type = str(getattr(self.config, "mm_patch_merge_type", "flat"))
+        per_row = rows.tokens.shape[1]
+        device = rows.tokens.device
         if merge_type == "flat" or not merge_type.startswith("spatial"):
-            return rows.tokens.flatten(0, 1)  # (V * k, D)
+            views = torch.arange(rows.tokens.shape[0], device=device).repeat_interleave(per_row)
+            return rows.tokens.flatten(0, 1), views  # (V * k, D)
         base = rows.tokens[0]  # (k + e, D)
+        base_views = torch.zeros(per_row, dtype=torch.long, device=device)
         newline = getattr(self.get_model(), "image_newline", None) if "unpad" in merge_type else None
         if image.views.shape[0] == 1:
-            return base if newline is None else torch.cat([base, newline[None].to(base.device, base.dtype)], dim=0)
-        return torch.cat([base, self._tile_layout(image, rows, merge_type, newline)], dim=0)
+            if newline is None:
+                return base, base_views
+            newline_view = torch.full((1,), ALWAYS_KEPT, dtype=torch.long, device=device)
+            return (torch.cat([base, newline[None].to(base.device, base.dtype)], dim=0),
+                    torch.cat([base_views, newline_view]))
+        tiles, tile_views = self._tile_layout(image, rows, merge_type, newline)
+        return torch.cat([base, tiles], dim=0), torch.cat([base_views, tile_views])
 
-    def _tile_layout(self, image: ImageInput, rows: PrunedRows, merge_type: str, newline) -> torch.Tensor:
-        """Kept tile tokens placed on the anyres grid (unpadded), one newline per non-empty grid row -> (n, D)."""
+    def _tile_layout(self, image: ImageInput, rows: PrunedRows, merge_type: str,
+                     newline) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kept tile tokens placed on the anyres grid (unpadded), one newline per non-empty grid row -> (n, D),
+        with each token's view (1 + tile index; ALWAYS_KEPT for newlines) (n,)."""
         from llava.mm_utils import get_anyres_image_grid_shape
 
         tower = self.get_vision_tower()
@@ -312,15 +366,19 @@ class LlavaMetaForCausalLM:
             grid = grid[row_slice, col_slice]
         keep = present[grid]  # (H', W')
         tokens = source[grid]  # (H', W', D)
+        views = 1 + grid // (side * side)  # (H', W') view of each grid cell
         if newline is not None:
             tokens = torch.cat([tokens, newline.to(device, tokens.dtype).expand(tokens.shape[0], 1, d)], dim=1)
             keep = torch.cat([keep, keep.any(dim=1, keepdim=True)], dim=1)  # newline iff its row has a token
+            views = torch.cat([views, views.new_full((views.shape[0], 1), ALWAYS_KEPT)], dim=1)
         laid_out = tokens[keep]  # (n, D) row-major
         merged = tiles[:, k:].reshape(-1, d)  # (T * e, D)
-        return torch.cat([laid_out, merged], dim=0)
+        merged_views = 1 + torch.arange(num_tiles, device=device).repeat_interleave(tiles.shape[1] - k)
+        return torch.cat([laid_out, merged], dim=0), torch.cat([views[keep], merged_views])
 
-    def _visual_tokens(self, images: list[ImageInput], queries: list[str] | None) -> list[torch.Tensor]:
-        """Per image its LLM tokens (n_i, D). The tower runs once on all views of all images."""
+    def _visual_tokens(self, images: list[ImageInput],
+                       queries: list[str] | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per image its LLM tokens (n_i, D) and their views (n_i,). The tower runs once on all views."""
         cfg = self.pruning
         with_attention = cfg is not None and cfg.needs_attention and not cfg.is_noop_for(self.get_vision_tower().num_patches)
         views = torch.cat([img.views for img in images], dim=0)  # (sum V, 3, S, S)
@@ -372,33 +430,40 @@ class LlavaMetaForCausalLM:
         visual = self._visual_tokens(image_list, queries)
         embed = self.get_model().embed_tokens
         text_embeds = embed(input_ids.masked_fill(is_image, 0))  # (B, L, D)
-        sequences, seq_labels, seq_visual, counts = [], [], [], []
-        image_iter = iter(visual)
+        sequences, seq_labels, seq_visual, seq_rows, counts = [], [], [], [], []
+        image_iter = iter(zip(visual, image_list))
+        row_offset = 0  # image rows numbered over the whole batch
         for b in range(input_ids.shape[0]):
             valid = mask[b]
             ids, emb = input_ids[b][valid], text_embeds[b][valid]
             lab = labels[b][valid] if labels is not None else None
-            pieces, lab_pieces, vis_pieces, count, start = [], [], [], 0, 0
+            pieces, lab_pieces, vis_pieces, row_pieces, count, start = [], [], [], [], 0, 0
             for pos in (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist() + [ids.numel()]:
                 pieces.append(emb[start:pos])
                 vis_pieces.append(torch.zeros(pos - start, dtype=torch.bool, device=emb.device))
+                row_pieces.append(torch.full((pos - start,), TEXT, dtype=torch.long, device=emb.device))
                 if lab is not None:
                     lab_pieces.append(lab[start:pos])
                 if pos < ids.numel():
-                    tokens = next(image_iter).to(emb.device, emb.dtype)
+                    (tokens, views), image = next(image_iter)
+                    tokens = tokens.to(emb.device, emb.dtype)
+                    views = views.to(emb.device)
                     pieces.append(tokens)
                     vis_pieces.append(torch.ones(tokens.shape[0], dtype=torch.bool, device=emb.device))
+                    row_pieces.append(torch.where(views >= 0, views + row_offset, views))
+                    row_offset += image.views.shape[0]
                     lab_pieces.append(torch.full((tokens.shape[0],), IGNORE_INDEX, device=emb.device, dtype=torch.long))
                     count += tokens.shape[0]
                 start = pos + 1
             sequences.append(torch.cat(pieces, dim=0))
             seq_visual.append(torch.cat(vis_pieces, dim=0))
+            seq_rows.append(torch.cat(row_pieces, dim=0))
             seq_labels.append(torch.cat(lab_pieces, dim=0) if lab is not None else None)
             counts.append(count)
         self._last_visual_token_counts = counts
-        return self._pad_sequences(sequences, seq_labels, seq_visual, past_key_values, padding_side)
+        return self._pad_sequences(sequences, seq_labels, seq_visual, past_key_values, padding_side, seq_rows)
 
-    def _pad_sequences(self, sequences, seq_labels, seq_visual, past_key_values, padding_side):
+    def _pad_sequences(self, sequences, seq_labels, seq_visual, past_key_values, padding_side, seq_rows=None):
         """Pad the per-sample (L_b, D) embeddings to (B, L', D) with mask, contiguous position ids and labels.
 
         Also records ``last_visual_mask`` (B, L'): True where a visual token sits (the hook point for
@@ -409,6 +474,7 @@ class LlavaMetaForCausalLM:
             sequences = [s[:max_len] for s in sequences]
             seq_labels = [None if l is None else l[:max_len] for l in seq_labels]
             seq_visual = [v[:max_len] for v in seq_visual]
+            seq_rows = None if seq_rows is None else [r[:max_len] for r in seq_rows]
         side = padding_side or getattr(self.config, "tokenizer_padding_side", "right")
         if side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
@@ -417,6 +483,7 @@ class LlavaMetaForCausalLM:
         embeds = ref.new_zeros(batch, length, ref.shape[-1])
         mask = torch.zeros(batch, length, dtype=torch.long, device=ref.device)
         visual = torch.zeros(batch, length, dtype=torch.bool, device=ref.device)
+        rows = torch.full((batch, length), TEXT, dtype=torch.long, device=ref.device)
         has_labels = seq_labels[0] is not None
         labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long, device=ref.device) if has_labels else None
         for b, seq in enumerate(sequences):
@@ -424,24 +491,51 @@ class LlavaMetaForCausalLM:
             embeds[b, span] = seq
             mask[b, span] = 1
             visual[b, span] = seq_visual[b]
+            if seq_rows is not None:
+                rows[b, span] = seq_rows[b]
             if has_labels:
                 labels[b, span] = seq_labels[b]
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, L') contiguous over real tokens
         self._last_visual_mask = visual
+        self._last_visual_rows = rows
         return None, position_ids, mask, past_key_values, embeds, labels
 
     # ------------------------------------------------------------------ forward / generate helpers
     def _multimodal_forward_inputs(self, input_ids, attention_mask, position_ids, past_key_values, labels,
                                    inputs_embeds, images, image_sizes, texts, padding_side=None):
         """Shared by forward/generate: returns kwargs for the LLM (input_ids or inputs_embeds, mask, positions)."""
+        visual_rows = None
         if inputs_embeds is None and images is not None:
             (input_ids, position_ids, attention_mask, past_key_values, inputs_embeds,
              labels) = self.prepare_inputs_labels_for_multimodal(
                 input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes, texts,
                 padding_side)
+            visual_rows = self._llm_pruning_rows()
+            if visual_rows is not None and labels is not None:
+                raise ValueError(f"labels are not supported with in-LLM pruning ({self.pruning.method!r} drops "
+                                 "positions inside the LLM, so the logits no longer align with the labels)")
         elif images is None and input_ids is not None and _is_prefill(past_key_values):
             # checked on the prefill only: a per-step check would sync the GPU on every decoded token
             if bool((input_ids == IMAGE_TOKEN_INDEX).any()):
                 raise ValueError("input_ids contain <image> tokens (IMAGE_TOKEN_INDEX) but no images were given")
-        return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels)
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels)
+        if visual_rows is not None:
+            inputs["visual_rows"] = visual_rows
+        return inputs
+
+    def _llm_pruning_rows(self) -> torch.Tensor | None:
+        """``last_visual_rows`` when an in-LLM method (FastV) will prune the sequence just spliced, else None
+        (no setting, or a budget >= the tokens per image row: then the model runs exactly unpruned)."""
+        cfg = self.pruning
+        if cfg is None or not cfg.in_llm or cfg.is_noop_for(self.get_vision_tower().num_patches):
+            return None
+        self.get_model()._llm_kept_visual = None
+        return self.last_visual_rows
+
+    def _record_llm_kept_visual(self) -> None:
+        """After a FastV prefill: last_visual_token_counts = visual tokens kept after layer K (one host sync)."""
+        kept = getattr(self.get_model(), "_llm_kept_visual", None)
+        if kept is not None:
+            self._last_visual_token_counts = kept.tolist()
+            self.get_model()._llm_kept_visual = None

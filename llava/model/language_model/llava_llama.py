@@ -44,13 +44,18 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         images: Any = None,
         image_sizes: Any = None,
         texts: Sequence[str] | None = None,
+        visual_rows: torch.Tensor | None = None,
         **kwargs: Any,
     ):
         """LlamaForCausalLM.forward with ``images`` spliced in at IMAGE_TOKEN_INDEX positions of ``input_ids``."""
         llm_inputs = self._multimodal_forward_inputs(
             input_ids, attention_mask, position_ids, past_key_values, labels, inputs_embeds, images, image_sizes, texts
         )
-        return super().forward(**llm_inputs, use_cache=use_cache, **kwargs)
+        if visual_rows is not None and "visual_rows" not in llm_inputs:  # generate() hands it to every step
+            llm_inputs["visual_rows"] = visual_rows
+        output = super().forward(**llm_inputs, use_cache=use_cache, **kwargs)
+        self._record_llm_kept_visual()
+        return output
 
     @torch.no_grad()
     def generate(
@@ -77,4 +82,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         _, _, mask, _, embeds, _ = self.prepare_inputs_labels_for_multimodal(
             inputs, None, attention_mask, None, None, images, image_sizes, texts, padding_side="left"
         )
+        visual_rows = self._llm_pruning_rows()
+        if visual_rows is not None:
+            kwargs["visual_rows"] = visual_rows  # FastV: used by the prefill, ignored by decoding steps
         return super().generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
