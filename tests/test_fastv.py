@@ -291,3 +291,29 @@ def test_layer_out_of_range_and_labels_are_refused(deep):
             model(ids, images=pixels, labels=ids.clamp(min=0))
     finally:
         model.set_pruning(None)
+
+
+def test_mistral_llm_runs_fastv_like_llama_on_the_same_weights(tiny_llava15_path, tmp_path):
+    """LLaVA-1.6-mistral's class goes through the same FastV path: with Llama's weights and no sliding window
+    it must generate what the Llama class generates."""
+    import json
+    import shutil
+
+    path = tmp_path / "mistral"
+    shutil.copytree(tiny_llava15_path, path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(architectures=["LlavaMistralForCausalLM"], sliding_window=None)
+    (path / "config.json").write_text(json.dumps(cfg))
+    setting = PruningConfig(method="fastv", visual_token_num=3, params={"layer": 1})
+    tokenizer, llama, processor, _ = load_pretrained_model(tiny_llava15_path, torch_dtype=torch.float32, pruning=setting)
+    _, mistral, _, _ = load_pretrained_model(str(path), torch_dtype=torch.float32, pruning=setting)
+    assert type(mistral).__name__ == "LlavaMistralForCausalLM"
+    ids = prompt_ids(tokenizer, "What is it?")[None]
+    pixels = process_images([random_image(50, 60, seed=4)], processor, llama.config)
+    kwargs = dict(do_sample=False, max_new_tokens=3, min_new_tokens=3, output_logits=True,
+                  return_dict_in_generate=True, pad_token_id=0)
+    a, b = llama.generate(ids, images=pixels, **kwargs), mistral.generate(ids, images=pixels, **kwargs)
+    assert a.sequences.tolist() == b.sequences.tolist()
+    assert llama.last_visual_token_counts == mistral.last_visual_token_counts == [3]
+    for x, y in zip(a.logits, b.logits):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)

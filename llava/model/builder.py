@@ -93,10 +93,41 @@ def _split_missing(missing: list[str]) -> tuple[list[str], list[str]]:
     return vision, [k for k in missing if not k.startswith(VISION_PREFIX)]
 
 
-def _load_tokenizer(model_path: str | os.PathLike, config):
+TOKENIZER_BACKENDS = ("auto", "sentencepiece", "transformers")
+
+
+def has_sentencepiece_model(model_path: str | os.PathLike) -> bool:
+    """True when the checkpoint (local folder or hub id) ships a sentencepiece ``tokenizer.model``."""
+    if os.path.isdir(model_path):
+        return (Path(model_path) / "tokenizer.model").is_file()
+    from transformers.utils import cached_file
+
+    try:
+        return cached_file(str(model_path), "tokenizer.model", _raise_exceptions_for_missing_entries=False) is not None
+    except OSError:
+        return False
+
+
+def _load_tokenizer(model_path: str | os.PathLike, config, backend: str = "auto"):
+    """The checkpoint's tokenizer.
+
+    ``backend="auto"``: the sentencepiece-exact ``LlamaSentencePieceTokenizer`` when the checkpoint has a
+    ``tokenizer.model`` (all real LLaVA-1.5/1.6 checkpoints: it reproduces LLaVA's ``use_fast=False`` ids,
+    which transformers 5's converted tokenizer does not on runs of spaces), else ``AutoTokenizer``.
+    ``"sentencepiece"`` / ``"transformers"`` force one of the two. A missing pad token becomes the unk token
+    (LLaVA's convention for its Llama tokenizers)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path, use_fast=False)
+    from llava.mm_utils import load_sentencepiece_tokenizer
+
+    if backend not in TOKENIZER_BACKENDS:
+        raise ValueError(f"tokenizer_backend must be one of {TOKENIZER_BACKENDS}, got {backend!r}")
+    if backend == "sentencepiece" or (backend == "auto" and has_sentencepiece_model(model_path)):
+        tokenizer = load_sentencepiece_tokenizer(model_path)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_path, use_fast=False)
+    if tokenizer.pad_token is None and tokenizer.unk_token is not None:
+        tokenizer.pad_token = tokenizer.unk_token
     added = []
     if getattr(config, "mm_use_im_patch_token", False):
         added.append("<im_patch>")
@@ -117,12 +148,17 @@ def load_pretrained_model(
     torch_dtype: torch.dtype | str | None = None,
     attn_implementation: str = "sdpa",
     pruning: PruningConfig | dict | None = None,
+    tokenizer_backend: str = "auto",
 ):
     """Load a LLaVA checkpoint -> (tokenizer, model, image_processor, context_len).
 
     ``device_map="auto"`` shards over the visible GPUs with accelerate; otherwise the model goes to ``device``.
     ``pruning`` (PruningConfig / dict / None) is installed with ``model.set_pruning``.
+    ``tokenizer_backend``: "auto" (sentencepiece-exact when the checkpoint has tokenizer.model, else
+    AutoTokenizer), "sentencepiece" or "transformers" (see ``_load_tokenizer``).
     """
+    if tokenizer_backend not in TOKENIZER_BACKENDS:
+        raise ValueError(f"tokenizer_backend must be one of {TOKENIZER_BACKENDS}, got {tokenizer_backend!r}")
     if model_base is not None:
         raise ValueError("model_base (LoRA / projector-only checkpoints) is not supported: pass a merged checkpoint")
     attn_implementation = check_attn_implementation(attn_implementation)
@@ -152,7 +188,7 @@ def load_pretrained_model(
     else:
         tower.to(model.get_model().embed_tokens.weight.device)
     model.eval()
-    tokenizer = _load_tokenizer(model_path, config)
+    tokenizer = _load_tokenizer(model_path, config, tokenizer_backend)
     image_processor = tower.load_image_processor()
     model.set_query_tokenizer(tokenizer)
     model.set_pruning(pruning)

@@ -110,8 +110,8 @@ def last_token_attention(attn: torch.nn.Module, normed: torch.Tensor, position_e
 
 
 # ------------------------------------------------------------------------------------------ selection
-def fastv_keep_mask(scores: torch.Tensor, hidden: torch.Tensor, visual_rows: torch.Tensor, mask: torch.Tensor,
-                    budget: int, layer: int, method: str = "fastv") -> torch.Tensor:
+def fastv_keep_mask(scores: torch.Tensor, visual_rows: torch.Tensor, mask: torch.Tensor, budget: int, layer: int,
+                    method: str = "fastv") -> torch.Tensor:
     """Which positions survive layer K -> (B, L) bool.
 
     Text (real tokens) and ALWAYS_KEPT tokens survive; of every image row r (visual_rows == r) the ``budget``
@@ -132,9 +132,8 @@ def fastv_keep_mask(scores: torch.Tensor, hidden: torch.Tensor, visual_rows: tor
     num_rows, width = counts.shape[0], int(counts.max())
     padded_scores = scores.new_full((num_rows, width), -1.0)
     padded_scores[row_of, slot] = scores[where[:, 0], where[:, 1]].float()
-    features = hidden.new_zeros(num_rows, width, hidden.shape[-1])
-    features[row_of, slot] = hidden[where[:, 0], where[:, 1]]
-    picked = sp.select(features.float(), budget, method, scores=padded_scores, layer=layer)  # (R, k)
+    # FastV ranks by the scores alone: the scores double as the (R, N, 1) "features" select needs for shapes
+    picked = sp.select(padded_scores[..., None], budget, method, scores=padded_scores, layer=layer)  # (R, k)
     chosen = torch.zeros(num_rows, width, dtype=torch.bool, device=scores.device)
     chosen.scatter_(1, picked, True)
     keep[where[:, 0], where[:, 1]] = chosen[row_of, slot] & real[where[:, 0], where[:, 1]]
@@ -249,7 +248,7 @@ def fastv_prefill(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tens
     scores = last_token_attention(score_layer.self_attn, score_layer.input_layernorm(hidden), rope, mask)  # (B, L)
     hidden = _run_layers([score_layer], hidden, causal, rope, position_ids, cache, use_cache, kwargs)
 
-    keep = fastv_keep_mask(scores, hidden, visual_rows.to(hidden.device), mask, setting.budget, k_layer, setting.method)
+    keep = fastv_keep_mask(scores, visual_rows.to(scores.device), mask, setting.budget, k_layer, setting.method)
     kept_visual = (keep & (visual_rows.to(keep.device) != TEXT)).sum(dim=1)  # (B,)
     index, short_mask = rectangular_index(keep)  # (B, Ls)
     hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
