@@ -26,33 +26,48 @@ def test_json_schema(tiny_rows):
     assert [r["method"] for r in tiny_rows] == ["none", "script", "random", "trim", "fastv"]
     for row in tiny_rows:
         assert REQUIRED <= set(row)
-        if row["measured"]:
-            assert MEASURED <= set(row)
-            assert all(row[k] >= 0 for k in MEASURED)
-        else:
-            assert row["note"]
+        assert row["measured"]
+        assert MEASURED <= set(row)
+        assert all(row[k] >= 0 for k in MEASURED)
 
 
 def test_sequence_and_kv_cache_match_hand_formula(tiny_rows):
     # tiny LLM: 2 layers, 4 KV heads x 16 dims, float32; prompt = 10 text tokens + visual tokens.
     shape = F.get_shape("tiny")
     assert shape.tokens_per_crop == 16
-    expected_visual = {"none": 16, "script": 4, "random": 4, "trim": 4}  # trim: budget-1 kept + 1 merged
+    # visual tokens entering the LLM, and held in the KV cache after the prefill
+    entering = {"none": 16, "script": 4, "random": 4, "trim": 4, "fastv": 16}  # trim: budget-1 kept + 1 merged
+    cached = {"none": 16, "script": 4, "random": 4, "trim": 4, "fastv": 4}  # FastV shortens every layer's cache
     for row in tiny_rows:
-        if not row["measured"]:
-            continue
-        assert row["llm_visual_tokens"] == expected_visual[row["method"]]
-        assert row["seq_len"] == 10 + expected_visual[row["method"]]
-        by_hand = 2 * 2 * 4 * 16 * row["seq_len"] * 4 / 2**20
+        assert row["measured"], row
+        m = row["method"]
+        assert row["llm_visual_tokens"] == entering[m]
+        assert row["seq_len"] == 10 + entering[m]
+        assert row["cached_positions"] == 10 + cached[m]
+        by_hand = 2 * 2 * 4 * 16 * (10 + cached[m]) * 4 / 2**20
         assert row["kv_cache_mb"] == pytest.approx(by_hand)
+
+
+def test_budget_is_per_crop_for_next_shapes(tmp_path):
+    # 5 crops (base + 2x2 tiles) of 16 tokens, budget 3 per crop: 15 tokens reach the LLM (FastV: after layer K)
+    rows = E.main(["--random-weights", "--shape", "tiny-next", "--methods", "divprune,fastv", "--budgets", "3",
+                   "--repeats", "1", "--warmup", "0", "--decode-tokens", "2", "--text-tokens", "10",
+                   "--vision-repeats", "1"])
+    by_method = {r["method"]: r for r in rows}
+    assert by_method["none"]["llm_visual_tokens"] == 80 and by_method["none"]["cached_positions"] == 90
+    assert by_method["divprune"]["llm_visual_tokens"] == 15 and by_method["divprune"]["cached_positions"] == 25
+    assert by_method["fastv"]["llm_visual_tokens"] == 80 and by_method["fastv"]["cached_positions"] == 25
+    assert by_method["divprune"]["visual_tokens"] == 15
 
 
 def test_fastv_flops_layer_aware(tiny_rows):
     fastv = next(r for r in tiny_rows if r["method"] == "fastv")
     script = next(r for r in tiny_rows if r["method"] == "script")
-    # tiny has 2 layers and FastV prunes after layer 2: no LLM layer sees the pruned sequence.
+    # tiny has 2 layers and FastV prunes after layer 2: no LLM layer of the full model sees the pruned sequence.
     assert fastv["tflops"] == pytest.approx(next(r for r in tiny_rows if r["method"] == "none")["tflops"])
     assert fastv["tflops"] > script["tflops"]
+    # the 2-layer LLM that ran has no layer after K=2: it ran FastV at K=1 and says so
+    assert fastv["fastv_k_run"] == 1 and "K=1" in fastv["note"]
 
 
 def test_flops_only_needs_no_model(capsys):

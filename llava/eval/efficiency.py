@@ -23,9 +23,12 @@ that ran, the run dtype, MiB); ``kv_visual_fp16_mb`` is Table 6's convention (vi
 full depth, fp16: 1440 MiB at 2880 tokens). Peak memory: CUDA peak allocated on a GPU, the
 process's peak RSS (VmHWM, reset per row where the kernel allows) on a CPU; ``peak_mem_kind`` says which.
 
-Methods that act inside the LLM (``MethodSpec.stage == "llm"``, FastV) need the LLaVA model's
-in-LLM hook; rows for them are marked ``measured: false`` with a note where it is not available,
-and their FLOPs follow the layer-aware count (first K layers see all visual tokens).
+Methods that act inside the LLM (``MethodSpec.stage == "llm"``, FastV) run through the model's own
+implementation (``llava.model.fastv.fastv_prefill``): all visual tokens enter the LLM, layers < K see
+them all, later layers and the KV cache only the kept ones; their selection time is inside
+``prefill_ms``. A truncated LLM (``--layers``) with no layer after K runs FastV at K = layers - 1 (the
+row says so). Their FLOPs follow the layer-aware count on the full model (first K layers see all
+visual tokens).
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class BenchSettings:
     fastv_k: int = 2
     seed: int = 0
     include_baseline: bool = True
+    vision_repeats: int | None = None  # timed vision-tower passes (default: repeats)
 
     def __post_init__(self) -> None:
         known = set(sp.list_methods()) | {BASELINE}
@@ -77,6 +81,8 @@ class BenchSettings:
         for name in ("repeats", "decode_tokens", "text_tokens", "query_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.vision_repeats is not None and self.vision_repeats < 1:
+            raise ValueError(f"vision_repeats must be >= 1, got {self.vision_repeats}")
         if self.warmup < 0 or self.fastv_k < 0:
             raise ValueError(f"warmup and fastv_k must be >= 0, got {self.warmup}, {self.fastv_k}")
 
@@ -103,7 +109,6 @@ class Pipeline:
     relevance_fn: Callable[[VisionOutputs], dict[str, torch.Tensor]] | None = None  # image/query embeds
     attention_fn: Callable[[VisionOutputs], dict[str, torch.Tensor]] | None = None  # cls_attention/keys
     source: str = "random-weights"
-    llm_hook: Callable[..., Any] | None = None  # in-LLM pruning hook (FastV), when the model has one
 
     @property
     def device(self) -> torch.device:
@@ -124,19 +129,21 @@ def _fill_parameters(module: torch.nn.Module, seed: int, std: float = 0.02) -> N
     Initialising 7B-shaped layers with normal_ takes tens of seconds on a small CPU; the values only
     need to be finite and non-degenerate for timing and for the selection methods to see varied tokens."""
     gen = torch.Generator().manual_seed(seed)
-    pool = torch.randn(1_048_573, generator=gen) * std  # prime length: rows do not repeat in step
+    size = 1_048_573  # prime length: consecutive rows of a weight do not repeat in step
+    pool = torch.randn(size, generator=gen) * std
+    pool2 = torch.cat([pool, pool])  # any window of `size` values is a view into this
     with torch.no_grad():
         for name, p in module.named_parameters():
             flat = p.data.view(-1)
             if p.ndim == 1:
                 flat.fill_(1.0 if "norm" in name else 0.0)
                 continue
-            offset = int(torch.randint(0, pool.numel(), (1,), generator=gen))
-            src = torch.roll(pool, -offset).to(p.dtype)
-            n, full = flat.numel(), flat.numel() // pool.numel()
+            offset = int(torch.randint(0, size, (1,), generator=gen))
+            window = pool2[offset:offset + size].to(p.dtype)
+            n, full = flat.numel(), flat.numel() // size
             if full:
-                flat[: full * pool.numel()].view(full, -1).copy_(src.expand(full, -1))
-            flat[full * pool.numel():].copy_(src[: n - full * pool.numel()])
+                flat[: full * size].view(full, size).copy_(window.expand(full, size))
+            flat[full * size:].copy_(window[: n - full * size])
 
 
 def _clip_vision_config(vs: F.VisionShape):
@@ -375,15 +382,20 @@ def run_selection(pipe: Pipeline, method: str, budget: int, features: torch.Tens
     return Selected(tokens, sel_ms, proj_ms)
 
 
-def build_prompt(pipe: Pipeline, visual: torch.Tensor, text_tokens: int, gen: torch.Generator) -> torch.Tensor:
+def build_prompt(pipe: Pipeline, visual: torch.Tensor, text_tokens: int,
+                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """inputs_embeds (1, T, D): a text prefix (the system prompt's length share), the visual tokens of all
-    crops, then the question; ``text_tokens`` text positions in all (random ids: timing does not depend on them)."""
+    crops, then the question; ``text_tokens`` text positions in all (random ids: timing does not depend on them).
+    Also returns visual_rows (1, T) long: the crop index of each visual token, -1 for text (for FastV)."""
     vocab = pipe.llm.get_input_embeddings().num_embeddings
     ids = torch.randint(3, vocab, (1, text_tokens), generator=gen).to(pipe.device)
     text = pipe.llm.get_input_embeddings()(ids)  # (1, T_text, D)
     n_prefix = (text_tokens * 3) // 5
     vis = visual.reshape(1, -1, visual.shape[-1]).to(text.dtype)
-    return torch.cat([text[:, :n_prefix], vis, text[:, n_prefix:]], dim=1)
+    rows = torch.arange(visual.shape[0], device=pipe.device).repeat_interleave(visual.shape[1])
+    text_rows = torch.full((text_tokens,), -1, dtype=torch.long, device=pipe.device)
+    visual_rows = torch.cat([text_rows[:n_prefix], rows, text_rows[n_prefix:]])[None]
+    return torch.cat([text[:, :n_prefix], vis, text[:, n_prefix:]], dim=1), visual_rows
 
 
 def prefill(pipe: Pipeline, embeds: torch.Tensor) -> Any:
@@ -391,15 +403,42 @@ def prefill(pipe: Pipeline, embeds: torch.Tensor) -> Any:
     return pipe.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
 
 
+def fastv_k_run(settings: BenchSettings, layers_run: int) -> int:
+    """FastV's layer K for the LLM that runs: the configured K, or the last layer but one when the
+    (truncated) LLM has no layer after K."""
+    return max(1, min(settings.fastv_k, layers_run - 1))
+
+
+def llm_stage_prefill(pipe: Pipeline, embeds: torch.Tensor, visual_rows: torch.Tensor, method: str, budget: int,
+                      k: int) -> Any:
+    """Prefill with an in-LLM method (FastV) through the model's own implementation, ``llava.model.fastv``:
+    layers < K see every token, later layers and the KV cache only the kept ones."""
+    from types import SimpleNamespace
+
+    from llava.model.fastv import LLMPruning, fastv_prefill
+
+    base, _ = fastv_prefill(pipe.llm.get_decoder(), embeds, None, None, None, True, visual_rows,
+                            LLMPruning(layer=k, budget=budget, method=method))
+    logits = pipe.llm.get_output_embeddings()(base.last_hidden_state[:, -1:])
+    return SimpleNamespace(logits=logits, past_key_values=base.past_key_values)
+
+
 def decode(pipe: Pipeline, out: Any, steps: int) -> float:
-    """Greedy decoding of ``steps`` tokens from a prefill output; returns ms per token."""
+    """Greedy decoding of ``steps`` tokens from a prefill output; returns ms per token. After a FastV
+    prefill the steps use its shortened cache (mask and original position ids from ``llava.model.fastv``)."""
     dev = pipe.device
     cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
 
     def loop() -> None:
         nonlocal cache, token
         for _ in range(steps):
-            step = pipe.llm(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            extra: dict[str, Any] = {}
+            state = getattr(cache, "llava_fastv_state", None)
+            if state is not None:
+                from llava.model.fastv import decode_inputs
+
+                extra["attention_mask"], extra["position_ids"] = decode_inputs(state, cache, None, None, 1)
+            step = pipe.llm(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
             cache, token = step.past_key_values, step.logits[:, -1].argmax(-1, keepdim=True)
 
     _, ms = timed(loop, dev)
@@ -433,10 +472,17 @@ def measure_row(pipe: Pipeline, vis: VisionOutputs, vision_ms: float, method: st
                 settings: BenchSettings) -> dict[str, Any]:
     """Measured part of one row: inputs, selection, prefill, decode, KV cache, peak memory."""
     dev = pipe.device
-    if method != BASELINE and sp.get_method(method).stage == "llm" and pipe.llm_hook is None:
-        return {"measured": False, "note": f"{method} acts inside the LLM; this pipeline has no in-LLM hook "
-                                           "for it yet (not measured)"}
     spec = None if method == BASELINE else sp.get_method(method)
+    in_llm = spec is not None and spec.stage == "llm"
+    note = None
+    if in_llm:
+        if "layer" not in spec.params or pipe.layers_run < 2:
+            return {"measured": False, "note": f"{method} acts inside the LLM; only FastV-style methods (param "
+                                               "'layer') on an LLM of >= 2 layers can be measured"}
+        k = fastv_k_run(settings, pipe.layers_run)
+        if k != settings.fastv_k:
+            note = (f"{method}: K={k} in the {pipe.layers_run}-layer LLM that ran (K={settings.fastv_k} needs more "
+                    f"layers); tflops use K={settings.fastv_k} on the full model")
     params: dict[str, Any] = {}
     if spec is not None and "negate" in spec.params:
         params["negate"] = True  # LLaVA's convention (llava.model.pruning.PruningConfig.negate_relevance)
@@ -458,9 +504,14 @@ def measure_row(pipe: Pipeline, vis: VisionOutputs, vision_ms: float, method: st
             inputs.update(got)
             t_inputs += t
         sel = run_selection(pipe, method, budget, vis.features, inputs, params)
-        embeds = build_prompt(pipe, sel.tokens, settings.text_tokens, gen)
-        out, t_prefill = timed(lambda: prefill(pipe, embeds), dev)
-        kv_bytes, seq_len, n_llm_visual = cache_nbytes(out.past_key_values), embeds.shape[1], sel.tokens[0].numel()
+        embeds, visual_rows = build_prompt(pipe, sel.tokens, settings.text_tokens, gen)
+        if in_llm:
+            out, t_prefill = timed(lambda: llm_stage_prefill(pipe, embeds, visual_rows, method, budget, k), dev)
+        else:
+            out, t_prefill = timed(lambda: prefill(pipe, embeds), dev)
+        kv_bytes, seq_len = cache_nbytes(out.past_key_values), embeds.shape[1]
+        cached = out.past_key_values.get_seq_length()
+        n_llm_visual = sel.tokens.shape[0] * sel.tokens.shape[1]
         t_decode = decode(pipe, out, settings.decode_tokens)
         del out
         if rep >= settings.warmup:
@@ -469,10 +520,11 @@ def measure_row(pipe: Pipeline, vis: VisionOutputs, vision_ms: float, method: st
                 samples[key].append(v)
     prefill_ms = _median(samples["prefill"])
     select_ms = _median(samples["select"])
-    return {
+    row = {
         "measured": True,
-        "llm_visual_tokens": n_llm_visual // sel.tokens.shape[-1],
-        "seq_len": seq_len,
+        "llm_visual_tokens": n_llm_visual,  # visual tokens entering the LLM (FastV: before layer K)
+        "seq_len": seq_len,  # prompt positions entering the LLM
+        "cached_positions": cached,  # positions held in the KV cache after prefill (FastV: shortened)
         "vision_ms": vision_ms,
         "inputs_ms": _median(samples["inputs"]),
         "select_ms": select_ms,
@@ -481,11 +533,17 @@ def measure_row(pipe: Pipeline, vis: VisionOutputs, vision_ms: float, method: st
         "select_pct_of_prefill": 100.0 * select_ms / prefill_ms,
         "decode_ms_per_token": _median(samples["decode"]),
         "kv_cache_mb": kv_bytes / MIB,
-        "kv_cache_source": f"measured from cache tensors after prefill ({seq_len} positions, "
+        "kv_cache_source": f"measured from cache tensors after prefill ({cached} positions, "
                            f"{pipe.layers_run} layers, {str(pipe.dtype).replace('torch.', '')})",
         "peak_mem_mb": _peak_mb(dev),
         "peak_mem_kind": kind,
     }
+    if in_llm:
+        row["fastv_k_run"] = k
+        row["select_note"] = "in-LLM: score row + selection happen inside prefill_ms"
+    if note:
+        row["note"] = note
+    return row
 
 
 def run_benchmark(pipe: Pipeline | None, shape: F.ModelShape, settings: BenchSettings, *,
@@ -504,7 +562,8 @@ def run_benchmark(pipe: Pipeline | None, shape: F.ModelShape, settings: BenchSet
     with_attention = any(m != BASELINE and "cls_attention" in sp.get_method(m).inputs for m in settings.methods)
     with torch.inference_mode():
         vision_times = []
-        for rep in range(settings.warmup + settings.repeats):
+        vision_repeats = settings.repeats if settings.vision_repeats is None else settings.vision_repeats
+        for rep in range(settings.warmup + vision_repeats):
             vis, t = timed(lambda: pipe.vision_fn(pixels, with_attention), dev)
             if rep >= settings.warmup:
                 vision_times.append(t)
@@ -608,6 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baseline", action="store_true", help="skip the unpruned row")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--vision-repeats", type=int, default=None,
+                   help="timed vision-tower passes (default: --repeats); the tower runs once per benchmark")
     p.add_argument("--decode-tokens", type=int, default=8)
     p.add_argument("--text-tokens", type=int, default=60, help="text positions in the prompt")
     p.add_argument("--query-tokens", type=int, default=12,
@@ -632,7 +693,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         settings = BenchSettings(methods=methods, budgets=_int_list(args.budgets, "budgets"), repeats=args.repeats,
                                  warmup=args.warmup, decode_tokens=args.decode_tokens, text_tokens=args.text_tokens,
                                  query_tokens=args.query_tokens, fastv_k=args.fastv_k, seed=args.seed,
-                                 include_baseline=not args.no_baseline)
+                                 include_baseline=not args.no_baseline, vision_repeats=args.vision_repeats)
         dtype = _dtype(args.dtype, args.device)
         if args.threads:
             torch.set_num_threads(args.threads)

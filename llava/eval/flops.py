@@ -106,6 +106,7 @@ SHAPES: dict[str, ModelShape] = {
     "llava-v1.6-vicuna-7b": ModelShape("llava-v1.6-vicuna-7b", LLAMA_7B, CLIP_L14_336, crops=5),
     "llava-v1.6-vicuna-13b": ModelShape("llava-v1.6-vicuna-13b", LLAMA_13B, CLIP_L14_336, crops=5),
     "tiny": ModelShape("tiny", TINY_LLM, TINY_VISION, crops=1, projector_hidden=(64,)),
+    "tiny-next": ModelShape("tiny-next", TINY_LLM, TINY_VISION, crops=5, projector_hidden=(64,)),
 }
 
 
