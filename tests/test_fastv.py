@@ -101,7 +101,7 @@ def eager_reference_attention(model, ids, pixels, layer: int) -> torch.Tensor:
 
 
 class LayerSpy:
-    """Records each decoder layer's input hidden states / position ids and output hidden states."""
+    """Records each decoder layer's input hidden states / RoPE (cos, sin) and output hidden states."""
 
     def __init__(self, model):
         self.inputs, self.positions, self.outputs = {}, {}, {}
@@ -113,7 +113,7 @@ class LayerSpy:
     def _pre(self, i):
         def hook(module, args, kwargs):
             self.inputs.setdefault(i, []).append((args[0] if args else kwargs["hidden_states"]).detach().clone())
-            self.positions.setdefault(i, []).append(kwargs["position_ids"].detach().clone())
+            self.positions.setdefault(i, []).append(kwargs["position_embeddings"])
         return hook
 
     def _post(self, i):
@@ -162,7 +162,8 @@ def test_score_row_equals_eager_attention_and_later_layers_see_only_the_picks(de
         assert spy.inputs[i][0].shape[1] == length
     for i in range(K, model.config.num_hidden_layers):
         assert spy.inputs[i][0].shape[1] == length - n_image + BUDGET
-        assert torch.equal(spy.positions[i][0][0], expected)  # original position ids kept
+        cos, sin = model.get_model().rotary_emb(spy.inputs[i][0], expected[None])  # RoPE at the ORIGINAL positions
+        assert torch.equal(spy.positions[i][0][0], cos) and torch.equal(spy.positions[i][0][1], sin)
     assert torch.equal(spy.inputs[K][0][0], spy.outputs[K - 1][0][0, expected])
     assert model.last_visual_token_counts == [BUDGET]
 

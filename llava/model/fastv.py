@@ -261,6 +261,8 @@ def fastv_prefill(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tens
     causal = make_mask(config=config, inputs_embeds=hidden, attention_mask=short_mask, past_key_values=None,
                        position_ids=short_positions)
     rope = model.rotary_emb(hidden, position_ids=short_positions)
-    hidden = _run_layers(layers[k_layer:], hidden, causal, rope, short_positions, cache, use_cache, kwargs)
+    # The positions reach these layers through RoPE only: flash-attention would read non-contiguous position ids
+    # of an unpadded row as packed sequences and split the attention, so the layers get none.
+    hidden = _run_layers(layers[k_layer:], hidden, causal, rope, None, cache, use_cache, kwargs)
     hidden = model.norm(hidden)
     return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache if use_cache else None), kept_visual

@@ -13,6 +13,10 @@ spatial order. For ``spatial_unpad`` the kept tile tokens are placed through the
 row's ``image_newline`` is kept iff that row still holds a kept token (the base crop has no newlines).
 Merged tokens of merging methods (VisionZip, TRIM) follow the kept tokens of their crop (for NeXT tiles:
 after the whole tile grid).
+
+In-LLM methods (``MethodSpec.stage == "llm"``: FastV) splice every visual token in and record which image
+row / crop each one belongs to (``last_visual_rows``); the decoder stack (``LlavaMetaModel.forward``, see
+``llava.model.fastv``) then drops image tokens after layer K with the same per-row budget.
 """
 
 from __future__ import annotations
