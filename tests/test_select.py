@@ -194,3 +194,15 @@ def test_ties_go_to_lower_index() -> None:
     assert ref.script_select(feats, img, query, 3) == [0, 1, 2]
     # odd N: src tokens have one partner fewer, so they are the less redundant ones
     assert sp.select(torch.ones(9, 4), 3, "gsp").tolist() == [0, 2, 4]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", [m for m in OWN_METHODS if m != "random"])
+def test_cuda_matches_cpu(method: str) -> None:
+    feats, img, query = _inputs(45, 100, batch=3)
+    want = sp.select(feats, 9, method, image_embeds=img, query_embeds=query)
+    got = sp.select(feats.cuda().half(), 9, method, image_embeds=img.cuda(), query_embeds=query.cuda())
+    assert got.device.type == "cuda"
+    want_half = sp.select(feats.half(), 9, method, image_embeds=img, query_embeds=query)
+    assert got.cpu().tolist() == want_half.tolist()
+    assert want.shape == got.shape
