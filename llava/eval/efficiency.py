@@ -591,6 +591,8 @@ def _fmt(v: Any, spec: str = ".1f") -> str:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Table 6's layout: method, tokens, FLOPs (xreduction), prefill (xspeedup), decode, KV, memory, selection."""
+    if not any("measured" in r for r in rows):
+        return _format_flops_table(rows)
     head = ["Method", "# Token", "FLOPs (T)", "Prefill (ms)", "Decode (ms/tok)", "KV cache (MB)",
             "Peak mem (MB)", "Select (ms)", "Select % prefill", "Inputs (ms)"]
     lines = []
@@ -607,11 +609,24 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         else:
             cells = ["-"] * 7
         lines.append([name, str(r["visual_tokens"]), flops, *cells])
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
-    fmt_line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    out = [fmt_line(head), fmt_line(["-" * w for w in widths])] + [fmt_line(c) for c in lines]
+    out = _aligned(head, lines)
     notes = [f"  {r['method']}@{r['budget']}: {r['note']}" for r in rows if r.get("note")]
     return "\n".join(out + notes)
+
+
+def _aligned(head: list[str], lines: list[list[str]]) -> list[str]:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    fmt_line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return [fmt_line(head), fmt_line(["-" * w for w in widths])] + [fmt_line(c) for c in lines]
+
+
+def _format_flops_table(rows: list[dict[str, Any]]) -> str:
+    """--flops-only: formula TFLOPs, the paper's proportional scaling, Table 6's KV-cache convention."""
+    head = ["Method", "# Token", "FLOPs (T), formula", "paper-style n/N scaling (T)", "KV cache fp16, visual (MB)"]
+    lines = [["unpruned" if r["method"] == BASELINE else r["method"], str(r["visual_tokens"]),
+              f"{r['tflops']:.3f} (x{r['flops_reduction']:.1f})", f"{r['tflops_paper_proportional']:.3f}",
+              f"{r['kv_visual_fp16_mb']:.1f}"] for r in rows]
+    return "\n".join(_aligned(head, lines))
 
 
 def format_full(rows: list[dict[str, Any]]) -> str:
