@@ -318,3 +318,21 @@ def test_mistral_llm_runs_fastv_like_llama_on_the_same_weights(tiny_llava15_path
     assert llama.last_visual_token_counts == mistral.last_visual_token_counts == [3]
     for x, y in zip(a.logits, b.logits):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+
+
+def test_beam_search_keeps_the_budget_for_every_beam(tiny_llava15_path, monkeypatch):
+    """generate() repeats each prompt for its beams: every copy is pruned like the prompt itself."""
+    tokenizer, model, processor, _ = load_pretrained_model(
+        tiny_llava15_path, torch_dtype=torch.float32,
+        pruning=PruningConfig(method="fastv", visual_token_num=3, params={"layer": 1}))
+    keeps = []
+    original = fastv_module.fastv_keep_mask
+    monkeypatch.setattr(fastv_module, "fastv_keep_mask", lambda *a: keeps.append(original(*a)) or keeps[-1])
+    ids = prompt_ids(tokenizer, "What is it?")[None]
+    pixels = process_images([random_image(50, 60, seed=6)], processor, model.config)
+    model.generate(ids, images=pixels, num_beams=3, num_return_sequences=2, max_new_tokens=3, pad_token_id=0)
+    assert len(keeps) == 1 and keeps[0].shape[0] == 3
+    n_image = model.get_vision_tower().num_patches
+    assert keeps[0].sum(dim=1).tolist() == [ids.shape[1] - 1 + 3] * 3  # text (without <image>) + budget
+    assert bool((keeps[0] == keeps[0][:1]).all())
+    assert model.last_visual_token_counts == [3] and n_image > 3

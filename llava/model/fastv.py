@@ -114,7 +114,7 @@ def fastv_keep_mask(scores: torch.Tensor, visual_rows: torch.Tensor, mask: torch
                     method: str = "fastv") -> torch.Tensor:
     """Which positions survive layer K -> (B, L) bool.
 
-    Text (real tokens) and ALWAYS_KEPT tokens survive; of every image row r (visual_rows == r) the ``budget``
+    Text (real tokens) and ALWAYS_KEPT tokens survive; of every image row r of every sample the ``budget``
     tokens with the highest ``scores`` (B, L) survive (all of them when the row is not longer than the budget).
     All rows go through one ``script_prune.select`` call on a padded (R, N_max) score matrix.
     """
@@ -123,7 +123,9 @@ def fastv_keep_mask(scores: torch.Tensor, visual_rows: torch.Tensor, mask: torch
     where = (visual_rows >= 0).nonzero()  # (M, 2) (sample, position), row-major
     if where.shape[0] == 0:
         return keep
-    row_of = visual_rows[where[:, 0], where[:, 1]]  # (M,)
+    # (sample, row) pairs -> compact row ids: generate() repeats a sample's rows for beams / num_return_sequences
+    key = where[:, 0] * (int(visual_rows.max()) + 1) + visual_rows[where[:, 0], where[:, 1]]  # (M,)
+    row_of = torch.unique(key, return_inverse=True)[1]
     order = torch.sort(row_of, stable=True).indices
     where, row_of = where[order], row_of[order]
     counts = torch.bincount(row_of)  # (R,)

@@ -537,6 +537,12 @@ class LlavaMetaForCausalLM:
         self.get_model()._llm_kept_visual = None
         return self.last_visual_rows
 
+    def _counts_per_prompt(self, batch: int) -> None:
+        """After generate(): one count per prompt (beams / num_return_sequences repeat each prompt's rows)."""
+        counts = self.last_visual_token_counts
+        if batch and len(counts) > batch and len(counts) % batch == 0:
+            self._last_visual_token_counts = counts[:: len(counts) // batch]
+
     def _record_llm_kept_visual(self) -> None:
         """After a FastV prefill: last_visual_token_counts = visual tokens kept after layer K (one host sync)."""
         kept = getattr(self.get_model(), "_llm_kept_visual", None)

@@ -85,4 +85,6 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         visual_rows = self._llm_pruning_rows()
         if visual_rows is not None:
             kwargs["visual_rows"] = visual_rows  # FastV: used by the prefill, ignored by decoding steps
-        return super().generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+        output = super().generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+        self._counts_per_prompt(inputs.shape[0])
+        return output
