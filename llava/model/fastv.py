@@ -227,6 +227,11 @@ def fastv_prefill(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tens
     batch, length, _ = inputs_embeds.shape
     if visual_rows.shape != (batch, length):
         raise ValueError(f"visual_rows must have shape {(batch, length)}, got {tuple(visual_rows.shape)}")
+    if attention_mask is not None and attention_mask.shape != (batch, length):
+        raise ValueError(f"attention_mask must be a 2D (B, L) = {(batch, length)} 0/1 mask for in-LLM pruning, "
+                         f"got shape {tuple(attention_mask.shape)}")
+    if not 1 <= k_layer < config.num_hidden_layers:
+        raise ValueError(f"setting.layer (K) must be in [1, {config.num_hidden_layers - 1}], got {k_layer}")
     mask = (torch.ones(batch, length, dtype=torch.long, device=inputs_embeds.device) if attention_mask is None
             else attention_mask.long())
     if position_ids is None:
