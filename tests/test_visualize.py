@@ -160,3 +160,27 @@ def test_cli_from_tiny_checkpoint(tiny_llava15_path, tmp_path):
         np.testing.assert_array_equal(_read_back(out, panel.bbox, (side, side)),
                                       _mask_from_indices(idx.tolist(), side, side))
     assert "query relevance" in [p.title for p in res.panels]
+
+
+def test_cli_from_tiny_next_checkpoint(tiny_llava_next_path, tmp_path):
+    """LLaVA-NeXT: a square image gets the 2x2 tile grid (no padding); every crop's drawn mask equals its
+    selected indices, and the tiles land in row-major tile order on the assembled grid."""
+    import script_prune as sp
+    from llava.eval import visualize as cli
+
+    image = tmp_path / "img.png"
+    _uniform_image(112, 112).save(image)
+    out, feats = tmp_path / "fig.png", tmp_path / "feats.pt"
+    res = cli.main(["--model-path", tiny_llava_next_path, "--image-file", str(image), "--query", "a cat?",
+                    "--budget", "5", "--methods", "divprune", "--out", str(out), "--save-features", str(feats)])
+    saved = torch.load(feats, weights_only=True)
+    cols, rows = saved["tile_grid"]
+    tokens = saved["tokens"]  # (1 + cols*rows, N, D)
+    assert (cols, rows) == (2, 2) and tokens.shape[0] == 5
+    side = int(tokens.shape[1] ** 0.5)
+    masks = [_mask_from_indices(sp.select(tokens[c], 5, "divprune").tolist(), side, side) for c in range(5)]
+    base = res.panel("divprune (base)")
+    np.testing.assert_array_equal(_read_back(out, base.bbox, (side, side)), masks[0])
+    tiles = next(p for p in res.panels if p.title.startswith("divprune (tiles)"))
+    expected = np.block([[masks[1], masks[2]], [masks[3], masks[4]]])
+    np.testing.assert_array_equal(_read_back(out, tiles.bbox, (2 * side, 2 * side)), expected)
