@@ -527,10 +527,10 @@ def measure_row(pipe: Pipeline, vis: VisionOutputs, vision_ms: float, method: st
         "cached_positions": cached,  # positions held in the KV cache after prefill (FastV: shortened)
         "vision_ms": vision_ms,
         "inputs_ms": _median(samples["inputs"]),
-        "select_ms": select_ms,
+        "select_ms": None if in_llm else select_ms,  # in-LLM methods select inside the prefill
         "projector_ms": _median(samples["proj"]),
         "prefill_ms": prefill_ms,
-        "select_pct_of_prefill": 100.0 * select_ms / prefill_ms,
+        "select_pct_of_prefill": None if in_llm else 100.0 * select_ms / prefill_ms,
         "decode_ms_per_token": _median(samples["decode"]),
         "kv_cache_mb": kv_bytes / MIB,
         "kv_cache_source": f"measured from cache tensors after prefill ({cached} positions, "
