@@ -109,6 +109,7 @@ class Pipeline:
     relevance_fn: Callable[[VisionOutputs], dict[str, torch.Tensor]] | None = None  # image/query embeds
     attention_fn: Callable[[VisionOutputs], dict[str, torch.Tensor]] | None = None  # cls_attention/keys
     source: str = "random-weights"
+    clock: str = "wall"  # a key of CLOCKS
 
     @property
     def device(self) -> torch.device:
@@ -271,13 +272,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
-    """Run ``fn`` once; return its result and the wall time in ms (device synchronised)."""
-    _sync(device)
-    t0 = time.perf_counter()
+CLOCKS: dict[str, Callable[[], float]] = {
+    "wall": time.perf_counter,  # elapsed time (what a user waits for)
+    "process": time.process_time,  # CPU time of this process, all threads (robust to other load on a CPU)
+}
+
+
+def timed(fn: Callable[[], Any], pipe: "Pipeline") -> tuple[Any, float]:
+    """Run ``fn`` once; return its result and its time in ms on ``pipe.clock`` (device synchronised)."""
+    clock = CLOCKS[pipe.clock]
+    _sync(pipe.device)
+    t0 = clock()
     out = fn()
-    _sync(device)
-    return out, (time.perf_counter() - t0) * 1e3
+    _sync(pipe.device)
+    return out, (clock() - t0) * 1e3
 
 
 def _reset_peak(device: torch.device) -> str:
@@ -366,18 +374,18 @@ def run_selection(pipe: Pipeline, method: str, budget: int, features: torch.Tens
     dev = pipe.device
     n = features.shape[1]
     if method == BASELINE or budget >= n or sp.get_method(method).stage == "llm":
-        tokens, proj_ms = timed(lambda: pipe.projector(features), dev)
+        tokens, proj_ms = timed(lambda: pipe.projector(features), pipe)
         return Selected(tokens, 0.0, proj_ms)
     spec = sp.get_method(method)
     if spec.merges:
-        red, sel_ms = timed(lambda: sp.reduce(features, budget, method, **inputs, **params), dev)
+        red, sel_ms = timed(lambda: sp.reduce(features, budget, method, **inputs, **params), pipe)
         kept = torch.gather(features, 1, red.indices.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
         if red.merged is not None:
             kept = torch.cat([kept, red.merged.to(features.dtype)], dim=1)
-        tokens, proj_ms = timed(lambda: pipe.projector(kept), dev)
+        tokens, proj_ms = timed(lambda: pipe.projector(kept), pipe)
         return Selected(tokens, sel_ms, proj_ms)
-    projected, proj_ms = timed(lambda: pipe.projector(features), dev)
-    idx, sel_ms = timed(lambda: sp.select(projected, budget, method, **inputs, **params), dev)
+    projected, proj_ms = timed(lambda: pipe.projector(features), pipe)
+    idx, sel_ms = timed(lambda: sp.select(projected, budget, method, **inputs, **params), pipe)
     tokens = torch.gather(projected, 1, idx.unsqueeze(-1).expand(-1, -1, projected.shape[-1]))
     return Selected(tokens, sel_ms, proj_ms)
 
@@ -441,7 +449,7 @@ def decode(pipe: Pipeline, out: Any, steps: int) -> float:
             step = pipe.llm(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
             cache, token = step.past_key_values, step.logits[:, -1].argmax(-1, keepdim=True)
 
-    _, ms = timed(loop, dev)
+    _, ms = timed(loop, pipe)
     return ms / steps
 
 
@@ -496,19 +504,19 @@ def measure_row(pipe: Pipeline, vis: VisionOutputs, vision_ms: float, method: st
         if spec is not None and any(x in spec.inputs for x in ("image_embeds", "query_embeds")):
             if pipe.relevance_fn is None:
                 raise ValueError(f"method {method!r} needs the CLIP text tower, which this pipeline lacks")
-            got, t = timed(lambda: pipe.relevance_fn(vis), dev)
+            got, t = timed(lambda: pipe.relevance_fn(vis), pipe)
             inputs.update(got)
             t_inputs += t
         if spec is not None and any(x in spec.inputs for x in ("cls_attention", "keys")):
-            got, t = timed(lambda: pipe.attention_fn(vis), dev)
+            got, t = timed(lambda: pipe.attention_fn(vis), pipe)
             inputs.update(got)
             t_inputs += t
         sel = run_selection(pipe, method, budget, vis.features, inputs, params)
         embeds, visual_rows = build_prompt(pipe, sel.tokens, settings.text_tokens, gen)
         if in_llm:
-            out, t_prefill = timed(lambda: llm_stage_prefill(pipe, embeds, visual_rows, method, budget, k), dev)
+            out, t_prefill = timed(lambda: llm_stage_prefill(pipe, embeds, visual_rows, method, budget, k), pipe)
         else:
-            out, t_prefill = timed(lambda: prefill(pipe, embeds), dev)
+            out, t_prefill = timed(lambda: prefill(pipe, embeds), pipe)
         kv_bytes, seq_len = cache_nbytes(out.past_key_values), embeds.shape[1]
         cached = out.past_key_values.get_seq_length()
         n_llm_visual = sel.tokens.shape[0] * sel.tokens.shape[1]
@@ -564,7 +572,7 @@ def run_benchmark(pipe: Pipeline | None, shape: F.ModelShape, settings: BenchSet
         vision_times = []
         vision_repeats = settings.repeats if settings.vision_repeats is None else settings.vision_repeats
         for rep in range(settings.warmup + vision_repeats):
-            vis, t = timed(lambda: pipe.vision_fn(pixels, with_attention), dev)
+            vis, t = timed(lambda: pipe.vision_fn(pixels, with_attention), pipe)
             if rep >= settings.warmup:
                 vision_times.append(t)
         vision_ms = _median(vision_times)
@@ -573,6 +581,7 @@ def run_benchmark(pipe: Pipeline | None, shape: F.ModelShape, settings: BenchSet
                 progress(f"measuring {row['method']} @ {row['budget']}")
             row.update(measure_row(pipe, vis, vision_ms, row["method"], row["budget"], settings))
             row.update({"device": str(dev), "dtype": str(dt).replace("torch.", ""), "layers_run": pipe.layers_run,
+                        "clock": pipe.clock, "threads": torch.get_num_threads(),
                         "repeats": settings.repeats, "warmup": settings.warmup, "source": pipe.source,
                         "text_tokens": settings.text_tokens, "decode_tokens": settings.decode_tokens})
     base = next((r for r in rows if r["method"] == BASELINE and r.get("measured")), None)
@@ -695,6 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
+                   help="wall: elapsed time; process: CPU time of this process (a CPU shared with other jobs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     return p
@@ -726,6 +737,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             shape = pipe.shape
         else:
             raise ValueError("pass --flops-only, --random-weights or --model-path")
+        if pipe is not None:
+            if args.clock == "process" and pipe.device.type != "cpu":
+                raise ValueError("clock 'process' measures CPU time; use --clock wall on a GPU")
+            pipe.clock = args.clock
         if settings.fastv_k > shape.llm.layers:
             raise ValueError(f"fastv_k must be <= the model's {shape.llm.layers} layers, got {settings.fastv_k}")
     except (ValueError, FileNotFoundError) as err:
@@ -734,7 +749,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                          progress=lambda s: print(s, file=sys.stderr, flush=True))
     where = "theoretical only" if pipe is None else (
         f"{pipe.source}, {pipe.layers_run} LLM layers run, {rows[0].get('device')}, {rows[0].get('dtype')}, "
-        f"median of {settings.repeats} after {settings.warmup} warm-up")
+        f"median of {settings.repeats} after {settings.warmup} warm-up, {pipe.clock} clock, "
+        f"{torch.get_num_threads()} thread(s)")
     print(f"# {shape.name} ({where}); vision tower "
           f"{_fmt(rows[0].get('vision_ms'))} ms for {shape.crops} crop(s)" if pipe else f"# {shape.name} ({where})")
     print(format_table(rows))
