@@ -30,7 +30,7 @@ class SplitSpec:
     seed: int = 0
     train: int = 4000
     val: int = 100
-    test: int = 100
+    test: int = 50
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -119,3 +119,25 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+DEMO_SEED = 2024
+
+
+def write_demo_scenes(out_dir: str | os.PathLike, n_scenes: int = 3, seed: int = DEMO_SEED) -> Path:
+    """The demo's bundled scenes: PNGs + ``questions.json`` (image, question with short-answer line, answer).
+
+    Each scene gets a colour question and an adversarial existence question (the asked object's colour and
+    shape are both in the scene), the kinds where keeping the right tokens matters."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n_scenes):
+        scene = make_scene(seed, "test", i)
+        name = f"scene_{i + 1}.png"
+        scene.image.save(out / name)
+        picked = [qa for qa in scene.qas if qa.category in ("color", "adversarial", "relation")][:2]
+        rows += [{"image": name, "question": with_short_answer_prompt(qa.question), "answer": qa.answer,
+                  "category": qa.category} for qa in picked]
+    _atomic_write_text(out / "questions.json", json.dumps(rows, indent=1))
+    return out

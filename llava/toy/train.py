@@ -1,0 +1,587 @@
+"""Train the toy LLaVA end to end on CPU: tokenizers, a tiny CLIP, then a tiny LLaVA-1.5.
+
+    python -m llava.toy.train --out DIR [--seed 0] [--quick]
+
+Stages (all seeded):
+1. scenes: ``train_scenes`` training scenes from :mod:`llava.toy.scenes` (in memory) and the val split;
+2. tokenizers: a Llama-style and a CLIP-style BPE tokenizer trained on the toy text (:mod:`llava.toy.tokenizer`);
+3. CLIP: ``transformers.CLIPModel`` (ViT 12 x 12 patches + text tower + projections) trained with its own
+   contrastive loss on (image, caption) pairs; saved with its tokenizer and a PIL ``CLIPImageProcessor``
+   config in ``DIR/clip``;
+4. LLaVA: the CLIP vision tower frozen (features of layer ``mm_vision_select_layer`` = -2, patch tokens),
+   an ``mlp2x_gelu`` projector and a small Llama trained on multi-turn QA conversations in the
+   ``vicuna_v1`` prompt; only answer tokens (and their ``</s>``) are in the loss, as in LLaVA's
+   ``preprocess_v1``. Written in LLaVA's original checkpoint format (config.json model_type "llava",
+   ``model.mm_projector.*`` weights, tokenizer files) with ``mm_vision_tower`` = "clip", the folder beside it.
+
+The LLaVA stage trains the same modules that ``LlavaLlamaForCausalLM`` holds (LlamaModel + lm_head +
+projector) on cached vision features: the first turn is tokenised with ``tokenizer_image_token`` on the
+exact prompt that evaluation uses, and the visual tokens are spliced in where ``IMAGE_TOKEN_INDEX`` is.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava.conversation import conv_templates
+from llava.mm_utils import tokenizer_image_token
+from llava.toy.scenes import (CATEGORIES, QA, SceneConfig, SceneObject, caption, color_qa, count_qa,
+                              existence_qa, make_scene, relation_qa, scene_rng, with_short_answer_prompt)
+from llava.toy.tokenizer import train_clip_tokenizer, train_llama_tokenizer
+
+CONV_MODE = "vicuna_v1"
+CAPTION_PROMPT = "Describe the objects in the image from left to right."   # LLaVA stage-1 style caption turn
+CLIP_SUBDIR = "clip"
+
+
+@dataclass
+class ClipSizes:
+    image_size: int = 168          # 168 / 14 = 12 x 12 = 144 patch tokens
+    patch_size: int = 14
+    vision_hidden: int = 96
+    vision_layers: int = 3
+    vision_heads: int = 4
+    text_hidden: int = 96
+    text_layers: int = 1
+    text_heads: int = 4
+    projection_dim: int = 96
+    vocab_size: int = 400
+
+
+@dataclass
+class LlmSizes:
+    hidden: int = 128
+    intermediate: int = 384
+    layers: int = 3
+    heads: int = 4
+    vocab_size: int = 600
+    init_std: float = 0.02         # weight init (LlamaConfig.initializer_range)
+
+
+@dataclass
+class ToyTrainConfig:
+    """Everything that decides the trained toy model."""
+
+    seed: int = 0
+    train_scenes: int = 4000
+    val_scenes: int = 100
+    clip: ClipSizes = field(default_factory=ClipSizes)
+    llm: LlmSizes = field(default_factory=LlmSizes)
+    clip_steps: int = 100
+    clip_batch: int = 32
+    clip_lr: float = 1e-3
+    llava_steps: int = 1100
+    llava_batch: int = 12
+    llava_lr: float = 2e-3
+    rounds: int = 6                # QA turns per training conversation (plus one caption turn)
+    caption_first: float = 0.25    # chance that the caption turn comes first
+    tune_vision: bool = False      # also train the CLIP vision tower in the LLaVA stage (as LLaVA-NeXT does)
+    vision_lr: float = 5e-4
+    warmup: int = 30
+    threads: int = 2
+    log_every: int = 25
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up then cosine decay to 5% of ``peak``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def system_prompt() -> str:
+    return conv_templates[CONV_MODE].system
+
+
+def eval_prompt(question: str) -> str:
+    """The first-turn prompt exactly as LLaVA's evaluation builds it (``<image>`` first, open assistant turn)."""
+    conv = conv_templates[CONV_MODE].copy()
+    conv.append_message(conv.roles[0], "<image>\n" + question)
+    conv.append_message(conv.roles[1], None)
+    return conv.get_prompt()
+
+
+def training_qas(objects: list[SceneObject], rng: np.random.Generator, rounds: int, cfg: SceneConfig) -> list[QA]:
+    """``rounds`` questions about one scene, categories drawn uniformly (yes/no balanced for existence)."""
+    qas: list[QA] = []
+    for _ in range(rounds * 3):
+        if len(qas) == rounds:
+            break
+        cat = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
+        if cat in ("random", "popular", "adversarial"):
+            qa = existence_qa(rng, objects, cat, positive=bool(rng.random() < 0.5))
+        elif cat == "color":
+            qa = color_qa(rng, objects)
+        elif cat == "count":
+            qa = count_qa(rng, objects)
+        else:
+            qa = relation_qa(rng, objects, cfg)
+        if qa is not None:
+            qas.append(qa)
+    return qas
+
+
+def tokenizer_corpus(scenes, n_conversations: int = 400) -> list[str]:
+    """Text the tokenizers are trained on: prompts, captions and questions/answers."""
+    conv = conv_templates[CONV_MODE]
+    texts = [f"{system_prompt()} {conv.roles[0]}: {conv.roles[1]}:", CAPTION_PROMPT] * 20
+    texts += [caption(s) for s in scenes]
+    texts += [with_short_answer_prompt(q.question) + " " + q.answer for s in scenes[:n_conversations] for q in s.qas]
+    return texts
+
+
+# ----------------------------------------------------------------------------------------------- CLIP
+def build_clip(sizes: ClipSizes, clip_tokenizer):
+    from transformers import CLIPConfig, CLIPModel
+
+    text_cfg = dict(vocab_size=len(clip_tokenizer), hidden_size=sizes.text_hidden,
+                    intermediate_size=4 * sizes.text_hidden, num_hidden_layers=sizes.text_layers,
+                    num_attention_heads=sizes.text_heads, max_position_embeddings=77,
+                    bos_token_id=clip_tokenizer.bos_token_id, eos_token_id=clip_tokenizer.eos_token_id,
+                    pad_token_id=clip_tokenizer.pad_token_id, projection_dim=sizes.projection_dim)
+    vision_cfg = dict(hidden_size=sizes.vision_hidden, intermediate_size=4 * sizes.vision_hidden,
+                      num_hidden_layers=sizes.vision_layers, num_attention_heads=sizes.vision_heads,
+                      image_size=sizes.image_size, patch_size=sizes.patch_size, projection_dim=sizes.projection_dim)
+    return CLIPModel(CLIPConfig(text_config=text_cfg, vision_config=vision_cfg, projection_dim=sizes.projection_dim))
+
+
+def build_image_processor(sizes: ClipSizes):
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(size={"shortest_edge": sizes.image_size},
+                                 crop_size={"height": sizes.image_size, "width": sizes.image_size})
+
+
+def pixel_values(images, image_processor, batch: int = 256) -> torch.Tensor:
+    """(N, 3, S, S) float32 pixels through the processor (LLaVA-1.5's "pad" is a no-op on square scenes)."""
+    from llava.mm_utils import process_images
+
+    class _Cfg:
+        image_aspect_ratio = "pad"
+
+    return torch.cat([process_images(images[i:i + batch], image_processor, _Cfg) for i in range(0, len(images), batch)])
+
+
+def train_clip(clip, pixels: torch.Tensor, caption_ids: torch.Tensor, caption_mask: torch.Tensor,
+               cfg: ToyTrainConfig, log) -> list[float]:
+    """Contrastive training (CLIPModel's own symmetric InfoNCE loss); returns the loss curve."""
+    gen = torch.Generator().manual_seed(cfg.seed + 11)
+    opt = torch.optim.AdamW(clip.parameters(), lr=cfg.clip_lr, weight_decay=0.05)
+    clip.train()
+    losses = []
+    for step in range(cfg.clip_steps):
+        _set_lr(opt, cosine_lr(step, cfg.clip_steps, cfg.clip_lr, cfg.warmup))
+        idx = torch.randperm(len(pixels), generator=gen)[: cfg.clip_batch]
+        out = clip(input_ids=caption_ids[idx], attention_mask=caption_mask[idx], pixel_values=pixels[idx],
+                   return_loss=True)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
+        opt.step()
+        losses.append(float(out.loss.detach()))
+        if step % cfg.log_every == 0 or step == cfg.clip_steps - 1:
+            log(f"clip step {step:4d}  loss {np.mean(losses[-cfg.log_every:]):.4f}")
+    clip.eval()
+    return losses
+
+
+@torch.no_grad()
+def clip_retrieval_accuracy(clip, pixels: torch.Tensor, caption_ids: torch.Tensor, caption_mask: torch.Tensor) -> float:
+    """Image -> caption top-1 accuracy among the given pairs (a sanity number for the CLIP stage)."""
+    img = clip.get_image_features(pixel_values=pixels)
+    txt = clip.get_text_features(input_ids=caption_ids, attention_mask=caption_mask)
+    img = getattr(img, "pooler_output", img)
+    txt = getattr(txt, "pooler_output", txt)
+    sims = nn.functional.normalize(img, dim=-1) @ nn.functional.normalize(txt, dim=-1).T
+    return float((sims.argmax(-1) == torch.arange(len(sims))).float().mean())
+
+
+@torch.no_grad()
+def vision_features(vision_model, pixels: torch.Tensor, select_layer: int = -2, batch: int = 128) -> torch.Tensor:
+    """(N, P, Dv) patch features of hidden layer ``select_layer`` (CLS dropped), LLaVA's "patch" feature."""
+    feats = []
+    for i in range(0, len(pixels), batch):
+        out = vision_model(pixel_values=pixels[i:i + batch], output_hidden_states=True)
+        feats.append(out.hidden_states[select_layer][:, 1:])
+    return torch.cat(feats)
+
+
+# ----------------------------------------------------------------------------------------------- LLaVA
+class ToyLlava(nn.Module):
+    """The trainable part of LLaVA-1.5: Llama (``model.*``, ``lm_head``) + ``model.mm_projector`` (mlp2x_gelu).
+
+    Its state dict uses LLaVA's checkpoint names, so it loads into ``LlavaLlamaForCausalLM`` unchanged."""
+
+    def __init__(self, sizes: LlmSizes, vocab_size: int, mm_hidden: int, tokenizer):
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        self.llama_config = LlamaConfig(
+            vocab_size=vocab_size, hidden_size=sizes.hidden, intermediate_size=sizes.intermediate,
+            num_hidden_layers=sizes.layers, num_attention_heads=sizes.heads, num_key_value_heads=sizes.heads,
+            max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
+            initializer_range=sizes.init_std,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
+        self.llm = LlamaForCausalLM(self.llama_config)
+        self.mm_projector = nn.Sequential(nn.Linear(mm_hidden, sizes.hidden), nn.GELU(),
+                                          nn.Linear(sizes.hidden, sizes.hidden))
+
+    def splice(self, input_ids: torch.Tensor, labels: torch.Tensor, features: torch.Tensor):
+        """Replace the single IMAGE_TOKEN_INDEX of each row by its projected features.
+
+        input_ids/labels: (B, L) with exactly one image token per row and right padding; features: (B, P, Dv).
+        Returns inputs_embeds (B, L + P - 1, D), labels (B, L + P - 1) and attention_mask."""
+        B, L = input_ids.shape
+        P = features.shape[1]
+        pos = (input_ids == IMAGE_TOKEN_INDEX).int().argmax(dim=1)            # (B,)
+        text = self.llm.get_input_embeddings()(input_ids.clamp(min=0))        # (B, L, D)
+        image = self.mm_projector(features)                                   # (B, P, D)
+        out_len = L + P - 1
+        j = torch.arange(out_len, device=input_ids.device).expand(B, out_len)  # output positions
+        is_image = (j >= pos[:, None]) & (j < pos[:, None] + P)
+        text_src = torch.where(j < pos[:, None], j, j - P + 1).clamp(0, L - 1)
+        img_src = (j - pos[:, None]).clamp(0, P - 1)
+        embeds = torch.where(is_image[..., None],
+                             torch.gather(image, 1, img_src[..., None].expand(-1, -1, image.shape[-1])),
+                             torch.gather(text, 1, text_src[..., None].expand(-1, -1, text.shape[-1])))
+        new_labels = torch.where(is_image, torch.full_like(j, IGNORE_INDEX), torch.gather(labels, 1, text_src))
+        valid = torch.gather((input_ids != -1).long(), 1, text_src)          # -1 marks padding below
+        return embeds, new_labels, (valid.bool() | is_image).long()
+
+    def forward(self, input_ids, labels, features):
+        embeds, labels, mask = self.splice(input_ids, labels, features)
+        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+
+    def llava_state_dict(self) -> dict[str, torch.Tensor]:
+        state = {k: v.detach().contiguous() for k, v in self.llm.state_dict().items()}
+        for k, v in self.mm_projector.state_dict().items():
+            state[f"model.mm_projector.{k}"] = v.detach().contiguous()
+        return state
+
+
+class ConversationEncoder:
+    """Token ids and labels of a multi-turn conversation in the vicuna_v1 prompt (answers + </s> in the loss)."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        conv = conv_templates[CONV_MODE]
+        self.roles = conv.roles
+        self._cache: dict[str, list[int]] = {}
+
+    def _ids(self, text: str) -> list[int]:
+        if text not in self._cache:
+            self._cache[text] = list(self.tok(text, add_special_tokens=False).input_ids)
+        return self._cache[text]
+
+    def first_turn(self, question: str) -> list[int]:
+        key = "\0first\0" + question
+        if key not in self._cache:
+            self._cache[key] = tokenizer_image_token(eval_prompt(question), self.tok)
+        return self._cache[key]
+
+    def encode(self, qas: list[QA]) -> tuple[list[int], list[int]]:
+        ids: list[int] = []
+        labels: list[int] = []
+        for i, qa in enumerate(qas):
+            question = qa.question if qa.category == "caption" else with_short_answer_prompt(qa.question)
+            prompt = self.first_turn(question) if i == 0 else self._ids(f"{self.roles[0]}: {question} {self.roles[1]}:")
+            answer = self._ids(qa.answer) + [self.tok.eos_token_id]
+            ids += prompt + answer
+            labels += [IGNORE_INDEX] * len(prompt) + answer
+        return ids, labels
+
+
+def collate(rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest row: input ids padded with -1 (masked), labels with IGNORE_INDEX."""
+    L = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), L), -1, dtype=torch.long)
+    labels = torch.full((len(rows), L), IGNORE_INDEX, dtype=torch.long)
+    for r, (i, l) in enumerate(rows):
+        ids[r, : len(i)] = torch.tensor(i)
+        labels[r, : len(l)] = torch.tensor(l)
+    return ids, labels
+
+
+@torch.no_grad()
+def first_token_accuracy(model: ToyLlava, encoder: ConversationEncoder, scenes, features: torch.Tensor,
+                         batch: int = 50) -> dict[str, float]:
+    """Per-category accuracy of the greedy first answer token on single-turn questions (teacher forced)."""
+    model.eval()
+    hits: dict[str, list[bool]] = {c: [] for c in CATEGORIES}
+    items = [(i, qa) for i, s in enumerate(scenes) for qa in s.qas]
+    for b in range(0, len(items), batch):
+        chunk = items[b:b + batch]
+        rows = [encoder.encode([qa]) for _, qa in chunk]
+        ids, labels = collate(rows)
+        embeds, new_labels, mask = model.splice(ids, labels, features[[i for i, _ in chunk]])
+        logits = model.llm(inputs_embeds=embeds, attention_mask=mask).logits
+        first = (new_labels != IGNORE_INDEX).int().argmax(dim=1)               # first answer position
+        pred = logits[torch.arange(len(chunk)), first - 1].argmax(-1)
+        gold = new_labels[torch.arange(len(chunk)), first]
+        for (_, qa), ok in zip(chunk, (pred == gold).tolist()):
+            hits[qa.category].append(ok)
+    model.train()
+    return {c: 100.0 * float(np.mean(v)) for c, v in hits.items() if v}
+
+
+def training_conversation(objects: list[SceneObject], scene_caption: str, rng: np.random.Generator,
+                          cfg: ToyTrainConfig, scene_cfg: SceneConfig) -> list[QA]:
+    """``cfg.rounds`` short-answer QAs plus one caption turn (dense supervision that teaches reading the image)."""
+    qas = training_qas(objects, rng, cfg.rounds, scene_cfg)
+    where = 0 if rng.random() < cfg.caption_first else int(rng.integers(1, len(qas) + 1))
+    qas.insert(where, QA(CAPTION_PROMPT, scene_caption, "caption"))
+    return qas
+
+
+def train_llava(model: ToyLlava, encoder: ConversationEncoder, objects: list[list[SceneObject]],
+                captions: list[str], features: torch.Tensor, cfg: ToyTrainConfig, log, val=None,
+                vision=None, pixels: torch.Tensor | None = None) -> list[float]:
+    """Train projector + LLM on random multi-turn conversations (QAs + a caption) about the training scenes.
+
+    With ``vision`` (the CLIP vision model) and ``pixels``, the vision tower is trained too and features are
+    recomputed every step; otherwise the cached ``features`` are used."""
+    gen = torch.Generator().manual_seed(cfg.seed + 23)
+    groups = [{"params": list(model.parameters()), "peak": cfg.llava_lr}]
+    if vision is not None:
+        vision.train()
+        groups.append({"params": list(vision.parameters()), "peak": cfg.vision_lr})
+    opt = torch.optim.AdamW(groups, lr=cfg.llava_lr, weight_decay=0.0, betas=(0.9, 0.98))
+    scene_cfg = SceneConfig()
+    model.train()
+    losses = []
+    for step in range(cfg.llava_steps):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, cfg.llava_steps, group["peak"], cfg.warmup)
+        idx = torch.randint(len(objects), (cfg.llava_batch,), generator=gen).tolist()
+        rows = [encoder.encode(training_conversation(objects[i], captions[i],
+                                                     np.random.default_rng([cfg.seed, 99, step, b]), cfg, scene_cfg))
+                for b, i in enumerate(idx)]
+        ids, labels = collate(rows)
+        if vision is not None:
+            feats = vision(pixel_values=pixels[idx], output_hidden_states=True).hidden_states[-2][:, 1:]
+        else:
+            feats = features[idx]
+        out = model(ids, labels, feats)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+        opt.step()
+        losses.append(float(out.loss.detach()))
+        if step % cfg.log_every == 0 or step == cfg.llava_steps - 1:
+            msg = f"llava step {step:4d}  loss {np.mean(losses[-cfg.log_every:]):.4f}"
+            if val is not None and (step % (cfg.log_every * 4) == 0 or step == cfg.llava_steps - 1):
+                if vision is not None:
+                    vision.eval()
+                    val = (val[0], vision_features(vision, val[2]), val[2])
+                    vision.train()
+                acc = first_token_accuracy(model, encoder, *val[:2])
+                msg += "  val " + " ".join(f"{k}={v:.0f}" for k, v in acc.items())
+            log(msg)
+    model.eval()
+    if vision is not None:
+        vision.eval()
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------- saving
+def llava_config(cfg: ToyTrainConfig, tokenizer, vocab_size: int) -> dict:
+    """config.json in LLaVA-1.5's original format (model_type "llava", mm_* keys)."""
+    s = cfg.llm
+    return {
+        "_name_or_path": "toy-llava-v1.5",
+        "architectures": ["LlavaLlamaForCausalLM"],
+        "model_type": "llava",
+        "hidden_act": "silu",
+        "hidden_size": s.hidden,
+        "intermediate_size": s.intermediate,
+        "num_hidden_layers": s.layers,
+        "num_attention_heads": s.heads,
+        "num_key_value_heads": s.heads,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "initializer_range": 0.02,
+        "vocab_size": vocab_size,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": 0,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "torch_dtype": "float32",
+        "mm_vision_tower": CLIP_SUBDIR,
+        "mm_hidden_size": cfg.clip.vision_hidden,
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+        "image_aspect_ratio": "pad",
+        "mm_patch_merge_type": "flat",
+        "use_mm_proj": True,
+        "tokenizer_model_max_length": 2048,
+        "tokenizer_padding_side": "right",
+    }
+
+
+def _save_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out: Path, cfg: ToyTrainConfig, clip, clip_tokenizer, image_processor, model: ToyLlava,
+                    tokenizer, metrics: dict) -> None:
+    """Write the LLaVA folder (original format) with the CLIP in ``out/clip``."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    clip_dir = out / CLIP_SUBDIR
+    clip.save_pretrained(clip_dir)
+    clip_tokenizer.save_pretrained(clip_dir)
+    image_processor.save_pretrained(clip_dir)
+    pp = json.loads((clip_dir / "preprocessor_config.json").read_text())
+    pp["image_processor_type"] = "CLIPImageProcessor"
+    _save_json(clip_dir / "preprocessor_config.json", pp)
+    tokenizer.save_pretrained(out)
+    tmp = out / "model.safetensors.tmp"
+    save_file(model.llava_state_dict(), str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / "model.safetensors")
+    _save_json(out / "config.json", llava_config(cfg, tokenizer, model.llama_config.vocab_size))
+    _save_json(out / "generation_config.json", {"bos_token_id": tokenizer.bos_token_id,
+                                                 "eos_token_id": tokenizer.eos_token_id, "pad_token_id": 0})
+    _save_json(out / "toy_training.json", {"config": asdict(cfg), "metrics": metrics})
+
+
+# ----------------------------------------------------------------------------------------------- main
+def load_toy_llava(path: str | os.PathLike, cfg: ToyTrainConfig, tokenizer) -> ToyLlava:
+    """The LLM + projector of a toy checkpoint folder, as a :class:`ToyLlava` (to continue training)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(path) / "model.safetensors"))
+    model = ToyLlava(cfg.llm, len(tokenizer), cfg.clip.vision_hidden, tokenizer)
+    model.llm.load_state_dict({k: v.float() for k, v in state.items() if ".mm_projector." not in k})
+    model.mm_projector.load_state_dict({k.split("mm_projector.")[1]: v.float()
+                                        for k, v in state.items() if ".mm_projector." in k})
+    return model
+
+
+def train(out_dir: str | os.PathLike, cfg: ToyTrainConfig = ToyTrainConfig(), log=print,
+          resume: str | os.PathLike | None = None) -> dict:
+    """Run every stage and write the checkpoint into ``out_dir``; returns the metrics.
+
+    With ``resume`` (a toy checkpoint folder) the tokenizers and the CLIP are taken from it and the
+    LLaVA stage continues from its weights for ``cfg.llava_steps`` more steps."""
+    if cfg.train_scenes < cfg.clip_batch:
+        raise ValueError(f"train_scenes must be >= clip_batch ({cfg.clip_batch}), got {cfg.train_scenes}")
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    out = Path(out_dir)
+    train_scenes = [make_scene(cfg.seed, "train", i) for i in range(cfg.train_scenes)]
+    val_scenes = [make_scene(cfg.seed, "val", i) for i in range(cfg.val_scenes)]
+    log(f"scenes: {len(train_scenes)} train, {len(val_scenes)} val ({time.time() - t0:.0f}s)")
+
+    if resume is not None:
+        from transformers import AutoTokenizer, CLIPModel
+
+        tokenizer = AutoTokenizer.from_pretrained(str(resume), use_fast=False)
+        clip_tokenizer = AutoTokenizer.from_pretrained(str(Path(resume) / CLIP_SUBDIR))
+    else:
+        corpus = tokenizer_corpus(train_scenes)
+        tokenizer = train_llama_tokenizer(corpus, cfg.llm.vocab_size)
+        tokenizer.pad_token = "<unk>"
+        clip_tokenizer = train_clip_tokenizer(corpus, cfg.clip.vocab_size)
+    image_processor = build_image_processor(cfg.clip)
+    train_pixels = pixel_values([s.image for s in train_scenes], image_processor)
+    val_pixels = pixel_values([s.image for s in val_scenes], image_processor)
+    caps = clip_tokenizer([caption(s) for s in train_scenes], padding=True, return_tensors="pt")
+    vcaps = clip_tokenizer([caption(s) for s in val_scenes], padding=True, return_tensors="pt")
+    log(f"tokenizers: llama {len(tokenizer)}, clip {len(clip_tokenizer)}; pixels {tuple(train_pixels.shape)} "
+        f"({time.time() - t0:.0f}s)")
+
+    if resume is not None:
+        clip = CLIPModel.from_pretrained(str(Path(resume) / CLIP_SUBDIR)).eval()
+        clip_losses = []
+    else:
+        clip = build_clip(cfg.clip, clip_tokenizer)
+        clip_losses = train_clip(clip, train_pixels, caps.input_ids, caps.attention_mask, cfg, log)
+    clip_acc = clip_retrieval_accuracy(clip, val_pixels, vcaps.input_ids, vcaps.attention_mask)
+    log(f"clip: val image->caption top-1 {100 * clip_acc:.1f}% among {len(val_scenes)} ({time.time() - t0:.0f}s)")
+
+    train_feats = vision_features(clip.vision_model, train_pixels)
+    val_feats = vision_features(clip.vision_model, val_pixels)
+    torch.manual_seed(cfg.seed + 5)
+    model = (load_toy_llava(resume, cfg, tokenizer) if resume is not None
+             else ToyLlava(cfg.llm, len(tokenizer), cfg.clip.vision_hidden, tokenizer))
+    encoder = ConversationEncoder(tokenizer)
+    llava_losses = train_llava(model, encoder, [s.objects for s in train_scenes],
+                               [caption(s) for s in train_scenes], train_feats, cfg, log,
+                               val=(val_scenes, val_feats, val_pixels),
+                               vision=clip.vision_model if cfg.tune_vision else None,
+                               pixels=train_pixels if cfg.tune_vision else None)
+    if cfg.tune_vision:
+        val_feats = vision_features(clip.vision_model, val_pixels)
+    val_acc = first_token_accuracy(model, encoder, val_scenes, val_feats)
+    metrics = {"clip_val_retrieval_top1": 100 * clip_acc, "clip_final_loss": None if resume is not None else float(np.mean(clip_losses[-20:])),
+               "llava_final_loss": float(np.mean(llava_losses[-20:])), "val_first_token_accuracy": val_acc,
+               "train_seconds": time.time() - t0, "resumed_from": None if resume is None else str(resume)}
+    save_checkpoint(out, cfg, clip, clip_tokenizer, image_processor, model, tokenizer, metrics)
+    log(f"saved {out} ({time.time() - t0:.0f}s); val accuracy " + json.dumps({k: round(v, 1) for k, v in val_acc.items()}))
+    return metrics
+
+
+def quick_config(seed: int = 0) -> ToyTrainConfig:
+    """A seconds-long configuration for tests (the model learns little)."""
+    return ToyTrainConfig(seed=seed, train_scenes=64, val_scenes=8, clip_steps=2, clip_batch=32, llava_steps=2,
+                          llava_batch=4, rounds=2, warmup=1, log_every=1,
+                          clip=ClipSizes(vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=1,
+                                         vision_heads=2, text_heads=2, projection_dim=16),
+                          llm=LlmSizes(hidden=32, intermediate=64, layers=1, heads=2, vocab_size=400))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train the toy CLIP + LLaVA-1.5 on synthetic scenes (CPU).")
+    parser.add_argument("--out", required=True, help="output checkpoint folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
+    parser.add_argument("--llava-steps", type=int, default=None)
+    parser.add_argument("--clip-steps", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--init-std", type=float, default=None)
+    parser.add_argument("--tune-vision", action="store_true", help="train the vision tower in the LLaVA stage")
+    parser.add_argument("--resume", default=None, help="continue the LLaVA stage of this toy checkpoint")
+    parser.add_argument("--llava-lr", type=float, default=None)
+    args = parser.parse_args(argv)
+    cfg = quick_config(args.seed) if args.quick else ToyTrainConfig(seed=args.seed)
+    cfg.threads = args.threads
+    if args.llava_steps is not None:
+        cfg.llava_steps = args.llava_steps
+    cfg.tune_vision = cfg.tune_vision or args.tune_vision
+    if args.init_std is not None:
+        cfg.llm.init_std = args.init_std
+    if args.llava_lr is not None:
+        cfg.llava_lr = args.llava_lr
+    if args.clip_steps is not None:
+        cfg.clip_steps = args.clip_steps
+    train(args.out, cfg, log=lambda m: print(m, flush=True), resume=args.resume)
+
+
+if __name__ == "__main__":
+    main()
