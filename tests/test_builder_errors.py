@@ -36,11 +36,16 @@ def test_unknown_method_and_param():
         PruningConfig(method="script", params={"gsp_ratio_typo": 0.3})
 
 
-def test_in_llm_method_is_refused_clearly(llava15):
+@pytest.mark.parametrize("layer", [0, 2, 7])
+def test_in_llm_method_with_layer_out_of_range_is_refused_clearly(llava15, layer):
+    # The tiny model has 2 decoder layers: FastV's K must lie in [1, layers - 1] = [1, 1].
     _, model, _, _ = llava15
-    with pytest.raises(ValueError, match="inside the LLM"):
-        model.set_pruning(PruningConfig(method="fastv", visual_token_num=4))
+    with pytest.raises(ValueError, match=r"inside the LLM.*layer"):
+        model.set_pruning(PruningConfig(method="fastv", visual_token_num=4, params={"layer": layer}))
     assert model.pruning is None
+    model.set_pruning(PruningConfig(method="fastv", visual_token_num=4, params={"layer": 1}))
+    assert model.pruning is not None and model.pruning.method == "fastv"
+    model.set_pruning(None)
 
 
 def test_prompt_without_image_token(llava15):

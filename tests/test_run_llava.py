@@ -61,3 +61,18 @@ def test_tiny_cli_writes_original_llava_format(tmp_path):
     assert cfg["image_aspect_ratio"] == "anyres" and cfg["mm_patch_merge_type"] == "spatial_unpad"
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json"):
         assert (tmp_path / "t" / "clip" / name).is_file()
+
+
+def test_main_fastv_with_layer_param(tiny_llava15_path, image_file, capsys):
+    # The tiny model has 2 decoder layers, so FastV's K must be 1 (the default K=2 is refused there).
+    result = main(["--model-path", tiny_llava15_path, "--image-file", image_file, "--query", "What is shown?",
+                   "--visual-token-num", "3", "--pruning-method", "fastv", "--pruning-param", "layer=1",
+                   "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "3"])
+    assert result.visual_tokens == 3
+    assert "visual tokens to LLM: 3" in capsys.readouterr().out
+
+
+def test_main_pruning_param_without_method_is_refused(tiny_llava15_path, image_file):
+    with pytest.raises(ValueError, match="--pruning-param"):
+        main(["--model-path", tiny_llava15_path, "--image-file", image_file, "--query", "Q?",
+              "--pruning-param", "tau=0.1", "--device", "cpu"])

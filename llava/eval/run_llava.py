@@ -26,6 +26,7 @@ from llava.constants import (
     IMAGE_TOKEN_INDEX,
 )
 from llava.conversation import conv_mode_for_model, get_conv_template
+from llava.eval.common import parse_pruning_params
 from llava.mm_utils import get_model_name_from_path, load_image, process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
 from llava.model.pruning import PruningConfig
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--visual-token-num", type=int, default=None,
                    help="visual tokens kept per image row / NeXT crop (default: no pruning)")
     p.add_argument("--pruning-method", default=None, help="script_prune method (default 'script' when a budget is set)")
+    p.add_argument("--pruning-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="method parameter (repeatable), e.g. --pruning-param gsp_ratio=0.3 or --pruning-param layer=2 (fastv)")
     p.add_argument("--no-negate-relevance", action="store_true", help="do not negate CLIP relevance")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float16 | bfloat16 | float32 (default: float16 on CUDA, else float32)")
@@ -78,10 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def pruning_from_args(args: argparse.Namespace) -> PruningConfig | None:
     if args.visual_token_num is None and args.pruning_method is None:
+        if args.pruning_param:
+            raise ValueError("--pruning-param: needs --pruning-method or --visual-token-num")
         return None
     return PruningConfig(
         method=args.pruning_method or "script",
         visual_token_num=576 if args.visual_token_num is None else args.visual_token_num,
+        params=parse_pruning_params(args.pruning_param),
         negate_relevance=not args.no_negate_relevance,
     )
 
