@@ -40,7 +40,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,6 +124,17 @@ class Pipeline:
         return len(self.llm.get_decoder().layers)
 
 
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Temporarily make ``dtype`` torch's default floating dtype (new parameters are created in it)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def _fill_parameters(module: torch.nn.Module, seed: int, std: float = 0.02) -> None:
     """Fast deterministic pseudo-random fill (tiles a prime-length random pool; norms get 1, biases 0).
 
@@ -134,6 +146,8 @@ def _fill_parameters(module: torch.nn.Module, seed: int, std: float = 0.02) -> N
     pool2 = torch.cat([pool, pool])  # any window of `size` values is a view into this
     with torch.no_grad():
         for name, p in module.named_parameters():
+            if pool2.device != p.device:
+                pool2 = pool2.to(p.device)
             flat = p.data.view(-1)
             if p.ndim == 1:
                 flat.fill_(1.0 if "norm" in name else 0.0)
@@ -192,7 +206,7 @@ def random_pipeline(shape_name: str, layers: int | None = None, *, device: str |
     if n_layers < 1:
         raise ValueError(f"layers must be >= 1, got {layers}")
     widths = (shape.vision.hidden, *shape.projector_hidden, shape.llm.hidden)
-    with no_init_weights():
+    with no_init_weights(), torch.device(device), _default_dtype(dtype):  # built in place: no fp32 copy first
         vision = CLIPVisionModelWithProjection(_clip_vision_config(shape.vision))
         llm = LlamaForCausalLM(_llama_config(shape.llm, n_layers))
         text = CLIPTextModelWithProjection(_clip_text_config(shape.vision)) if with_text_tower else None
