@@ -33,3 +33,15 @@ def test_script_prune_never_imports_llava():
                 names = [node.module]
             offenders += [f"{path.name}: {n}" for n in names if n == "llava" or n.startswith("llava.")]
     assert not offenders, f"script_prune must not import llava: {offenders}"
+
+
+def test_readme_library_snippet_runs(capsys):
+    """The README's first Python block (the script_prune API tour) runs and keeps 64 tokens per image."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert blocks, "README.md has no python block"
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
+    keep = namespace["keep"]
+    assert tuple(keep.shape) == (2, 64)
+    assert bool((keep[:, 1:] > keep[:, :-1]).all()), "select must return ascending indices"
+    assert "script" in capsys.readouterr().out
