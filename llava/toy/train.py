@@ -85,6 +85,7 @@ class ToyTrainConfig:
     llava_lr: float = 2e-3
     rounds: int = 6                # QA turns per training conversation (plus one caption turn)
     caption_first: float = 0.25    # chance that the caption turn comes first
+    clip_patch_mean: bool = False  # also align the mean of the layer -2 patch features with the caption
     tune_vision: bool = False      # also train the CLIP vision tower in the LLaVA stage (as LLaVA-NeXT does)
     vision_lr: float = 5e-4
     warmup: int = 30
@@ -190,9 +191,12 @@ def train_clip(clip, pixels: torch.Tensor, caption_ids: torch.Tensor, caption_ma
         _set_lr(opt, cosine_lr(step, cfg.clip_steps, cfg.clip_lr, cfg.warmup))
         idx = torch.randperm(len(pixels), generator=gen)[: cfg.clip_batch]
         out = clip(input_ids=caption_ids[idx], attention_mask=caption_mask[idx], pixel_values=pixels[idx],
-                   return_loss=True)
+                   return_loss=True, output_hidden_states=cfg.clip_patch_mean)
+        loss = out.loss
+        if cfg.clip_patch_mean:
+            loss = loss + patch_mean_contrastive_loss(clip, out)
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
         opt.step()
         losses.append(float(out.loss.detach()))
@@ -200,6 +204,19 @@ def train_clip(clip, pixels: torch.Tensor, caption_ids: torch.Tensor, caption_ma
             log(f"clip step {step:4d}  loss {np.mean(losses[-cfg.log_every:]):.4f}")
     clip.eval()
     return losses
+
+
+def patch_mean_contrastive_loss(clip, out) -> torch.Tensor:
+    """Symmetric InfoNCE between the caption embeddings and the projected MEAN of the layer -2 patch features.
+
+    Makes the average of the patch tokens (what uniform attention reads) describe the scene's objects."""
+    patches = out.vision_model_output.hidden_states[-2][:, 1:]                  # (B, P, Dv)
+    img = clip.visual_projection(clip.vision_model.post_layernorm(patches.mean(1)))
+    img = nn.functional.normalize(img, dim=-1)
+    txt = nn.functional.normalize(out.text_embeds, dim=-1)
+    logits = clip.logit_scale.exp() * img @ txt.T                               # (B, B)
+    target = torch.arange(len(logits), device=logits.device)
+    return 0.5 * (nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target))
 
 
 @torch.no_grad()
@@ -565,6 +582,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clip-steps", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--init-std", type=float, default=None)
+    parser.add_argument("--clip-patch-mean", action="store_true", help="extra contrastive loss on mean patch features")
     parser.add_argument("--tune-vision", action="store_true", help="train the vision tower in the LLaVA stage")
     parser.add_argument("--resume", default=None, help="continue the LLaVA stage of this toy checkpoint")
     parser.add_argument("--llava-lr", type=float, default=None)
@@ -574,6 +592,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.llava_steps is not None:
         cfg.llava_steps = args.llava_steps
     cfg.tune_vision = cfg.tune_vision or args.tune_vision
+    cfg.clip_patch_mean = cfg.clip_patch_mean or args.clip_patch_mean
     if args.init_std is not None:
         cfg.llm.init_std = args.init_std
     if args.llava_lr is not None:
