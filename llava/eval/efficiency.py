@@ -607,6 +607,11 @@ def run_benchmark(pipe: Pipeline | None, shape: F.ModelShape, settings: BenchSet
 
 
 # ----------------------------------------------------------------------------------------- output
+def _tflops_text(v: float) -> str:
+    """3 decimals like the paper; small (tiny-model) values in scientific notation."""
+    return f"{v:.3f}" if v >= 0.01 else f"{v:.2e}"
+
+
 def _fmt(v: Any, spec: str = ".1f") -> str:
     return "-" if v is None else format(v, spec)
 
@@ -620,7 +625,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     lines = []
     for r in rows:
         name = "unpruned" if r["method"] == BASELINE else r["method"]
-        flops = f"{r['tflops']:.3f} (x{r['flops_reduction']:.1f})"
+        flops = f"{_tflops_text(r['tflops'])} (x{r['flops_reduction']:.1f})"
         if r.get("measured"):
             pre = f"{r['prefill_ms']:.1f} (x{r.get('prefill_speedup', 1.0):.2f})"
             dec = f"{r['decode_ms_per_token']:.1f} (x{r.get('decode_speedup', 1.0):.2f})"
@@ -644,9 +649,9 @@ def _aligned(head: list[str], lines: list[list[str]]) -> list[str]:
 
 def _format_flops_table(rows: list[dict[str, Any]]) -> str:
     """--flops-only: formula TFLOPs, the paper's proportional scaling, Table 6's KV-cache convention."""
-    head = ["Method", "# Token", "FLOPs (T), formula", "paper-style n/N scaling (T)", "KV cache fp16, visual (MB)"]
+    head = ["Method", "# Token", "FLOPs (T), formula", "n/N scaling (T) (paper's NeXT rows)", "KV cache fp16, visual (MB)"]
     lines = [["unpruned" if r["method"] == BASELINE else r["method"], str(r["visual_tokens"]),
-              f"{r['tflops']:.3f} (x{r['flops_reduction']:.1f})", f"{r['tflops_paper_proportional']:.3f}",
+              f"{_tflops_text(r['tflops'])} (x{r['flops_reduction']:.1f})", _tflops_text(r["tflops_paper_proportional"]),
               f"{r['kv_visual_fp16_mb']:.1f}"] for r in rows]
     return "\n".join(_aligned(head, lines))
 
