@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m script_prune.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (or cuda:N); default cpu")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    parser.add_argument("--methods", nargs="+", default=None, help="methods to run (default: all registered)")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="methods to run, space- or comma-separated (default: all registered)")
     parser.add_argument("--cases", nargs="+", type=int, default=None,
                         help="indices (0-4) of the cases to run (default: all)")
     parser.add_argument("--threads", type=int, default=None,
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was requested but CUDA is not available")
-    methods = args.methods or sp.list_methods()
+    methods = [m for item in args.methods for m in item.split(",") if m] if args.methods else sp.list_methods()
     unknown = [m for m in methods if m not in sp.list_methods()]
     if unknown:
         parser.error(f"--methods: unknown {unknown}; choose from {sp.list_methods()}")

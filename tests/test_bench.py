@@ -38,3 +38,13 @@ def test_bench_skips_methods_without_synthetic_inputs(monkeypatch) -> None:
 def test_bench_bad_arguments(args) -> None:
     with pytest.raises(SystemExit):
         bench.main(args)
+
+
+def test_bench_methods_accept_commas_like_the_other_tools(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(bench, "CASES", (bench.BenchCase(1, 20, 8, 4),))
+    out = tmp_path / "bench.json"
+    assert bench.main(["--methods", "script,uniform", "gsp", "--json", str(out), "--min-repeats", "1",
+                       "--budget-s", "0"]) == 0
+    assert [row["method"] for row in json.loads(out.read_text())["rows"]] == ["script", "uniform", "gsp"]
+    with pytest.raises(SystemExit):
+        bench.main(["--methods", "script,nope"])
