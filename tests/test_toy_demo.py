@@ -153,3 +153,26 @@ def test_quick_training_writes_a_loadable_checkpoint(tmp_path):
     assert set(metrics["val_first_token_accuracy"]) <= {"random", "popular", "adversarial", "color", "count", "relation"}
     tok, model, proc, _ = load_pretrained_model(str(tmp_path / "ck"), device="cpu")
     assert model.get_vision_tower().num_patches_per_side == 12
+
+
+def test_asked_objects_and_attention_supervision_hand_computed():
+    from llava.toy.scenes import SceneObject
+
+    objs = [SceneObject("red", "square", 21, 21, 8), SceneObject("blue", "square", 100, 21, 8),
+            SceneObject("white", "cross", 147, 119, 6)]
+    red_sq, blue_sq, white_cross = 2, 1 + 2 * 5 + 1, 30
+    assert T.asked_object_classes(QA("How many squares are there in the image?", "2", "count"), objs) == [red_sq, blue_sq]
+    assert T.asked_object_classes(QA("What color is the cross?", "white", "color"), objs) == [white_cross]
+    assert T.asked_object_classes(QA("Is there a blue square in the image?", "yes", "random"), objs) == [blue_sq]
+    assert T.asked_object_classes(QA("Is there a red cross in the image?", "no", "adversarial"), objs) == []
+    # 2 rows, 4 patches, image token at text position 1; the answer of row 0 is predicted at text position 3
+    # (spliced: 3 + 4 - 1 = 6), row 1 has an absent-object question (no target)
+    labels = torch.tensor([[0, red_sq, red_sq, blue_sq], [white_cross, 0, 0, 0]])
+    target, rows = T.attention_targets([[3], [2]], [[[red_sq]], [[]]], labels, torch.tensor([1, 1]), 4, 8)
+    assert rows.tolist() == [[False] * 6 + [True, False], [False] * 8]
+    assert target[0, 6].tolist() == [0.0, 1.0, 1.0, 0.0]
+    # attention of head 0 at (row 0, position 6): 0.2 and 0.3 on image columns 2 and 3 -> loss -log(0.5)
+    att = torch.zeros(2, 2, 8, 8)
+    att[0, 0, 6, 2], att[0, 0, 6, 3], att[0, 0, 6, 0] = 0.2, 0.3, 0.5
+    loss = T.attention_supervision_loss([att], (0,), torch.tensor([1, 1]), target, rows)
+    assert abs(float(loss) - float(-np.log(0.5 + 1e-6))) < 1e-6

@@ -150,3 +150,30 @@ def test_written_split_is_in_llava_formats(tmp_path):
     conv = json.loads((out / "conversations.json").read_text())
     assert conv[0]["conversations"][0]["value"].startswith("<image>\n")
     assert [t["from"] for t in conv[0]["conversations"][:2]] == ["human", "gpt"]
+
+
+def test_object_index_mask_marks_exactly_the_painted_pixels(train_scenes):
+    """Pixels of mask value k + 1 carry object k's exact colour in the rendered image; the centre is inside."""
+    for scene in train_scenes[:20]:
+        arr = np.asarray(scene.image)
+        mask = S.object_index_mask(scene.objects, 168)
+        for k, o in enumerate(scene.objects):
+            assert mask[o.y, o.x] == k + 1
+            painted = arr[mask == k + 1]
+            assert len(painted) > 100 and (painted == np.asarray(S.COLORS[o.color])).all()
+
+
+def test_patch_object_labels_hand_computed():
+    from llava.toy.train import N_OBJECT_CLASSES, patch_object_labels
+
+    # a red square (class 1 + 0 * 5 + 1 = 2) filling patch (row 1, col 1) = pixels 14..27, and a white cross
+    # (class 1 + 5 * 5 + 4 = 30) centred in patch (row 8, col 10)
+    objs = [S.SceneObject("red", "square", 21, 21, 8), S.SceneObject("white", "cross", 10 * 14 + 7, 8 * 14 + 7, 6)]
+    labels = patch_object_labels(objs, 168, 14, min_cover=0.2)
+    expected = np.zeros(144, dtype=np.int64)
+    expected[1 * 12 + 1] = 2
+    expected[8 * 12 + 10] = 30
+    assert N_OBJECT_CLASSES == 31
+    assert np.array_equal(labels, expected)
+    with pytest.raises(ValueError, match="image_size"):
+        patch_object_labels(objs, 170, 14, min_cover=0.2)

@@ -222,6 +222,20 @@ def render(objects: list[SceneObject], background: np.ndarray) -> Image.Image:
     return image
 
 
+def object_index_mask(objects: list[SceneObject], image_size: int) -> np.ndarray:
+    """(H, W) uint8 map: ``k + 1`` where object ``k`` is drawn (later objects on top, as in :func:`render`), 0 elsewhere."""
+    if len(objects) > 254:
+        raise ValueError(f"objects must hold at most 254 objects, got {len(objects)}")
+    mask = Image.new("L", (image_size, image_size), 0)
+    draw = ImageDraw.Draw(mask)
+    for k, o in enumerate(objects):
+        if o.shape == "circle":
+            draw.ellipse([o.x - o.radius, o.y - o.radius, o.x + o.radius, o.y + o.radius], fill=k + 1)
+        else:
+            draw.polygon(_shape_polygon(o.shape, o.x, o.y, o.radius), fill=k + 1)
+    return np.asarray(mask)
+
+
 def caption(scene: Scene) -> str:
     """Caption listing the objects from left to right and the background."""
     names = [f"a {o.name}" for o in sorted(scene.objects, key=lambda o: o.x)]

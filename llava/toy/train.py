@@ -35,8 +35,9 @@ from torch import nn
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.conversation import conv_templates
 from llava.mm_utils import tokenizer_image_token
-from llava.toy.scenes import (CATEGORIES, QA, SceneConfig, SceneObject, caption, color_qa, count_qa,
-                              existence_qa, make_scene, relation_qa, scene_rng, with_short_answer_prompt)
+from llava.toy.scenes import (CATEGORIES, COLORS, QA, SHAPES, SceneConfig, SceneObject, caption, color_qa,
+                              count_qa, existence_qa, make_scene, object_index_mask, relation_qa, scene_rng,
+                              with_short_answer_prompt)
 from llava.toy.tokenizer import train_clip_tokenizer, train_llama_tokenizer
 
 CONV_MODE = "vicuna_v1"
@@ -88,6 +89,12 @@ class ToyTrainConfig:
     clip_patch_mean: bool = False  # also align the mean of the layer -2 patch features with the caption
     tune_vision: bool = False      # also train the CLIP vision tower in the LLaVA stage (as LLaVA-NeXT does)
     vision_lr: float = 5e-4
+    dense_weight: float = 0.0      # weight of the per-patch object-identity loss on the projector output (0: off)
+    dense_background_weight: float = 0.2   # class weight of "no object" patches in that loss
+    dense_min_cover: float = 0.2   # a patch is labelled with an object covering at least this fraction of it
+    attn_weight: float = 0.0       # weight of the attention-supervision loss (0: off)
+    attn_layers: tuple[int, ...] = (1, 2)  # LLM layers whose head 0, at each answer position, is taught to
+                                           # attend to the asked object's patches
     warmup: int = 30
     threads: int = 2
     log_every: int = 25
@@ -240,6 +247,78 @@ def vision_features(vision_model, pixels: torch.Tensor, select_layer: int = -2, 
     return torch.cat(feats)
 
 
+# ----------------------------------------------------------------------------------------------- dense labels
+N_OBJECT_CLASSES = 1 + len(COLORS) * len(SHAPES)      # 0 = no object, then one class per (colour, shape)
+
+
+def object_class(obj: SceneObject) -> int:
+    """1 + colour index * n_shapes + shape index."""
+    return 1 + list(COLORS).index(obj.color) * len(SHAPES) + SHAPES.index(obj.shape)
+
+
+def patch_object_labels(objects: list[SceneObject], image_size: int, patch_size: int,
+                        min_cover: float) -> np.ndarray:
+    """(P,) int64 class of the object covering most of each patch (row-major patches, as the ViT orders
+    them), 0 where no object covers at least ``min_cover`` of the patch."""
+    if image_size % patch_size:
+        raise ValueError(f"image_size must be a multiple of patch_size ({patch_size}), got {image_size}")
+    g = image_size // patch_size
+    mask = object_index_mask(objects, image_size)                                   # (S, S)
+    blocks = mask.reshape(g, patch_size, g, patch_size).transpose(0, 2, 1, 3).reshape(g * g, -1)  # (P, p*p)
+    cover = np.stack([(blocks == k + 1).sum(1) for k in range(len(objects))], 1)   # (P, n_objects)
+    classes = np.array([object_class(o) for o in objects])
+    best = cover.argmax(1)
+    enough = cover.max(1) >= min_cover * patch_size * patch_size
+    return np.where(enough, classes[best], 0).astype(np.int64)
+
+
+def dense_object_loss(head: nn.Linear, image_tokens: torch.Tensor, labels: torch.Tensor,
+                      background_weight: float) -> torch.Tensor:
+    """Cross-entropy of a linear read-out of every projected visual token (B, P, D) against (B, P) labels."""
+    logits = head(image_tokens)                                                    # (B, P, C)
+    weight = torch.ones(logits.shape[-1], device=logits.device, dtype=logits.dtype)
+    weight[0] = background_weight
+    return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), weight=weight)
+
+
+def asked_object_classes(qa: QA, objects: list[SceneObject]) -> list[int]:
+    """Classes of the objects a question is about (empty for captions and absent-object questions)."""
+    q = qa.question
+    if qa.category in ("color", "count"):
+        shape = next(s for s in SHAPES if f" {s}" in q)
+        return [object_class(o) for o in objects if o.shape == shape]
+    if qa.category == "relation" or (qa.category in ("random", "popular", "adversarial") and qa.answer == "yes"):
+        return [object_class(o) for o in objects if f"{o.color} {o.shape}" in q]
+    return []
+
+
+def attention_targets(rows_positions: list[list[int]], rows_classes: list[list[list[int]]],
+                      patch_labels: torch.Tensor, image_pos: torch.Tensor, n_patches: int, out_len: int):
+    """(B, T, P) 0/1 target patches per (row, spliced answer position) and (B, T) which positions have any."""
+    B = len(rows_positions)
+    target = torch.zeros(B, out_len, n_patches)
+    for b, (positions, classes) in enumerate(zip(rows_positions, rows_classes)):
+        for p, cls in zip(positions, classes):
+            if not cls:
+                continue
+            q = p + n_patches - 1 if p > int(image_pos[b]) else p
+            target[b, q] = torch.isin(patch_labels[b], torch.tensor(cls)).float()
+    return target, target.sum(-1) > 0
+
+
+def attention_supervision_loss(attentions, layers: tuple[int, ...], image_pos: torch.Tensor,
+                               target: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """-log(attention mass of head 0 on the asked object's patches), at the supervised answer positions."""
+    B, T, P = target.shape
+    cols = (image_pos[:, None] + torch.arange(P))[:, None, :].expand(B, T, P)      # (B, T, P)
+    losses = []
+    for layer in [l for l in layers if l < len(attentions)] or [len(attentions) - 1]:
+        att = attentions[layer][:, 0]                                              # (B, T, T)
+        mass = (torch.gather(att, 2, cols) * target).sum(-1)                       # (B, T)
+        losses.append(-torch.log(mass[rows] + 1e-6).mean())
+    return torch.stack(losses).mean()
+
+
 # ----------------------------------------------------------------------------------------------- LLaVA
 class ToyLlava(nn.Module):
     """The trainable part of LLaVA-1.5: Llama (``model.*``, ``lm_head``) + ``model.mm_projector`` (mlp2x_gelu).
@@ -282,9 +361,9 @@ class ToyLlava(nn.Module):
         valid = torch.gather((input_ids != -1).long(), 1, text_src)          # -1 marks padding below
         return embeds, new_labels, (valid.bool() | is_image).long()
 
-    def forward(self, input_ids, labels, features):
+    def forward(self, input_ids, labels, features, output_attentions: bool = False):
         embeds, labels, mask = self.splice(input_ids, labels, features)
-        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, output_attentions=output_attentions)
 
     def llava_state_dict(self) -> dict[str, torch.Tensor]:
         state = {k: v.detach().contiguous() for k, v in self.llm.state_dict().items()}
@@ -314,15 +393,22 @@ class ConversationEncoder:
         return self._cache[key]
 
     def encode(self, qas: list[QA]) -> tuple[list[int], list[int]]:
+        ids, labels, _ = self.encode_with_positions(qas)
+        return ids, labels
+
+    def encode_with_positions(self, qas: list[QA]) -> tuple[list[int], list[int], list[int]]:
+        """ids, labels and, per turn, the index of the last prompt token (where the answer is predicted)."""
         ids: list[int] = []
         labels: list[int] = []
+        positions: list[int] = []
         for i, qa in enumerate(qas):
             question = qa.question if qa.category == "caption" else with_short_answer_prompt(qa.question)
             prompt = self.first_turn(question) if i == 0 else self._ids(f"{self.roles[0]}: {question} {self.roles[1]}:")
             answer = self._ids(qa.answer) + [self.tok.eos_token_id]
             ids += prompt + answer
             labels += [IGNORE_INDEX] * len(prompt) + answer
-        return ids, labels
+            positions.append(len(ids) - len(answer) - 1)
+        return ids, labels, positions
 
 
 def collate(rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,7 +455,8 @@ def training_conversation(objects: list[SceneObject], scene_caption: str, rng: n
 
 def train_llava(model: ToyLlava, encoder: ConversationEncoder, objects: list[list[SceneObject]],
                 captions: list[str], features: torch.Tensor, cfg: ToyTrainConfig, log, val=None,
-                vision=None, pixels: torch.Tensor | None = None) -> list[float]:
+                vision=None, pixels: torch.Tensor | None = None,
+                patch_labels: torch.Tensor | None = None) -> list[float]:
     """Train projector + LLM on random multi-turn conversations (QAs + a caption) about the training scenes.
 
     With ``vision`` (the CLIP vision model) and ``pixels``, the vision tower is trained too and features are
@@ -379,30 +466,60 @@ def train_llava(model: ToyLlava, encoder: ConversationEncoder, objects: list[lis
     if vision is not None:
         vision.train()
         groups.append({"params": list(vision.parameters()), "peak": cfg.vision_lr})
+    head = None
+    if cfg.dense_weight > 0 or cfg.attn_weight > 0:
+        if patch_labels is None:
+            raise ValueError("patch_labels must be given when cfg.dense_weight or cfg.attn_weight > 0")
+    if cfg.dense_weight > 0:
+        head = nn.Linear(cfg.llm.hidden, N_OBJECT_CLASSES)     # dropped after training (not in the checkpoint)
+        groups[0]["params"] += list(head.parameters())
     opt = torch.optim.AdamW(groups, lr=cfg.llava_lr, weight_decay=0.0, betas=(0.9, 0.98))
     scene_cfg = SceneConfig()
     model.train()
-    losses = []
+    losses: list[float] = []
+    dense_losses: list[float] = []
+    attn_losses: list[float] = []
+    if cfg.attn_weight > 0:
+        model.llm.set_attn_implementation("eager")      # attention weights are needed for the supervision
     for step in range(cfg.llava_steps):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, cfg.llava_steps, group["peak"], cfg.warmup)
         idx = torch.randint(len(objects), (cfg.llava_batch,), generator=gen).tolist()
-        rows = [encoder.encode(training_conversation(objects[i], captions[i],
-                                                     np.random.default_rng([cfg.seed, 99, step, b]), cfg, scene_cfg))
-                for b, i in enumerate(idx)]
-        ids, labels = collate(rows)
+        convs = [training_conversation(objects[i], captions[i], np.random.default_rng([cfg.seed, 99, step, b]),
+                                       cfg, scene_cfg) for b, i in enumerate(idx)]
+        encoded = [encoder.encode_with_positions(c) for c in convs]
+        ids, labels = collate([(e[0], e[1]) for e in encoded])
         if vision is not None:
             feats = vision(pixel_values=pixels[idx], output_hidden_states=True).hidden_states[-2][:, 1:]
         else:
             feats = features[idx]
-        out = model(ids, labels, feats)
+        out = model(ids, labels, feats, output_attentions=cfg.attn_weight > 0)
+        loss = out.loss
+        if cfg.attn_weight > 0:
+            image_pos = (ids == IMAGE_TOKEN_INDEX).int().argmax(dim=1)
+            target, rows_mask = attention_targets([e[2] for e in encoded],
+                                                  [[asked_object_classes(qa, objects[i]) for qa in c]
+                                                   for c, i in zip(convs, idx)],
+                                                  patch_labels[idx], image_pos, feats.shape[1],
+                                                  ids.shape[1] + feats.shape[1] - 1)
+            att_loss = attention_supervision_loss(out.attentions, cfg.attn_layers, image_pos, target, rows_mask)
+            loss = loss + cfg.attn_weight * att_loss
+            attn_losses.append(float(att_loss.detach()))
+        if head is not None:
+            dense = dense_object_loss(head, model.mm_projector(feats), patch_labels[idx], cfg.dense_background_weight)
+            loss = loss + cfg.dense_weight * dense
+            dense_losses.append(float(dense.detach()))
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
         losses.append(float(out.loss.detach()))
         if step % cfg.log_every == 0 or step == cfg.llava_steps - 1:
             msg = f"llava step {step:4d}  loss {np.mean(losses[-cfg.log_every:]):.4f}"
+            if dense_losses:
+                msg += f"  dense {np.mean(dense_losses[-cfg.log_every:]):.3f}"
+            if attn_losses:
+                msg += f"  attn {np.mean(attn_losses[-cfg.log_every:]):.3f}"
             if val is not None and (step % (cfg.log_every * 4) == 0 or step == cfg.llava_steps - 1):
                 if vision is not None:
                     vision.eval()
@@ -552,7 +669,9 @@ def train(out_dir: str | os.PathLike, cfg: ToyTrainConfig = ToyTrainConfig(), lo
                                [caption(s) for s in train_scenes], train_feats, cfg, log,
                                val=(val_scenes, val_feats, val_pixels),
                                vision=clip.vision_model if cfg.tune_vision else None,
-                               pixels=train_pixels if cfg.tune_vision else None)
+                               pixels=train_pixels if cfg.tune_vision else None,
+                               patch_labels=(labels_of(train_scenes, cfg)
+                                             if cfg.dense_weight > 0 or cfg.attn_weight > 0 else None))
     if cfg.tune_vision:
         val_feats = vision_features(clip.vision_model, val_pixels)
     val_acc = first_token_accuracy(model, encoder, val_scenes, val_feats)
@@ -562,6 +681,12 @@ def train(out_dir: str | os.PathLike, cfg: ToyTrainConfig = ToyTrainConfig(), lo
     save_checkpoint(out, cfg, clip, clip_tokenizer, image_processor, model, tokenizer, metrics)
     log(f"saved {out} ({time.time() - t0:.0f}s); val accuracy " + json.dumps({k: round(v, 1) for k, v in val_acc.items()}))
     return metrics
+
+
+def labels_of(scenes, cfg: ToyTrainConfig) -> torch.Tensor:
+    """(N, P) per-patch object classes of the scenes (see :func:`patch_object_labels`)."""
+    return torch.from_numpy(np.stack([patch_object_labels(s.objects, cfg.clip.image_size, cfg.clip.patch_size,
+                                                          cfg.dense_min_cover) for s in scenes]))
 
 
 def quick_config(seed: int = 0) -> ToyTrainConfig:
@@ -586,6 +711,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tune-vision", action="store_true", help="train the vision tower in the LLaVA stage")
     parser.add_argument("--resume", default=None, help="continue the LLaVA stage of this toy checkpoint")
     parser.add_argument("--llava-lr", type=float, default=None)
+    parser.add_argument("--dense-weight", type=float, default=None, help="per-patch object-identity loss weight")
+    parser.add_argument("--attn-weight", type=float, default=None, help="attention-supervision loss weight")
+    parser.add_argument("--llava-batch", type=int, default=None)
+    parser.add_argument("--llm-layers", type=int, default=None)
+    parser.add_argument("--train-scenes", type=int, default=None)
     args = parser.parse_args(argv)
     cfg = quick_config(args.seed) if args.quick else ToyTrainConfig(seed=args.seed)
     cfg.threads = args.threads
@@ -599,6 +729,16 @@ def main(argv: list[str] | None = None) -> None:
         cfg.llava_lr = args.llava_lr
     if args.clip_steps is not None:
         cfg.clip_steps = args.clip_steps
+    if args.dense_weight is not None:
+        cfg.dense_weight = args.dense_weight
+    if args.attn_weight is not None:
+        cfg.attn_weight = args.attn_weight
+    if args.llava_batch is not None:
+        cfg.llava_batch = args.llava_batch
+    if args.llm_layers is not None:
+        cfg.llm.layers = args.llm_layers
+    if args.train_scenes is not None:
+        cfg.train_scenes = args.train_scenes
     train(args.out, cfg, log=lambda m: print(m, flush=True), resume=args.resume)
 
 
