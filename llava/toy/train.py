@@ -8,7 +8,7 @@ Stages (all seeded):
 3. CLIP: ``transformers.CLIPModel`` (ViT 12 x 12 patches + text tower + projections) trained with its own
    contrastive loss on (image, caption) pairs; saved with its tokenizer and a PIL ``CLIPImageProcessor``
    config in ``DIR/clip``;
-4. LLaVA: the CLIP vision tower frozen (features of layer ``mm_vision_select_layer`` = -2, patch tokens),
+4. LLaVA: the CLIP vision tower (trained along by default, ``tune_vision``; features of layer ``mm_vision_select_layer`` = -2, patch tokens),
    an ``mlp2x_gelu`` projector and a small Llama trained on multi-turn QA conversations in the
    ``vicuna_v1`` prompt; only answer tokens (and their ``</s>``) are in the loss, as in LLaVA's
    ``preprocess_v1``. Written in LLaVA's original checkpoint format (config.json model_type "llava",
@@ -81,22 +81,22 @@ class ToyTrainConfig:
     clip_steps: int = 100
     clip_batch: int = 32
     clip_lr: float = 1e-3
-    llava_steps: int = 1100
+    llava_steps: int = 800
     llava_batch: int = 12
     llava_lr: float = 2e-3
     rounds: int = 6                # QA turns per training conversation (plus one caption turn)
     caption_first: float = 0.25    # chance that the caption turn comes first
     clip_patch_mean: bool = False  # also align the mean of the layer -2 patch features with the caption
-    tune_vision: bool = False      # also train the CLIP vision tower in the LLaVA stage (as LLaVA-NeXT does)
+    tune_vision: bool = True       # also train the CLIP vision tower in the LLaVA stage (as LLaVA-NeXT does)
     vision_lr: float = 5e-4
-    dense_weight: float = 0.0      # weight of the per-patch object-identity loss on the projector output (0: off)
+    dense_weight: float = 1.0      # weight of the per-patch object-identity loss on the projector output (0: off)
     dense_background_weight: float = 0.2   # class weight of "no object" patches in that loss
     dense_min_cover: float = 0.2   # a patch is labelled with an object covering at least this fraction of it
-    attn_weight: float = 0.0       # weight of the attention-supervision loss (0: off)
+    attn_weight: float = 1.0       # weight of the attention-supervision loss (0: off)
     attn_layers: tuple[int, ...] = (1, 2)  # LLM layers whose head 0, at each answer position, is taught to
                                            # attend to the asked object's patches
     warmup: int = 30
-    threads: int = 2
+    threads: int = 1
     log_every: int = 25
 
 
@@ -705,7 +705,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     parser.add_argument("--llava-steps", type=int, default=None)
     parser.add_argument("--clip-steps", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--init-std", type=float, default=None)
     parser.add_argument("--clip-patch-mean", action="store_true", help="extra contrastive loss on mean patch features")
     parser.add_argument("--tune-vision", action="store_true", help="train the vision tower in the LLaVA stage")
