@@ -21,6 +21,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -125,32 +126,53 @@ def _write_tiny_clip(clip_dir: Path, sizes: TinySizes, seed: int) -> torch.nn.Mo
     return clip
 
 
-def _llava_config(arch: str, sizes: TinySizes, vocab_size: int, tokenizer, clip_dir: Path) -> dict:
-    """The config.json dict in the original LLaVA format."""
+def original_llava_config(
+    *,
+    name: str,
+    arch: str,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    vocab_size: int,
+    bos_token_id: int,
+    eos_token_id: int,
+    vision_tower: str,
+    vision_hidden: int,
+    max_positions: int = 4096,
+    grid_pinpoints: Sequence[Sequence[int]] | None = None,
+) -> dict:
+    """A config.json dict in the original LLaVA format (model_type "llava", ``mm_*`` keys), Llama LLM.
+
+    ``arch`` "llava-1.5" gives pad + flat; "llava-next" gives anyres + spatial_unpad over ``grid_pinpoints``.
+    Used by the tiny random checkpoints and by the toy model's training.
+    """
+    if arch not in ("llava-1.5", "llava-next"):
+        raise ValueError(f"arch must be 'llava-1.5' or 'llava-next', got {arch!r}")
     cfg = {
-        "_name_or_path": f"tiny-{arch}",
+        "_name_or_path": name,
         "architectures": ["LlavaLlamaForCausalLM"],
         "model_type": "llava",
         "hidden_act": "silu",
-        "hidden_size": sizes.llm_hidden,
-        "intermediate_size": sizes.llm_intermediate,
-        "num_hidden_layers": sizes.llm_layers,
-        "num_attention_heads": sizes.llm_heads,
-        "num_key_value_heads": sizes.llm_heads,
-        "max_position_embeddings": 4096,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "max_position_embeddings": max_positions,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
         "initializer_range": 0.02,
         "vocab_size": vocab_size,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
         "pad_token_id": 0,
         "tie_word_embeddings": False,
         "use_cache": True,
         "torch_dtype": "float32",
         # --- LLaVA keys ---
-        "mm_vision_tower": str(clip_dir),
-        "mm_hidden_size": sizes.vision_hidden,
+        "mm_vision_tower": vision_tower,
+        "mm_hidden_size": vision_hidden,
         "mm_projector_type": "mlp2x_gelu",
         "mm_vision_select_layer": -2,
         "mm_vision_select_feature": "patch",
@@ -166,14 +188,27 @@ def _llava_config(arch: str, sizes: TinySizes, vocab_size: int, tokenizer, clip_
     if arch == "llava-1.5":
         cfg.update({"image_aspect_ratio": "pad", "mm_patch_merge_type": "flat"})
     else:
+        if not grid_pinpoints:
+            raise ValueError("grid_pinpoints: required for arch 'llava-next'")
         cfg.update({
             "image_aspect_ratio": "anyres",
-            "image_grid_pinpoints": [list(p) for p in sizes.grid_pinpoints],
+            "image_grid_pinpoints": [list(p) for p in grid_pinpoints],
             "mm_patch_merge_type": "spatial_unpad",
             "unfreeze_mm_vision_tower": True,
             "mm_vision_tower_lr": 2e-6,
         })
     return cfg
+
+
+def _llava_config(arch: str, sizes: TinySizes, vocab_size: int, tokenizer, clip_dir: Path) -> dict:
+    """The tiny checkpoint's config.json dict in the original LLaVA format."""
+    return original_llava_config(
+        name=f"tiny-{arch}", arch=arch, hidden=sizes.llm_hidden, intermediate=sizes.llm_intermediate,
+        layers=sizes.llm_layers, heads=sizes.llm_heads, vocab_size=vocab_size,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vision_tower=str(clip_dir), vision_hidden=sizes.vision_hidden,
+        grid_pinpoints=None if arch == "llava-1.5" else sizes.grid_pinpoints,
+    )
 
 
 def _llava_state_dict(arch: str, sizes: TinySizes, vocab_size: int, clip, seed: int) -> dict[str, torch.Tensor]:

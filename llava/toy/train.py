@@ -35,6 +35,7 @@ from torch import nn
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.conversation import conv_templates
 from llava.mm_utils import tokenizer_image_token
+from llava.model.tiny import original_llava_config
 from llava.toy.scenes import (CATEGORIES, COLORS, QA, SHAPES, SceneConfig, SceneObject, caption, color_qa,
                               count_qa, existence_qa, make_scene, object_index_mask, relation_qa, scene_rng,
                               with_short_answer_prompt)
@@ -538,40 +539,12 @@ def train_llava(model: ToyLlava, encoder: ConversationEncoder, objects: list[lis
 def llava_config(cfg: ToyTrainConfig, tokenizer, vocab_size: int) -> dict:
     """config.json in LLaVA-1.5's original format (model_type "llava", mm_* keys)."""
     s = cfg.llm
-    return {
-        "_name_or_path": "toy-llava-v1.5",
-        "architectures": ["LlavaLlamaForCausalLM"],
-        "model_type": "llava",
-        "hidden_act": "silu",
-        "hidden_size": s.hidden,
-        "intermediate_size": s.intermediate,
-        "num_hidden_layers": s.layers,
-        "num_attention_heads": s.heads,
-        "num_key_value_heads": s.heads,
-        "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "initializer_range": 0.02,
-        "vocab_size": vocab_size,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": 0,
-        "tie_word_embeddings": False,
-        "use_cache": True,
-        "torch_dtype": "float32",
-        "mm_vision_tower": CLIP_SUBDIR,
-        "mm_hidden_size": cfg.clip.vision_hidden,
-        "mm_projector_type": "mlp2x_gelu",
-        "mm_vision_select_layer": -2,
-        "mm_vision_select_feature": "patch",
-        "mm_use_im_start_end": False,
-        "mm_use_im_patch_token": False,
-        "image_aspect_ratio": "pad",
-        "mm_patch_merge_type": "flat",
-        "use_mm_proj": True,
-        "tokenizer_model_max_length": 2048,
-        "tokenizer_padding_side": "right",
-    }
+    return original_llava_config(
+        name="toy-llava-v1.5", arch="llava-1.5", hidden=s.hidden, intermediate=s.intermediate, layers=s.layers,
+        heads=s.heads, vocab_size=vocab_size, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, vision_tower=CLIP_SUBDIR, vision_hidden=cfg.clip.vision_hidden,
+        max_positions=2048,
+    )
 
 
 def _save_json(path: Path, obj) -> None:
