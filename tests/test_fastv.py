@@ -8,31 +8,18 @@ cache-free layer-by-layer forward written here with explicit 4D masks.
 
 import copy
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import llava.model.fastv as fastv_module
-from llava.conversation import conv_templates
-from llava.mm_utils import process_images, tokenizer_image_token
+from llava.mm_utils import process_images
 from llava.model.builder import load_pretrained_model
 from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
 from llava.model.pruning import PruningConfig
+from tests.helpers import prompt_ids, random_image
 
 K = 2
 BUDGET = 5
-
-
-def prompt_ids(tokenizer, question: str) -> torch.Tensor:
-    conv = conv_templates["vicuna_v1"].copy()
-    conv.append_message(conv.roles[0], "<image>\n" + question)
-    conv.append_message(conv.roles[1], None)
-    return tokenizer_image_token(conv.get_prompt(), tokenizer, return_tensors="pt")
-
-
-def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def left_pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,10 +6,8 @@ The tiny checkpoint's weights are converted into ``transformers.LlavaForConditio
 ``LlavaNextImageProcessorPil``) and the logits must agree to 1e-4 in float32.
 """
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -22,9 +20,9 @@ from transformers import (
 )
 
 from llava.constants import IMAGE_TOKEN_INDEX
-from llava.conversation import conv_templates
-from llava.mm_utils import process_images, tokenizer_image_token
+from llava.mm_utils import process_images
 from llava.model.builder import load_pretrained_model
+from tests.helpers import prompt_ids, random_image
 
 OURS_TO_HF_PREFIX = [
     ("model.vision_tower.vision_tower.vision_model.", "model.vision_tower."),
@@ -79,18 +77,6 @@ def build_reference(model, image_token_id: int, next_arch: bool):
     return ref.eval().float()
 
 
-def random_image(width: int, height: int, seed: int) -> Image.Image:
-    pixels = np.random.RandomState(seed).randint(0, 256, size=(height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
-
-
-def prompt_ids(tokenizer, question: str) -> torch.Tensor:
-    conv = conv_templates["vicuna_v1"].copy()
-    conv.append_message(conv.roles[0], "<image>\n" + question)
-    conv.append_message(conv.roles[1], None)
-    return tokenizer_image_token(conv.get_prompt(), tokenizer, return_tensors="pt")[None]
-
-
 def expand_image_token(ids: torch.Tensor, count: int, image_token_id: int) -> torch.Tensor:
     """transformers' convention: the image token repeated once per visual feature."""
     row = ids[0].tolist()
@@ -117,7 +103,7 @@ def llava_next(tiny_llava_next_path):
 def reference15(llava15):
     """(prompt ids, image token id, transformers LlavaForConditionalGeneration) for the 1.5 tests."""
     tokenizer, model, _, _ = llava15
-    ids = prompt_ids(tokenizer, "What is in the picture?")
+    ids = prompt_ids(tokenizer, "What is in the picture?")[None]
     token_id = unused_token_id(tokenizer, ids)
     return ids, token_id, build_reference(model, token_id, next_arch=False)
 
@@ -126,7 +112,7 @@ def reference15(llava15):
 def reference_next(llava_next):
     """(prompt ids, image token id, transformers LlavaNextForConditionalGeneration) for the NeXT tests."""
     tokenizer, model, _, _ = llava_next
-    ids = prompt_ids(tokenizer, "Describe the image.")
+    ids = prompt_ids(tokenizer, "Describe the image.")[None]
     token_id = unused_token_id(tokenizer, ids)
     return ids, token_id, build_reference(model, token_id, next_arch=True)
 
@@ -201,7 +187,7 @@ def test_mistral_architecture_matches_llama_on_the_same_weights(llava15, tiny_ll
     _, mistral, _, _ = load_pretrained_model(str(path), torch_dtype=torch.float32)
     assert type(mistral).__name__ == "LlavaMistralForCausalLM"
     image = random_image(70, 50, seed=3)
-    ids = prompt_ids(tokenizer, "What is it?")
+    ids = prompt_ids(tokenizer, "What is it?")[None]
     pixels = process_images([image], processor, model.config)
     with torch.no_grad():
         torch.testing.assert_close(mistral(ids, images=pixels).logits, model(ids, images=pixels).logits,

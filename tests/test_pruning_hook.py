@@ -5,28 +5,15 @@ and compared with what a slow reference builds from the indices ``script_prune``
 features of those indices, in order, with LLaVA-NeXT newlines placed by a loop-over-grid reference.
 """
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import script_prune as sp
-from llava.conversation import conv_templates
-from llava.mm_utils import get_anyres_image_grid_shape, process_images, tokenizer_image_token
+from llava.mm_utils import get_anyres_image_grid_shape, process_images
 from llava.model.builder import load_pretrained_model
 from llava.model.multimodal_encoder.clip_encoder import VisionOutput
 from llava.model.pruning import PruningConfig
-
-
-def prompt_ids(tokenizer, question: str) -> torch.Tensor:
-    conv = conv_templates["vicuna_v1"].copy()
-    conv.append_message(conv.roles[0], "<image>\n" + question)
-    conv.append_message(conv.roles[1], None)
-    return tokenizer_image_token(conv.get_prompt(), tokenizer, return_tensors="pt")
-
-
-def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8))
+from tests.helpers import prompt_ids, random_image
 
 
 @pytest.fixture(scope="module")

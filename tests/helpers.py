@@ -1,0 +1,21 @@
+"""Small helpers shared by the model tests: a vicuna_v1 prompt and a seeded random image."""
+
+import numpy as np
+import torch
+from PIL import Image
+
+from llava.conversation import conv_templates
+from llava.mm_utils import tokenizer_image_token
+
+
+def prompt_ids(tokenizer, question: str) -> torch.Tensor:
+    """Token ids (L,) of the vicuna_v1 prompt ``<image>\\n{question}`` with IMAGE_TOKEN_INDEX for the image."""
+    conv = conv_templates["vicuna_v1"].copy()
+    conv.append_message(conv.roles[0], "<image>\n" + question)
+    conv.append_message(conv.roles[1], None)
+    return tokenizer_image_token(conv.get_prompt(), tokenizer, return_tensors="pt")
+
+
+def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A (height, width) RGB image of uniform random pixels from ``seed``."""
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8))
