@@ -73,3 +73,16 @@ def test_small_slice_through_the_eval_pipeline(tmp_path):
         assert res["none"]["144"][cat] == pytest.approx(expected)
     assert "Retain 16 tokens" in summary["table"]
     assert json.loads((tmp_path / "results.json").read_text())["budgets"] == [144, 16]
+
+
+def test_test_split_size_is_checked(tmp_path):
+    from llava.toy.bench import ensure_test_split
+
+    split = ensure_test_split(tmp_path, 2)
+    assert len(list((split / "images").glob("*.png"))) == 2
+    assert ensure_test_split(tmp_path, 2) == split                 # reused as it is
+    with pytest.raises(ValueError, match="2 scenes, not --scenes 3"):
+        ensure_test_split(tmp_path, 3)
+    with pytest.raises(ValueError, match="--scenes must be >= 1"):
+        ensure_test_split(tmp_path / "other", 0)
+

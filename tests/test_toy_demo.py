@@ -155,24 +155,117 @@ def test_quick_training_writes_a_loadable_checkpoint(tmp_path):
     assert model.get_vision_tower().num_patches_per_side == 12
 
 
-def test_asked_objects_and_attention_supervision_hand_computed():
+def test_question_objects_and_asked_objects_hand_computed():
     from llava.toy.scenes import SceneObject
 
     objs = [SceneObject("red", "square", 21, 21, 8), SceneObject("blue", "square", 100, 21, 8),
             SceneObject("white", "cross", 147, 119, 6)]
     red_sq, blue_sq, white_cross = 2, 1 + 2 * 5 + 1, 30
-    assert T.asked_object_classes(QA("How many squares are there in the image?", "2", "count"), objs) == [red_sq, blue_sq]
-    assert T.asked_object_classes(QA("What color is the cross?", "white", "color"), objs) == [white_cross]
-    assert T.asked_object_classes(QA("Is there a blue square in the image?", "yes", "random"), objs) == [blue_sq]
-    assert T.asked_object_classes(QA("Is there a red cross in the image?", "no", "adversarial"), objs) == []
-    # 2 rows, 4 patches, image token at text position 1; the answer of row 0 is predicted at text position 3
-    # (spliced: 3 + 4 - 1 = 6), row 1 has an absent-object question (no target)
-    labels = torch.tensor([[0, red_sq, red_sq, blue_sq], [white_cross, 0, 0, 0]])
-    target, rows = T.attention_targets([[3], [2]], [[[red_sq]], [[]]], labels, torch.tensor([1, 1]), 4, 8)
-    assert rows.tolist() == [[False] * 6 + [True, False], [False] * 8]
-    assert target[0, 6].tolist() == [0.0, 1.0, 1.0, 0.0]
-    # attention of head 0 at (row 0, position 6): 0.2 and 0.3 on image columns 2 and 3 -> loss -log(0.5)
-    att = torch.zeros(2, 2, 8, 8)
-    att[0, 0, 6, 2], att[0, 0, 6, 3], att[0, 0, 6, 0] = 0.2, 0.3, 0.5
-    loss = T.attention_supervision_loss([att], (0,), torch.tensor([1, 1]), target, rows)
-    assert abs(float(loss) - float(-np.log(0.5 + 1e-6))) < 1e-6
+    count = QA("How many squares are there in the image?", "2", "count")
+    assert T.question_objects(count) == (["squares"], ["squares"])
+    assert T.asked_objects(count, objs) == ([red_sq, blue_sq], [red_sq, blue_sq])
+    color = QA("What color is the cross?", "white", "color")
+    assert T.question_objects(color) == (["cross"], ["cross"])
+    assert T.asked_objects(color, objs) == ([white_cross], [white_cross])
+    assert T.asked_objects(QA("Is there a blue square in the image?", "yes", "random"), objs) == ([blue_sq], [blue_sq])
+    absent = QA("Is there a red cross in the image?", "no", "adversarial")
+    assert T.question_objects(absent) == (["red", "cross"], ["red", "cross"])
+    assert T.asked_objects(absent, objs) == ([], [])
+    rel = QA("Is the white cross to the left or to the right of the red square?", "right", "relation")
+    assert T.question_objects(rel) == (["white", "cross"], ["red", "square"])
+    assert T.asked_objects(rel, objs) == ([white_cross], [red_sq])
+    assert T.question_objects(QA(T.CAPTION_PROMPT, "From left to right: ...", "caption")) == ([], [])
+
+
+def test_find_words_in_order_and_with_the_question_mark_merged():
+    # ids: 9 = "red", 7 = "square", 8 = "square?" (merged), 5 = other
+    word_ids = {"red": [[9], [90]], "square": [[7], [8]]}.__getitem__
+    ids = [5, 7, 9, 5, 8, 9, 7]
+    assert T.find_words(ids, 0, ["red", "square"], word_ids) == [[2], [4]]      # the square after the red
+    assert T.find_words(ids, 3, ["red", "square"], word_ids) == [[5], [6]]
+    with pytest.raises(ValueError, match="'red' not found"):
+        T.find_words(ids, 6, ["red"], word_ids)
+
+
+def test_attention_targets_and_losses_hand_computed():
+    from llava.toy.scenes import SceneObject
+
+    objs = [SceneObject("red", "square", 21, 21, 8), SceneObject("blue", "square", 100, 21, 8)]
+    red_sq, blue_sq = 2, 1 + 2 * 5 + 1
+    word_ids = {"red": [[11], [21]], "blue": [[12], [22]], "square": [[13], [23]], "squares": [[14], [24]]}.__getitem__
+    # one row: text ids [BOS, IMG, q..., answer]; 4 patches; image token at text position 1
+    ids = [1, -200, 5, 11, 13, 5, 12, 23, 6, 30, 2]
+    qa = QA("Is the red square to the left or to the right of the blue square?", "left", "relation")
+    encoded = [(ids, None, [8], [2])]                        # answer predicted at text position 8
+    labels = torch.tensor([[0, red_sq, red_sq, blue_sq]])
+    targets = T.attention_targets(encoded, [[qa]], [objs], labels, torch.tensor([1]), word_ids)
+    spliced = lambda t: t + 3                                 # text positions after the image move by P - 1
+    assert targets == [
+        T.AttentionTarget(0, 0, spliced(8), (spliced(3), spliced(4)), "words"),
+        T.AttentionTarget(0, 0, spliced(8), (2, 3), "patches"),
+        T.AttentionTarget(0, 1, spliced(8), (spliced(6), spliced(7)), "words"),
+        T.AttentionTarget(0, 1, spliced(8), (4,), "patches"),
+    ]
+    # A and B of the same colour: B's colour word is the second "red", not A's
+    same = QA("Is the red circle to the left or to the right of the red square?", "left", "relation")
+    word_ids3 = {"red": [[11], [21]], "circle": [[16], [26]], "square": [[13], [23]]}.__getitem__
+    objs3 = [SceneObject("red", "circle", 10, 10, 5), SceneObject("red", "square", 30, 10, 5)]
+    got = T.attention_targets([([1, -200, 5, 11, 16, 5, 11, 23, 6, 30, 2], None, [8], [2])], [[same]], [objs3],
+                              torch.tensor([[1, 0, 0, red_sq]]), torch.tensor([1]), word_ids3)
+    assert [(t.head, t.keys) for t in got if t.kind == "words"] == [(0, (6, 7)), (1, (9, 10))]
+    # an existence question about an absent object: its patch target is the first token (<s>, "not found")
+    absent = QA("Is there a blue cross in the image?", "no", "adversarial")
+    word_ids2 = {"blue": [[12], [22]], "cross": [[15], [25]]}.__getitem__
+    got = T.attention_targets([([1, -200, 5, 12, 25, 6, 30, 2], None, [5], [2])], [[absent]], [objs], labels,
+                              torch.tensor([1]), word_ids2)
+    assert [(t.head, t.keys, t.kind) for t in got] == [(0, (6, 7), "words"), (0, (0,), "patches"),
+                                                        (1, (6, 7), "words"), (1, (0,), "patches")]
+    # attention of 2 layers, 2 heads over 14 positions; layer 0 is the "words" layer, layer 1 the "patches" one
+    att = torch.zeros(2, 1, 2, 14, 14)
+    att[0, 0, 0, 11, 6], att[0, 0, 0, 11, 7] = 0.3, 0.2            # head 0 on A's words: 0.5
+    att[0, 0, 1, 11, 9], att[0, 0, 1, 11, 10] = 0.1, 0.1           # head 1 on B's words: 0.2
+    att[1, 0, 0, 11, 2], att[1, 0, 0, 11, 3] = 0.4, 0.4            # head 0 on A's patches: 0.8
+    att[1, 0, 1, 11, 4] = 0.25                                     # head 1 on B's patch: 0.25
+    loss = T.attention_supervision_loss(list(att), targets, (0,), (1,))
+    expected = 0.5 * (-(np.log(0.5 + 1e-6) + np.log(0.2 + 1e-6)) / 2) + 0.5 * (-(np.log(0.8 + 1e-6) + np.log(0.25 + 1e-6)) / 2)
+    assert abs(float(loss) - expected) < 1e-6
+    # the read-out probe: soft class histogram and mean column of the attended patches (grid 2 x 2 here)
+    readout = T.ObjectReadout(hidden=3, grid=2)
+    with torch.no_grad():
+        readout.classes.weight.zero_(); readout.classes.bias.zero_()
+        readout.column.weight.zero_(); readout.column.bias.fill_(0.5)
+    heads = torch.zeros(1, 14, 3)
+    got = float(readout.loss(heads, targets, labels, torch.tensor([1])).detach())
+    # uniform class logits -> CE = log(31) for each target; columns: A's patches (1, 2) -> cols (1, 0) -> 0.5,
+    # B's patch 3 -> col 1 -> 1.0; MSE = (0 + 0.25) / 2, weighted by 10
+    assert abs(got - (np.log(T.N_OBJECT_CLASSES) + 10 * 0.125)) < 1e-5
+    # a "not found" target has class 0 and no column term: prefer class 0 by 2 nats over the rest
+    with torch.no_grad():
+        readout.classes.bias[0] = 2.0                  # object A's class 0
+    sink = [T.AttentionTarget(0, 0, 11, (0,), "patches")]
+    expected = -(2.0 - np.log(np.exp(2.0) + T.N_OBJECT_CLASSES - 1))
+    assert abs(float(readout.loss(heads, sink, labels, torch.tensor([1])).detach()) - expected) < 1e-5
+
+
+def test_dense_stage_trains_the_vision_tower_and_projector():
+    from llava.toy.scenes import caption
+
+    cfg = T.quick_config()
+    cfg.dense_steps, cfg.dense_lr, cfg.warmup = 15, 3e-3, 1
+    scenes = [make_scene(0, "train", i) for i in range(16)]
+    clip_tok = T.train_clip_tokenizer([caption(s) for s in scenes], cfg.clip.vocab_size)
+    clip = T.build_clip(cfg.clip, clip_tok)
+    projector = torch.nn.Sequential(torch.nn.Linear(cfg.clip.vision_hidden, cfg.llm.hidden), torch.nn.GELU(),
+                                    torch.nn.Linear(cfg.llm.hidden, cfg.llm.hidden))
+    pixels = T.pixel_values([s.image for s in scenes], T.build_image_processor(cfg.clip))
+    vm = clip.vision_model
+    # layer -2 features: what feeds them is trained, the last encoder layer (unused by LLaVA) is not
+    trained = [*vm.embeddings.parameters(), *vm.pre_layrnorm.parameters(), *vm.encoder.layers[:-1].parameters(),
+               *projector.parameters()]
+    unused = [*vm.encoder.layers[-1].parameters(), *vm.post_layernorm.parameters()]
+    before = [p.detach().clone() for p in trained + unused]
+    losses = T.train_vision_dense(vm, projector, pixels, T.labels_of(scenes, cfg), cfg, log=lambda m: None)
+    assert len(losses) == 15 and np.mean(losses[-3:]) < losses[0]
+    assert all(not torch.equal(b, a) for b, a in zip(before, trained))
+    assert all(torch.equal(b, a) for b, a in zip(before[len(trained):], unused))
+    assert not clip.vision_model.training

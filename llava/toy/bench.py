@@ -1,7 +1,7 @@
 """Accuracy bench of the pruning methods on the toy test split, through LLaVA's eval pipeline.
 
     python -m llava.toy.bench [--model-path llava/toy/checkpoint] [--data DIR] [--out DIR]
-        [--methods script,divprune,...] [--fractions 1,1/3,1/9,1/18,1/36] [--limit N] [--device cpu]
+        [--methods script,divprune,...] [--fractions 1,1/3,1/9,1/18,1/36] [--limit N] [--scenes 50] [--device cpu]
 
 For every method of ``script_prune.list_methods()`` and every kept fraction of the visual tokens
 (144 tokens: 144, 48, 16, 8, 4) it answers the test questions with ``llava.eval.model_vqa_loader`` (the
@@ -61,8 +61,15 @@ def visual_token_count(model_path: str | os.PathLike) -> int:
 
 def ensure_test_split(data_dir: Path, n_scenes: int = TEST_SCENES, seed: int = 0) -> Path:
     """The test split folder, written with :func:`llava.toy.data.write_split` if absent."""
+    if n_scenes < 1:
+        raise ValueError(f"--scenes must be >= 1, got {n_scenes}")
     split = data_dir / "test"
-    if not (split / "questions.jsonl").is_file():
+    if (split / "questions.jsonl").is_file():
+        have = len(list((split / "images").glob("*.png")))
+        if have != n_scenes:
+            raise ValueError(f"{split} holds a test split of {have} scenes, not --scenes {n_scenes}; "
+                             "pass another --data folder (or remove that one)")
+    else:
         from llava.toy.data import write_split
 
         write_split(data_dir, "test", n_scenes, seed=seed)
@@ -175,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--methods", default=None, help="comma-separated (default: all of script_prune.list_methods())")
     ap.add_argument("--fractions", default=",".join(DEFAULT_FRACTIONS), help="kept fractions, 1 = unpruned")
     ap.add_argument("--limit", type=int, default=None, help="first N questions of each type only")
+    ap.add_argument("--scenes", type=int, default=TEST_SCENES,
+                    help=f"test split size in scenes (one question per type each; default {TEST_SCENES})")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args(argv)
@@ -191,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--methods: unknown {unknown}; choose from {sp.list_methods()}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    split = ensure_test_split(Path(args.data) if args.data else out / "data")
+    split = ensure_test_split(Path(args.data) if args.data else out / "data", args.scenes)
     questions_dir = sliced_split(split, out, args.limit)
     n_tokens = visual_token_count(args.model_path)
     budgets = budgets_for(n_tokens, parse_fractions(args.fractions))

@@ -8,11 +8,14 @@ Stages (all seeded):
 3. CLIP: ``transformers.CLIPModel`` (ViT 12 x 12 patches + text tower + projections) trained with its own
    contrastive loss on (image, caption) pairs; saved with its tokenizer and a PIL ``CLIPImageProcessor``
    config in ``DIR/clip``;
-4. LLaVA: the CLIP vision tower (trained along by default, ``tune_vision``; features of layer ``mm_vision_select_layer`` = -2, patch tokens),
-   an ``mlp2x_gelu`` projector and a small Llama trained on multi-turn QA conversations in the
-   ``vicuna_v1`` prompt; only answer tokens (and their ``</s>``) are in the loss, as in LLaVA's
-   ``preprocess_v1``. Written in LLaVA's original checkpoint format (config.json model_type "llava",
-   ``model.mm_projector.*`` weights, tokenizer files) with ``mm_vision_tower`` = "clip", the folder beside it.
+4. seeing shapes (:func:`train_vision_dense`): the vision tower and the ``mlp2x_gelu`` projector learn to
+   tell, per patch token, which object covers the patch and in which grid column it lies;
+5. LLaVA: the frozen vision tower (layer ``mm_vision_select_layer`` = -2, patch tokens), the projector and a
+   small Llama trained on multi-turn QA conversations in the ``vicuna_v1`` prompt; only answer tokens (and
+   their ``</s>``) are in the loss, as in LLaVA's ``preprocess_v1``, plus training-only losses that teach the
+   LLM where to look (:func:`attention_targets`, :class:`ObjectReadout`). Written in LLaVA's original
+   checkpoint format (config.json model_type "llava", ``model.mm_projector.*`` weights, tokenizer files) with
+   ``mm_vision_tower`` = "clip", the folder beside it.
 
 The LLaVA stage trains the same modules that ``LlavaLlamaForCausalLM`` holds (LlamaModel + lm_head +
 projector) on cached vision features: the first turn is tokenised with ``tokenizer_image_token`` on the
@@ -36,7 +39,7 @@ from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.conversation import conv_templates
 from llava.mm_utils import tokenizer_image_token
 from llava.model.tiny import original_llava_config
-from llava.toy.scenes import (CATEGORIES, COLORS, QA, SHAPES, SceneConfig, SceneObject, caption, color_qa,
+from llava.toy.scenes import (CATEGORIES, COLORS, EXISTENCE_CATEGORIES, PLURALS, QA, SHAPES, SceneConfig, SceneObject, caption, color_qa,
                               count_qa, existence_qa, make_scene, object_index_mask, relation_qa, scene_rng,
                               with_short_answer_prompt)
 from llava.toy.tokenizer import train_clip_tokenizer, train_llama_tokenizer
@@ -51,7 +54,7 @@ class ClipSizes:
     image_size: int = 168          # 168 / 14 = 12 x 12 = 144 patch tokens
     patch_size: int = 14
     vision_hidden: int = 96
-    vision_layers: int = 3
+    vision_layers: int = 4
     vision_heads: int = 4
     text_hidden: int = 96
     text_layers: int = 1
@@ -82,20 +85,27 @@ class ToyTrainConfig:
     clip_steps: int = 100
     clip_batch: int = 32
     clip_lr: float = 1e-3
-    llava_steps: int = 800
+    llava_steps: int = 1400
     llava_batch: int = 12
     llava_lr: float = 2e-3
-    rounds: int = 6                # QA turns per training conversation (plus one caption turn)
+    rounds: int = 10               # QA turns per training conversation
+    caption_turn: bool = False     # add a caption turn ("Describe the objects ...") to every conversation
     caption_first: float = 0.25    # chance that the caption turn comes first
     clip_patch_mean: bool = False  # also align the mean of the layer -2 patch features with the caption
-    tune_vision: bool = True       # also train the CLIP vision tower in the LLaVA stage (as LLaVA-NeXT does)
+    dense_steps: int = 1500        # stage 3: vision tower + projector trained on per-patch object classes
+    dense_batch: int = 32
+    dense_lr: float = 1.5e-3
+    tune_vision: bool = False      # also train the CLIP vision tower in the LLaVA stage (as LLaVA-NeXT does)
     vision_lr: float = 5e-4
     dense_weight: float = 1.0      # weight of the per-patch object-identity loss on the projector output (0: off)
     dense_background_weight: float = 0.2   # class weight of "no object" patches in that loss
     dense_min_cover: float = 0.2   # a patch is labelled with an object covering at least this fraction of it
     attn_weight: float = 1.0       # weight of the attention-supervision loss (0: off)
-    attn_layers: tuple[int, ...] = (1, 2)  # LLM layers whose head 0, at each answer position, is taught to
-                                           # attend to the asked object's patches
+    attn_word_layers: tuple[int, ...] = (0,)  # LLM layers whose heads 0 / 1, at each answer position, are taught to
+                                              # attend to the words naming object A / B of the question
+    attn_layers: tuple[int, ...] = (1,)       # ... and, in these layers, to the patches of object A / B
+    readout_weight: float = 1.0    # weight of the probes that read objects A and B's class and column from the
+                                   # residual stream after the first of attn_layers (0: off)
     warmup: int = 30
     threads: int = 1
     log_every: int = 25
@@ -282,42 +292,174 @@ def dense_object_loss(head: nn.Linear, image_tokens: torch.Tensor, labels: torch
     return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), weight=weight)
 
 
-def asked_object_classes(qa: QA, objects: list[SceneObject]) -> list[int]:
-    """Classes of the objects a question is about (empty for captions and absent-object questions)."""
-    q = qa.question
-    if qa.category in ("color", "count"):
-        shape = next(s for s in SHAPES if f" {s}" in q)
-        return [object_class(o) for o in objects if o.shape == shape]
-    if qa.category == "relation" or (qa.category in ("random", "popular", "adversarial") and qa.answer == "yes"):
-        return [object_class(o) for o in objects if f"{o.color} {o.shape}" in q]
-    return []
+def question_objects(qa: QA) -> tuple[list[str], list[str]]:
+    """The words that name object A and object B of a question, in question order (B is A except for
+    ``relation``); ([], []) for captions. Colour questions name a shape, count questions its plural."""
+    words = qa.question.rstrip("?").split()
+    if qa.category == "caption":
+        return [], []
+    if qa.category == "color":
+        a = [w for w in words if w in SHAPES]
+        return a, a
+    if qa.category == "count":
+        a = [w for w in words if w in PLURALS.values()]
+        return a, a
+    named = [i for i, w in enumerate(words) if w in COLORS]          # colour word, then its shape word
+    pairs = [words[i:i + 2] for i in named]
+    if qa.category == "relation":
+        return pairs[0], pairs[1]
+    return pairs[0], pairs[0]
 
 
-def attention_targets(rows_positions: list[list[int]], rows_classes: list[list[list[int]]],
-                      patch_labels: torch.Tensor, image_pos: torch.Tensor, n_patches: int, out_len: int):
-    """(B, T, P) 0/1 target patches per (row, spliced answer position) and (B, T) which positions have any."""
-    B = len(rows_positions)
-    target = torch.zeros(B, out_len, n_patches)
-    for b, (positions, classes) in enumerate(zip(rows_positions, rows_classes)):
-        for p, cls in zip(positions, classes):
-            if not cls:
-                continue
-            q = p + n_patches - 1 if p > int(image_pos[b]) else p
-            target[b, q] = torch.isin(patch_labels[b], torch.tensor(cls)).float()
-    return target, target.sum(-1) > 0
+def asked_objects(qa: QA, objects: list[SceneObject]) -> tuple[list[int], list[int]]:
+    """Classes of the scene's objects that object A and object B of a question refer to (see
+    :func:`question_objects`): every object of the shape for colour/count questions, the named object if
+    present otherwise; empty for captions and absent objects."""
+    a_words, b_words = question_objects(qa)
+
+    def classes(words: list[str]) -> list[int]:
+        if len(words) == 1:                                             # a shape (or its plural)
+            shape = next(s for s in SHAPES if words[0] in (s, PLURALS[s]))
+            return [object_class(o) for o in objects if o.shape == shape]
+        return [object_class(o) for o in objects if [o.color, o.shape] == words]
+
+    return classes(a_words), classes(b_words)
 
 
-def attention_supervision_loss(attentions, layers: tuple[int, ...], image_pos: torch.Tensor,
-                               target: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """-log(attention mass of head 0 on the asked object's patches), at the supervised answer positions."""
-    B, T, P = target.shape
-    cols = (image_pos[:, None] + torch.arange(P))[:, None, :].expand(B, T, P)      # (B, T, P)
+def find_words(ids: list[int], start: int, words: list[str], word_ids) -> list[list[int]]:
+    """Token positions of each of ``words`` in ``ids``, searched in order from ``start`` (each word after the
+    previous one); ``word_ids(w)`` lists the id sequences a word can have inside a sentence."""
+    found = []
+    for w in words:
+        candidates = word_ids(w)
+        match = next(((i, len(sub)) for i in range(start, len(ids)) for sub in candidates
+                      if ids[i:i + len(sub)] == sub), None)
+        if match is not None:
+            found.append(list(range(match[0], match[0] + match[1])))
+            start = match[0] + match[1]
+        else:
+            raise ValueError(f"word {w!r} not found in the token ids after position {start}")
+    return found
+
+
+@dataclass(frozen=True)
+class AttentionTarget:
+    """One supervised attention row: at query position ``query`` of batch row ``row``, head ``head`` of the
+    layers of ``kind`` ("words" or "patches") should put its mass on ``keys`` (positions in the spliced
+    sequence)."""
+
+    row: int
+    head: int
+    query: int
+    keys: tuple[int, ...]
+    kind: str
+
+
+def attention_targets(encoded: list[tuple], conversations: list[list[QA]], scene_objects: list[list[SceneObject]],
+                      patch_labels: torch.Tensor, image_pos: torch.Tensor, word_ids) -> list[AttentionTarget]:
+    """Targets of the attention supervision for a batch of encoded conversations.
+
+    ``encoded[b]`` is ``(ids, labels, answer_positions, question_starts)`` of row ``b`` (text positions, before
+    splicing), ``patch_labels`` (B, P) the patch classes, ``image_pos`` (B,) the image token's text position.
+    At each answer position head 0 is taught to look at object A and head 1 at object B
+    (:func:`question_objects`): in the "words" layers at the tokens that name it, in the "patches" layers
+    at the patches it covers, or at the first token (``<s>``) when an existence question names an absent
+    object (an explicit "not found", which is what the binding-error negatives need)."""
+    n_patches = patch_labels.shape[1]
+
+    def spliced(b: int, t: int) -> int:
+        return t + n_patches - 1 if t > int(image_pos[b]) else t
+
+    targets = []
+    for b, ((ids, _, answers, starts), qas) in enumerate(zip(encoded, conversations)):
+        for answer, start, qa in zip(answers, starts, qas):
+            q = spliced(b, answer)
+            a_words, b_words = question_objects(qa)
+            found = find_words(ids, start, a_words + (b_words if qa.category == "relation" else []), word_ids)
+            positions = (found[:len(a_words)], found[len(a_words):] if qa.category == "relation" else found)
+            for head, (names, pos, classes) in enumerate(zip((a_words, b_words), positions,
+                                                             asked_objects(qa, scene_objects[b]))):
+                if names:
+                    toks = [t for p in pos for t in p]
+                    targets.append(AttentionTarget(b, head, q, tuple(spliced(b, t) for t in toks), "words"))
+                patches = (torch.nonzero(torch.isin(patch_labels[b], torch.tensor(classes))).flatten()
+                           if classes else torch.zeros(0, dtype=torch.long))
+                if len(patches):
+                    keys = tuple(int(image_pos[b]) + int(p) for p in patches)
+                    targets.append(AttentionTarget(b, head, q, keys, "patches"))
+                elif names and qa.category in EXISTENCE_CATEGORIES:
+                    # the asked object is absent: look at the first token (<s>) instead, "nothing found"
+                    targets.append(AttentionTarget(b, head, q, (0,), "patches"))
+    return targets
+
+
+def attention_supervision_loss(attentions, targets: list[AttentionTarget], word_layers: tuple[int, ...],
+                               patch_layers: tuple[int, ...]) -> torch.Tensor:
+    """Mean over targets and supervised layers of -log(attention mass of the target head on its keys).
+
+    ``attentions[l]`` is layer l's (B, H, T, T) attention; "words" targets are applied in ``word_layers``,
+    "patches" targets in ``patch_layers``."""
     losses = []
-    for layer in [l for l in layers if l < len(attentions)] or [len(attentions) - 1]:
-        att = attentions[layer][:, 0]                                              # (B, T, T)
-        mass = (torch.gather(att, 2, cols) * target).sum(-1)                       # (B, T)
-        losses.append(-torch.log(mass[rows] + 1e-6).mean())
+    for kind, layers in (("words", word_layers), ("patches", patch_layers)):
+        chosen = [t for t in targets if t.kind == kind]
+        if not chosen or not layers:
+            continue
+        device = attentions[0].device
+        n = torch.tensor([len(t.keys) for t in chosen], device=device)
+        group = torch.repeat_interleave(torch.arange(len(chosen), device=device), n)            # (E,)
+        row = torch.tensor([t.row for t in chosen], device=device)[group]
+        head = torch.tensor([t.head for t in chosen], device=device)[group]
+        query = torch.tensor([t.query for t in chosen], device=device)[group]
+        keys = torch.tensor([k for t in chosen for k in t.keys], device=device)
+        for layer in layers:
+            values = attentions[layer][row, head, query, keys]                                   # (E,)
+            mass = torch.zeros(len(chosen), dtype=values.dtype, device=device).index_add_(0, group, values)
+            losses.append(-torch.log(mass + 1e-6).mean())
+    if not losses:
+        return attentions[0].new_zeros(())
     return torch.stack(losses).mean()
+
+
+class ObjectReadout(nn.Module):
+    """Training-only probes on the residual stream after the patch-supervised layer, at an answer position
+    and RMS-normalised as the next layer sees it: for object A and object B of the question, the class
+    histogram and the mean grid column of the patches the supervised heads were taught to look at. They make
+    the LLM write what it found into the residual stream strongly enough for the answer to use it."""
+
+    def __init__(self, hidden: int, grid: int, objects: int = 2):
+        super().__init__()
+        self.objects = objects
+        self.classes = nn.Linear(hidden, objects * N_OBJECT_CLASSES)
+        self.column = nn.Linear(hidden, objects)
+        self.grid = grid
+
+    def loss(self, hidden_states: torch.Tensor, targets: list[AttentionTarget], patch_labels: torch.Tensor,
+             image_pos: torch.Tensor) -> torch.Tensor:
+        """hidden_states: (B, T, D) output of the layer; targets: the batch's targets ("patches" ones are used;
+        ``head`` 0 / 1 = object A / B)."""
+        chosen = [t for t in targets if t.kind == "patches"]
+        if not chosen:
+            return hidden_states.new_zeros(())
+        x = torch.stack([hidden_states[t.row, t.query] for t in chosen])                          # (G, D)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        obj = torch.tensor([t.head for t in chosen])                                              # (G,)
+        hist = torch.zeros(len(chosen), N_OBJECT_CLASSES)
+        cols = torch.zeros(len(chosen))
+        on_image = torch.ones(len(chosen), dtype=torch.bool)
+        for g, t in enumerate(chosen):
+            patches = torch.tensor(t.keys) - int(image_pos[t.row])
+            if (patches < 0).any():                       # "not found" target (<s>): class 0, no column
+                hist[g, 0], on_image[g] = 1.0, False
+                continue
+            hist[g] = torch.bincount(patch_labels[t.row, patches], minlength=N_OBJECT_CLASSES).float() / len(patches)
+            cols[g] = (patches % self.grid).float().mean() / (self.grid - 1)
+        rows = torch.arange(len(chosen))
+        logits = self.classes(x).view(len(chosen), self.objects, N_OBJECT_CLASSES)[rows, obj]    # (G, C)
+        class_loss = -(hist * nn.functional.log_softmax(logits, -1)).sum(-1).mean()
+        column = self.column(x)[rows, obj]                                                        # (G,)
+        column_loss = (nn.functional.mse_loss(column[on_image], cols[on_image]) * 10
+                       if on_image.any() else x.new_zeros(()))
+        return class_loss + column_loss
 
 
 # ----------------------------------------------------------------------------------------------- LLaVA
@@ -362,9 +504,10 @@ class ToyLlava(nn.Module):
         valid = torch.gather((input_ids != -1).long(), 1, text_src)          # -1 marks padding below
         return embeds, new_labels, (valid.bool() | is_image).long()
 
-    def forward(self, input_ids, labels, features, output_attentions: bool = False):
+    def forward(self, input_ids, labels, features, output_attentions: bool = False, output_hidden_states: bool = False):
         embeds, labels, mask = self.splice(input_ids, labels, features)
-        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, output_attentions=output_attentions)
+        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, output_attentions=output_attentions,
+                        output_hidden_states=output_hidden_states)
 
     def llava_state_dict(self) -> dict[str, torch.Tensor]:
         state = {k: v.detach().contiguous() for k, v in self.llm.state_dict().items()}
@@ -393,23 +536,31 @@ class ConversationEncoder:
             self._cache[key] = tokenizer_image_token(eval_prompt(question), self.tok)
         return self._cache[key]
 
+    def word_ids(self, word: str) -> list[list[int]]:
+        """The ways ``word`` is tokenised inside a question: after a space, and as the last word (merged
+        with the question mark, which Metaspace does not split off)."""
+        return [self._ids("a " + w)[len(self._ids("a")):] for w in (word, word + "?")]
+
     def encode(self, qas: list[QA]) -> tuple[list[int], list[int]]:
-        ids, labels, _ = self.encode_with_positions(qas)
+        ids, labels, _, _ = self.encode_with_positions(qas)
         return ids, labels
 
-    def encode_with_positions(self, qas: list[QA]) -> tuple[list[int], list[int], list[int]]:
-        """ids, labels and, per turn, the index of the last prompt token (where the answer is predicted)."""
+    def encode_with_positions(self, qas: list[QA]) -> tuple[list[int], list[int], list[int], list[int]]:
+        """ids, labels and, per turn, the index of the last prompt token (where the answer is predicted) and
+        the index where the turn's question can start (after the image token in the first turn)."""
         ids: list[int] = []
         labels: list[int] = []
         positions: list[int] = []
+        starts: list[int] = []
         for i, qa in enumerate(qas):
             question = qa.question if qa.category == "caption" else with_short_answer_prompt(qa.question)
             prompt = self.first_turn(question) if i == 0 else self._ids(f"{self.roles[0]}: {question} {self.roles[1]}:")
             answer = self._ids(qa.answer) + [self.tok.eos_token_id]
+            starts.append(len(ids) + (prompt.index(IMAGE_TOKEN_INDEX) + 1 if i == 0 else 0))
             ids += prompt + answer
             labels += [IGNORE_INDEX] * len(prompt) + answer
             positions.append(len(ids) - len(answer) - 1)
-        return ids, labels, positions
+        return ids, labels, positions, starts
 
 
 def collate(rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -449,9 +600,59 @@ def training_conversation(objects: list[SceneObject], scene_caption: str, rng: n
                           cfg: ToyTrainConfig, scene_cfg: SceneConfig) -> list[QA]:
     """``cfg.rounds`` short-answer QAs plus one caption turn (dense supervision that teaches reading the image)."""
     qas = training_qas(objects, rng, cfg.rounds, scene_cfg)
+    if not cfg.caption_turn:
+        return qas
     where = 0 if rng.random() < cfg.caption_first else int(rng.integers(1, len(qas) + 1))
     qas.insert(where, QA(CAPTION_PROMPT, scene_caption, "caption"))
     return qas
+
+
+def train_vision_dense(vision, projector: nn.Module, pixels: torch.Tensor, labels: torch.Tensor,
+                       cfg: ToyTrainConfig, log, val: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[float]:
+    """Stage 3: train the vision tower and the projector so that every projected patch token (B, P, D) tells,
+    through linear read-outs (dropped afterwards), which object covers that patch (:func:`patch_object_labels`)
+    and in which column of the patch grid it lies (for left/right questions).
+
+    This is where the toy model learns to see shapes; the LLM stage then starts from visual tokens that
+    carry each object's colour, shape and position. Returns the loss curve; logs the val per-patch accuracy."""
+    gen = torch.Generator().manual_seed(cfg.seed + 31)
+    grid = int(round(labels.shape[1] ** 0.5))
+    head = nn.Linear(cfg.llm.hidden, N_OBJECT_CLASSES)
+    column_head = nn.Linear(cfg.llm.hidden, grid)
+    columns = torch.arange(labels.shape[1]) % grid                                   # (P,)
+    params = (list(vision.parameters()) + list(projector.parameters()) + list(head.parameters())
+              + list(column_head.parameters()))
+    opt = torch.optim.AdamW(params, lr=cfg.dense_lr, weight_decay=0.01)
+
+    def tokens(px: torch.Tensor) -> torch.Tensor:
+        return projector(vision(pixel_values=px, output_hidden_states=True).hidden_states[-2][:, 1:])  # (B, P, D)
+
+    vision.train()
+    losses = []
+    for step in range(cfg.dense_steps):
+        _set_lr(opt, cosine_lr(step, cfg.dense_steps, cfg.dense_lr, cfg.warmup))
+        idx = torch.randint(len(pixels), (cfg.dense_batch,), generator=gen)
+        x = tokens(pixels[idx])                                                        # (B, P, D)
+        loss = dense_object_loss(head, x, labels[idx], cfg.dense_background_weight)
+        loss = loss + nn.functional.cross_entropy(column_head(x).flatten(0, 1), columns.repeat(len(idx)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if step % (cfg.log_every * 4) == 0 or step == cfg.dense_steps - 1:
+            msg = f"dense step {step:4d}  loss {np.mean(losses[-cfg.log_every * 4:]):.4f}"
+            if val is not None:
+                vision.eval()
+                with torch.no_grad():
+                    pred = torch.cat([head(tokens(val[0][i:i + 64])).argmax(-1) for i in range(0, len(val[0]), 64)])
+                vision.train()
+                on_object = val[1] > 0
+                msg += (f"  val patch accuracy: objects {100 * float((pred[on_object] == val[1][on_object]).float().mean()):.1f}%"
+                        f" background {100 * float((pred[~on_object] == 0).float().mean()):.1f}%")
+            log(msg)
+    vision.eval()
+    return losses
 
 
 def train_llava(model: ToyLlava, encoder: ConversationEncoder, objects: list[list[SceneObject]],
@@ -474,14 +675,22 @@ def train_llava(model: ToyLlava, encoder: ConversationEncoder, objects: list[lis
     if cfg.dense_weight > 0:
         head = nn.Linear(cfg.llm.hidden, N_OBJECT_CLASSES)     # dropped after training (not in the checkpoint)
         groups[0]["params"] += list(head.parameters())
-    opt = torch.optim.AdamW(groups, lr=cfg.llava_lr, weight_decay=0.0, betas=(0.9, 0.98))
     scene_cfg = SceneConfig()
     model.train()
     losses: list[float] = []
     dense_losses: list[float] = []
     attn_losses: list[float] = []
+    readout_losses: list[float] = []
+    bad = [l for l in (*cfg.attn_word_layers, *cfg.attn_layers) if not 0 <= l < cfg.llm.layers]
+    if cfg.attn_weight > 0 and bad:
+        raise ValueError(f"attn_word_layers / attn_layers must be LLM layers 0..{cfg.llm.layers - 1}, got {bad}")
+    readout = None
     if cfg.attn_weight > 0:
         model.llm.set_attn_implementation("eager")      # attention weights are needed for the supervision
+        if cfg.readout_weight > 0:
+            readout = ObjectReadout(cfg.llm.hidden, int(round(features.shape[1] ** 0.5)))
+            groups[0]["params"] += list(readout.parameters())
+    opt = torch.optim.AdamW(groups, lr=cfg.llava_lr, weight_decay=0.0, betas=(0.9, 0.98))
     for step in range(cfg.llava_steps):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, cfg.llava_steps, group["peak"], cfg.warmup)
@@ -494,18 +703,20 @@ def train_llava(model: ToyLlava, encoder: ConversationEncoder, objects: list[lis
             feats = vision(pixel_values=pixels[idx], output_hidden_states=True).hidden_states[-2][:, 1:]
         else:
             feats = features[idx]
-        out = model(ids, labels, feats, output_attentions=cfg.attn_weight > 0)
+        out = model(ids, labels, feats, output_attentions=cfg.attn_weight > 0,
+                    output_hidden_states=readout is not None)
         loss = out.loss
         if cfg.attn_weight > 0:
             image_pos = (ids == IMAGE_TOKEN_INDEX).int().argmax(dim=1)
-            target, rows_mask = attention_targets([e[2] for e in encoded],
-                                                  [[asked_object_classes(qa, objects[i]) for qa in c]
-                                                   for c, i in zip(convs, idx)],
-                                                  patch_labels[idx], image_pos, feats.shape[1],
-                                                  ids.shape[1] + feats.shape[1] - 1)
-            att_loss = attention_supervision_loss(out.attentions, cfg.attn_layers, image_pos, target, rows_mask)
+            targets = attention_targets(encoded, convs, [objects[i] for i in idx], patch_labels[idx], image_pos,
+                                        encoder.word_ids)
+            att_loss = attention_supervision_loss(out.attentions, targets, cfg.attn_word_layers, cfg.attn_layers)
             loss = loss + cfg.attn_weight * att_loss
             attn_losses.append(float(att_loss.detach()))
+            if readout is not None:
+                ro_loss = readout.loss(out.hidden_states[cfg.attn_layers[0] + 1], targets, patch_labels[idx], image_pos)
+                loss = loss + cfg.readout_weight * ro_loss
+                readout_losses.append(float(ro_loss.detach()))
         if head is not None:
             dense = dense_object_loss(head, model.mm_projector(feats), patch_labels[idx], cfg.dense_background_weight)
             loss = loss + cfg.dense_weight * dense
@@ -521,7 +732,9 @@ def train_llava(model: ToyLlava, encoder: ConversationEncoder, objects: list[lis
                 msg += f"  dense {np.mean(dense_losses[-cfg.log_every:]):.3f}"
             if attn_losses:
                 msg += f"  attn {np.mean(attn_losses[-cfg.log_every:]):.3f}"
-            if val is not None and (step % (cfg.log_every * 4) == 0 or step == cfg.llava_steps - 1):
+            if readout_losses:
+                msg += f"  readout {np.mean(readout_losses[-cfg.log_every:]):.3f}"
+            if val is not None and (step % (cfg.log_every * 8) == 0 or step == cfg.llava_steps - 1):
                 if vision is not None:
                     vision.eval()
                     val = (val[0], vision_features(vision, val[2]), val[2])
@@ -632,23 +845,30 @@ def train(out_dir: str | os.PathLike, cfg: ToyTrainConfig = ToyTrainConfig(), lo
     clip_acc = clip_retrieval_accuracy(clip, val_pixels, vcaps.input_ids, vcaps.attention_mask)
     log(f"clip: val image->caption top-1 {100 * clip_acc:.1f}% among {len(val_scenes)} ({time.time() - t0:.0f}s)")
 
-    train_feats = vision_features(clip.vision_model, train_pixels)
-    val_feats = vision_features(clip.vision_model, val_pixels)
     torch.manual_seed(cfg.seed + 5)
     model = (load_toy_llava(resume, cfg, tokenizer) if resume is not None
              else ToyLlava(cfg.llm, len(tokenizer), cfg.clip.vision_hidden, tokenizer))
+    need_labels = cfg.dense_weight > 0 or cfg.attn_weight > 0 or (cfg.dense_steps > 0 and resume is None)
+    train_labels = labels_of(train_scenes, cfg) if need_labels else None
+    dense_losses = []
+    if resume is None and cfg.dense_steps > 0:
+        dense_losses = train_vision_dense(clip.vision_model, model.mm_projector, train_pixels, train_labels, cfg, log,
+                                          val=(val_pixels, labels_of(val_scenes, cfg)))
+        log(f"dense stage done ({time.time() - t0:.0f}s)")
+    train_feats = vision_features(clip.vision_model, train_pixels)
+    val_feats = vision_features(clip.vision_model, val_pixels)
     encoder = ConversationEncoder(tokenizer)
     llava_losses = train_llava(model, encoder, [s.objects for s in train_scenes],
                                [caption(s) for s in train_scenes], train_feats, cfg, log,
                                val=(val_scenes, val_feats, val_pixels),
                                vision=clip.vision_model if cfg.tune_vision else None,
                                pixels=train_pixels if cfg.tune_vision else None,
-                               patch_labels=(labels_of(train_scenes, cfg)
-                                             if cfg.dense_weight > 0 or cfg.attn_weight > 0 else None))
+                               patch_labels=train_labels)
     if cfg.tune_vision:
         val_feats = vision_features(clip.vision_model, val_pixels)
     val_acc = first_token_accuracy(model, encoder, val_scenes, val_feats)
     metrics = {"clip_val_retrieval_top1": 100 * clip_acc, "clip_final_loss": None if resume is not None else float(np.mean(clip_losses[-20:])),
+               "dense_final_loss": float(np.mean(dense_losses[-20:])) if dense_losses else None,
                "llava_final_loss": float(np.mean(llava_losses[-20:])), "val_first_token_accuracy": val_acc,
                "train_seconds": time.time() - t0, "resumed_from": None if resume is None else str(resume)}
     save_checkpoint(out, cfg, clip, clip_tokenizer, image_processor, model, tokenizer, metrics)
@@ -665,10 +885,10 @@ def labels_of(scenes, cfg: ToyTrainConfig) -> torch.Tensor:
 def quick_config(seed: int = 0) -> ToyTrainConfig:
     """A seconds-long configuration for tests (the model learns little)."""
     return ToyTrainConfig(seed=seed, train_scenes=64, val_scenes=8, clip_steps=2, clip_batch=32, llava_steps=2,
-                          llava_batch=4, rounds=2, warmup=1, log_every=1,
+                          llava_batch=4, rounds=2, warmup=1, log_every=1, dense_steps=2, dense_batch=8,
                           clip=ClipSizes(vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=1,
                                          vision_heads=2, text_heads=2, projection_dim=16),
-                          llm=LlmSizes(hidden=32, intermediate=64, layers=1, heads=2, vocab_size=400))
+                          llm=LlmSizes(hidden=32, intermediate=64, layers=2, heads=2, vocab_size=400))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -686,9 +906,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--llava-lr", type=float, default=None)
     parser.add_argument("--dense-weight", type=float, default=None, help="per-patch object-identity loss weight")
     parser.add_argument("--attn-weight", type=float, default=None, help="attention-supervision loss weight")
+    parser.add_argument("--readout-weight", type=float, default=None, help="weight of the object read-out probes")
     parser.add_argument("--llava-batch", type=int, default=None)
     parser.add_argument("--llm-layers", type=int, default=None)
     parser.add_argument("--train-scenes", type=int, default=None)
+    parser.add_argument("--dense-steps", type=int, default=None, help="steps of the per-patch vision stage (0: skip)")
+    parser.add_argument("--rounds", type=int, default=None, help="QA turns per training conversation")
     args = parser.parse_args(argv)
     cfg = quick_config(args.seed) if args.quick else ToyTrainConfig(seed=args.seed)
     cfg.threads = args.threads
@@ -706,12 +929,18 @@ def main(argv: list[str] | None = None) -> None:
         cfg.dense_weight = args.dense_weight
     if args.attn_weight is not None:
         cfg.attn_weight = args.attn_weight
+    if args.readout_weight is not None:
+        cfg.readout_weight = args.readout_weight
     if args.llava_batch is not None:
         cfg.llava_batch = args.llava_batch
     if args.llm_layers is not None:
         cfg.llm.layers = args.llm_layers
     if args.train_scenes is not None:
         cfg.train_scenes = args.train_scenes
+    if args.dense_steps is not None:
+        cfg.dense_steps = args.dense_steps
+    if args.rounds is not None:
+        cfg.rounds = args.rounds
     train(args.out, cfg, log=lambda m: print(m, flush=True), resume=args.resume)
 
 
