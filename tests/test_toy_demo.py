@@ -227,7 +227,9 @@ def test_attention_targets_and_losses_hand_computed():
     att[1, 0, 0, 11, 2], att[1, 0, 0, 11, 3] = 0.4, 0.4            # head 0 on A's patches: 0.8
     att[1, 0, 1, 11, 4] = 0.25                                     # head 1 on B's patch: 0.25
     loss = T.attention_supervision_loss(list(att), targets, (0,), (1,))
-    expected = 0.5 * (-(np.log(0.5 + 1e-6) + np.log(0.2 + 1e-6)) / 2) + 0.5 * (-(np.log(0.8 + 1e-6) + np.log(0.25 + 1e-6)) / 2)
+    words_loss = -(np.log(0.5 + 1e-6) + np.log(0.2 + 1e-6)) / 2
+    patches_loss = -(np.log(0.8 + 1e-6) + np.log(0.25 + 1e-6)) / 2
+    expected = 0.5 * (words_loss + patches_loss)
     assert abs(float(loss) - expected) < 1e-6
     # the read-out probe: soft class histogram and mean column of the attended patches (grid 2 x 2 here)
     readout = T.ObjectReadout(hidden=3, grid=2)
@@ -269,3 +271,12 @@ def test_dense_stage_trains_the_vision_tower_and_projector():
     assert all(not torch.equal(b, a) for b, a in zip(before, trained))
     assert all(torch.equal(b, a) for b, a in zip(before[len(trained):], unused))
     assert not clip.vision_model.training
+
+
+def test_same_seed_same_checkpoint(tmp_path):
+    """Two trainings with one seed write identical weights and tokenizers (the BPE trainer's id order is
+    canonicalised; everything else is seeded)."""
+    for run in ("a", "b"):
+        T.train(tmp_path / run, T.quick_config(seed=3), log=lambda m: None)
+    for name in ("model.safetensors", "clip/model.safetensors", "tokenizer.json", "clip/tokenizer.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name

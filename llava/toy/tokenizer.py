@@ -25,7 +25,21 @@ def _trained_bpe(tokenizer: Tokenizer, texts: Iterable[str], vocab_size: int, **
     tokenizer.train_from_iterator(list(texts), trainer=trainer)
     model = json.loads(tokenizer.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    return model["vocab"], merges
+    return _canonical_ids(model["vocab"], merges, trainer_kwargs.get("special_tokens", [])), merges
+
+
+def _canonical_ids(vocab: dict[str, int], merges: list[tuple[str, str]], specials: list[str]) -> dict[str, int]:
+    """The trained vocabulary with ids in a fixed order: specials, the other merge-free tokens sorted, then
+    each merge's result in merge order. The ``tokenizers`` trainer learns the same tokens and merges on
+    every run but numbers them in a different order each time (hash-set order), which would make the
+    embedding rows, and so the whole training run, differ between two runs with the same seed."""
+    merged = [a + b for a, b in merges]
+    order = [t for t in specials if t in vocab]
+    order += sorted(t for t in vocab if t not in set(order) and t not in set(merged))
+    order += [t for t in dict.fromkeys(merged) if t in vocab and t not in set(order)]
+    if sorted(order) != sorted(vocab):
+        raise RuntimeError("canonical vocabulary order lost or duplicated tokens")
+    return {t: i for i, t in enumerate(order)}
 
 
 def train_llama_tokenizer(texts: Iterable[str], vocab_size: int = 600) -> LlamaTokenizer:

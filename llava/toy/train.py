@@ -39,9 +39,9 @@ from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.conversation import conv_templates
 from llava.mm_utils import tokenizer_image_token
 from llava.model.tiny import original_llava_config
-from llava.toy.scenes import (CATEGORIES, COLORS, EXISTENCE_CATEGORIES, PLURALS, QA, SHAPES, SceneConfig, SceneObject, caption, color_qa,
-                              count_qa, existence_qa, make_scene, object_index_mask, relation_qa, scene_rng,
-                              with_short_answer_prompt)
+from llava.toy.scenes import (CATEGORIES, COLORS, EXISTENCE_CATEGORIES, PLURALS, QA, SHAPES, SceneConfig,
+                              SceneObject, caption, color_qa, count_qa, existence_qa, make_scene, object_index_mask,
+                              relation_qa, scene_rng, with_short_answer_prompt)
 from llava.toy.tokenizer import train_clip_tokenizer, train_llama_tokenizer
 
 CONV_MODE = "vicuna_v1"
@@ -648,8 +648,9 @@ def train_vision_dense(vision, projector: nn.Module, pixels: torch.Tensor, label
                     pred = torch.cat([head(tokens(val[0][i:i + 64])).argmax(-1) for i in range(0, len(val[0]), 64)])
                 vision.train()
                 on_object = val[1] > 0
-                msg += (f"  val patch accuracy: objects {100 * float((pred[on_object] == val[1][on_object]).float().mean()):.1f}%"
-                        f" background {100 * float((pred[~on_object] == 0).float().mean()):.1f}%")
+                obj_acc = 100 * float((pred[on_object] == val[1][on_object]).float().mean())
+                bg_acc = 100 * float((pred[~on_object] == 0).float().mean())
+                msg += f"  val patch accuracy: objects {obj_acc:.1f}% background {bg_acc:.1f}%"
             log(msg)
     vision.eval()
     return losses
