@@ -86,3 +86,13 @@ def test_test_split_size_is_checked(tmp_path):
     with pytest.raises(ValueError, match="--scenes must be >= 1"):
         ensure_test_split(tmp_path / "other", 0)
 
+
+QUALITY_BAR = {"random": 90.0, "popular": 90.0, "adversarial": 90.0, "color": 80.0, "count": 80.0, "relation": 80.0}
+
+
+def test_committed_checkpoint_meets_the_quality_bar(tmp_path):
+    """Issue #7's bar, all 144 tokens, on the held-out test split, through model_vqa_loader and the scorers."""
+    summary = B.main(["--fractions", "1", "--methods", "script", "--out", str(tmp_path), "--device", "cpu"])
+    unpruned = summary["results"]["none"]["144"]
+    below = {c: unpruned[c] for c, bar in QUALITY_BAR.items() if unpruned[c] < bar}
+    assert not below, f"below the bar: {below} (bar {QUALITY_BAR})"
