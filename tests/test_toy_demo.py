@@ -280,3 +280,19 @@ def test_same_seed_same_checkpoint(tmp_path):
         T.train(tmp_path / run, T.quick_config(seed=3), log=lambda m: None)
     for name in ("model.safetensors", "clip/model.safetensors", "tokenizer.json", "clip/tokenizer.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_command_line_options_reach_the_config(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(T, "train", lambda out, cfg, log, resume: seen.update(cfg=cfg, out=out, resume=resume))
+    T.main(["--out", "X", "--llava-steps", "7", "--clip-steps", "3", "--dense-steps", "0", "--llava-lr", "0.5",
+            "--llava-batch", "2", "--rounds", "4", "--train-scenes", "40", "--dense-weight", "0.1",
+            "--attn-weight", "0.2", "--readout-weight", "0.3", "--init-std", "0.04", "--llm-layers", "5",
+            "--tune-vision", "--threads", "2"])
+    cfg = seen["cfg"]
+    assert (cfg.llava_steps, cfg.clip_steps, cfg.dense_steps, cfg.llava_lr, cfg.llava_batch, cfg.rounds,
+            cfg.train_scenes) == (7, 3, 0, 0.5, 2, 4, 40)
+    assert (cfg.dense_weight, cfg.attn_weight, cfg.readout_weight) == (0.1, 0.2, 0.3)
+    assert (cfg.llm.init_std, cfg.llm.layers, cfg.tune_vision, cfg.threads) == (0.04, 5, True, 2)
+    T.main(["--out", "Y"])                                   # no options: the defaults stay
+    assert seen["cfg"] == T.ToyTrainConfig()

@@ -916,32 +916,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = quick_config(args.seed) if args.quick else ToyTrainConfig(seed=args.seed)
     cfg.threads = args.threads
-    if args.llava_steps is not None:
-        cfg.llava_steps = args.llava_steps
     cfg.tune_vision = cfg.tune_vision or args.tune_vision
     cfg.clip_patch_mean = cfg.clip_patch_mean or args.clip_patch_mean
-    if args.init_std is not None:
-        cfg.llm.init_std = args.init_std
-    if args.llava_lr is not None:
-        cfg.llava_lr = args.llava_lr
-    if args.clip_steps is not None:
-        cfg.clip_steps = args.clip_steps
-    if args.dense_weight is not None:
-        cfg.dense_weight = args.dense_weight
-    if args.attn_weight is not None:
-        cfg.attn_weight = args.attn_weight
-    if args.readout_weight is not None:
-        cfg.readout_weight = args.readout_weight
-    if args.llava_batch is not None:
-        cfg.llava_batch = args.llava_batch
-    if args.llm_layers is not None:
-        cfg.llm.layers = args.llm_layers
-    if args.train_scenes is not None:
-        cfg.train_scenes = args.train_scenes
-    if args.dense_steps is not None:
-        cfg.dense_steps = args.dense_steps
-    if args.rounds is not None:
-        cfg.rounds = args.rounds
+    overrides = {  # command-line option (argparse dest) -> (config object, field); None keeps the default
+        "llava_steps": (cfg, "llava_steps"), "clip_steps": (cfg, "clip_steps"), "dense_steps": (cfg, "dense_steps"),
+        "llava_lr": (cfg, "llava_lr"), "llava_batch": (cfg, "llava_batch"), "rounds": (cfg, "rounds"),
+        "train_scenes": (cfg, "train_scenes"), "dense_weight": (cfg, "dense_weight"),
+        "attn_weight": (cfg, "attn_weight"), "readout_weight": (cfg, "readout_weight"),
+        "init_std": (cfg.llm, "init_std"), "llm_layers": (cfg.llm, "layers"),
+    }
+    for dest, (target, name) in overrides.items():
+        if getattr(args, dest) is not None:
+            setattr(target, name, getattr(args, dest))
     train(args.out, cfg, log=lambda m: print(m, flush=True), resume=args.resume)
 
 
