@@ -288,11 +288,23 @@ def test_command_line_options_reach_the_config(monkeypatch):
     T.main(["--out", "X", "--llava-steps", "7", "--clip-steps", "3", "--dense-steps", "0", "--llava-lr", "0.5",
             "--llava-batch", "2", "--rounds", "4", "--train-scenes", "40", "--dense-weight", "0.1",
             "--attn-weight", "0.2", "--readout-weight", "0.3", "--init-std", "0.04", "--llm-layers", "5",
-            "--tune-vision", "--threads", "2"])
+            "--tune-vision", "--threads", "3"])
     cfg = seen["cfg"]
     assert (cfg.llava_steps, cfg.clip_steps, cfg.dense_steps, cfg.llava_lr, cfg.llava_batch, cfg.rounds,
             cfg.train_scenes) == (7, 3, 0, 0.5, 2, 4, 40)
     assert (cfg.dense_weight, cfg.attn_weight, cfg.readout_weight) == (0.1, 0.2, 0.3)
-    assert (cfg.llm.init_std, cfg.llm.layers, cfg.tune_vision, cfg.threads) == (0.04, 5, True, 2)
+    assert (cfg.llm.init_std, cfg.llm.layers, cfg.tune_vision, cfg.threads) == (0.04, 5, True, 3)
     T.main(["--out", "Y"])                                   # no options: the defaults stay
     assert seen["cfg"] == T.ToyTrainConfig()
+
+
+@pytest.mark.parametrize("change, message", [({"threads": 0}, "threads must be >= 1, got 0"),
+                                             ({"val_every": 0}, "val_every must be >= 1, got 0"),
+                                             ({"train_scenes": 8}, r"train_scenes must be >= clip_batch \(32\), got 8")])
+def test_bad_training_config_is_refused_before_any_work(tmp_path, change, message):
+    cfg = T.quick_config()
+    for name, value in change.items():
+        setattr(cfg, name, value)
+    with pytest.raises(ValueError, match=message):
+        T.train(tmp_path / "out", cfg, log=lambda m: None)
+    assert not (tmp_path / "out").exists()

@@ -85,7 +85,7 @@ class ToyTrainConfig:
     clip_steps: int = 100
     clip_batch: int = 32
     clip_lr: float = 1e-3
-    llava_steps: int = 1400
+    llava_steps: int = 2000
     llava_batch: int = 12
     llava_lr: float = 2e-3
     rounds: int = 10               # QA turns per training conversation
@@ -107,8 +107,9 @@ class ToyTrainConfig:
     readout_weight: float = 1.0    # weight of the probes that read objects A and B's class and column from the
                                    # residual stream after the first of attn_layers (0: off)
     warmup: int = 30
-    threads: int = 1
+    threads: int = 2               # torch CPU threads; results are reproducible for a fixed thread count
     log_every: int = 25
+    val_every: int = 500           # steps between val evaluations logged during stages 3 and 4 (no effect on weights)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -642,7 +643,7 @@ def train_vision_dense(vision, projector: nn.Module, pixels: torch.Tensor, label
         losses.append(float(loss.detach()))
         if step % (cfg.log_every * 4) == 0 or step == cfg.dense_steps - 1:
             msg = f"dense step {step:4d}  loss {np.mean(losses[-cfg.log_every * 4:]):.4f}"
-            if val is not None:
+            if val is not None and (step % cfg.val_every == 0 or step == cfg.dense_steps - 1):
                 vision.eval()
                 with torch.no_grad():
                     pred = torch.cat([head(tokens(val[0][i:i + 64])).argmax(-1) for i in range(0, len(val[0]), 64)])
@@ -735,7 +736,7 @@ def train_llava(model: ToyLlava, encoder: ConversationEncoder, objects: list[lis
                 msg += f"  attn {np.mean(attn_losses[-cfg.log_every:]):.3f}"
             if readout_losses:
                 msg += f"  readout {np.mean(readout_losses[-cfg.log_every:]):.3f}"
-            if val is not None and (step % (cfg.log_every * 8) == 0 or step == cfg.llava_steps - 1):
+            if val is not None and step % cfg.val_every == 0:      # train() evaluates the final model
                 if vision is not None:
                     vision.eval()
                     val = (val[0], vision_features(vision, val[2]), val[2])
@@ -809,6 +810,9 @@ def train(out_dir: str | os.PathLike, cfg: ToyTrainConfig = ToyTrainConfig(), lo
 
     With ``resume`` (a toy checkpoint folder) the tokenizers and the CLIP are taken from it and the
     LLaVA stage continues from its weights for ``cfg.llava_steps`` more steps."""
+    if cfg.threads < 1 or cfg.val_every < 1:
+        name = "threads" if cfg.threads < 1 else "val_every"
+        raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.train_scenes < cfg.clip_batch:
         raise ValueError(f"train_scenes must be >= clip_batch ({cfg.clip_batch}), got {cfg.train_scenes}")
     torch.set_num_threads(cfg.threads)
@@ -899,7 +903,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     parser.add_argument("--llava-steps", type=int, default=None)
     parser.add_argument("--clip-steps", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default 2; another count gives slightly different weights)")
     parser.add_argument("--init-std", type=float, default=None)
     parser.add_argument("--clip-patch-mean", action="store_true", help="extra contrastive loss on mean patch features")
     parser.add_argument("--tune-vision", action="store_true", help="train the vision tower in the LLaVA stage")
@@ -915,7 +920,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=None, help="QA turns per training conversation")
     args = parser.parse_args(argv)
     cfg = quick_config(args.seed) if args.quick else ToyTrainConfig(seed=args.seed)
-    cfg.threads = args.threads
     cfg.tune_vision = cfg.tune_vision or args.tune_vision
     cfg.clip_patch_mean = cfg.clip_patch_mean or args.clip_patch_mean
     overrides = {  # command-line option (argparse dest) -> (config object, field); None keeps the default
@@ -923,7 +927,7 @@ def main(argv: list[str] | None = None) -> None:
         "llava_lr": (cfg, "llava_lr"), "llava_batch": (cfg, "llava_batch"), "rounds": (cfg, "rounds"),
         "train_scenes": (cfg, "train_scenes"), "dense_weight": (cfg, "dense_weight"),
         "attn_weight": (cfg, "attn_weight"), "readout_weight": (cfg, "readout_weight"),
-        "init_std": (cfg.llm, "init_std"), "llm_layers": (cfg.llm, "layers"),
+        "init_std": (cfg.llm, "init_std"), "threads": (cfg, "threads"), "llm_layers": (cfg.llm, "layers"),
     }
     for dest, (target, name) in overrides.items():
         if getattr(args, dest) is not None:
