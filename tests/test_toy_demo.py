@@ -288,12 +288,12 @@ def test_command_line_options_reach_the_config(monkeypatch):
     T.main(["--out", "X", "--llava-steps", "7", "--clip-steps", "3", "--dense-steps", "0", "--llava-lr", "0.5",
             "--llava-batch", "2", "--rounds", "4", "--train-scenes", "40", "--dense-weight", "0.1",
             "--attn-weight", "0.2", "--readout-weight", "0.3", "--init-std", "0.04", "--llm-layers", "5",
-            "--tune-vision", "--threads", "3"])
+            "--tune-vision", "--threads", "3", "--align-steps", "9"])
     cfg = seen["cfg"]
     assert (cfg.llava_steps, cfg.clip_steps, cfg.dense_steps, cfg.llava_lr, cfg.llava_batch, cfg.rounds,
             cfg.train_scenes) == (7, 3, 0, 0.5, 2, 4, 40)
     assert (cfg.dense_weight, cfg.attn_weight, cfg.readout_weight) == (0.1, 0.2, 0.3)
-    assert (cfg.llm.init_std, cfg.llm.layers, cfg.tune_vision, cfg.threads) == (0.04, 5, True, 3)
+    assert (cfg.llm.init_std, cfg.llm.layers, cfg.tune_vision, cfg.threads, cfg.align_steps) == (0.04, 5, True, 3, 9)
     T.main(["--out", "Y"])                                   # no options: the defaults stay
     assert seen["cfg"] == T.ToyTrainConfig()
 
@@ -308,3 +308,73 @@ def test_bad_training_config_is_refused_before_any_work(tmp_path, change, messag
     with pytest.raises(ValueError, match=message):
         T.train(tmp_path / "out", cfg, log=lambda m: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_query_patch_loss_hand_computed():
+    text = torch.tensor([[1.0, 0.0]])                                  # (B=1, E=2)
+    patches = torch.tensor([[[3.0, 0.0], [0.0, 2.0], [-1.0, 0.0]]])   # cosines 1, 0, -1
+    scale = torch.tensor(2.0)
+    denom = np.exp(2.0) + np.exp(0.0) + np.exp(-2.0)
+    one = torch.tensor([[True, False, False]])
+    assert abs(float(T.query_patch_loss(text, patches, one, scale)) + np.log(np.exp(2.0) / denom)) < 1e-6
+    two = torch.tensor([[False, True, True]])                          # mass of two patches
+    expected = -np.log((np.exp(0.0) + np.exp(-2.0)) / denom)
+    assert abs(float(T.query_patch_loss(text, patches, two, scale)) - expected) < 1e-6
+    # negated: the least similar patch (cos -1) now gets the most mass
+    last = torch.tensor([[False, False, True]])
+    assert abs(float(T.query_patch_loss(text, patches, last, scale, negate=True)) + np.log(np.exp(2.0) / denom)) < 1e-6
+
+
+def test_query_alignment_trains_only_the_text_side_and_draws_no_global_random_numbers():
+    from llava.toy.scenes import caption
+
+    cfg = T.quick_config()
+    cfg.align_steps, cfg.align_batch, cfg.align_lr, cfg.warmup = 15, 16, 3e-3, 1
+    scenes = [make_scene(0, "train", i) for i in range(16)]
+    clip_tok = T.train_clip_tokenizer([caption(s) for s in scenes] + [q.question for s in scenes for q in s.qas],
+                                      cfg.clip.vocab_size)
+    clip = T.build_clip(cfg.clip, clip_tok)
+    pixels = T.pixel_values([s.image for s in scenes], T.build_image_processor(cfg.clip))
+    feats = T.vision_features(clip.vision_model, pixels)
+    encoder = {k: v.clone() for k, v in clip.vision_model.state_dict().items() if not k.startswith("post_layernorm")}
+    text_side = [p.detach().clone() for p in (*clip.text_model.parameters(), clip.text_projection.weight,
+                                              clip.visual_projection.weight)]
+    rng_state = torch.get_rng_state()
+    losses = T.train_query_alignment(clip, clip_tok, feats, [s.objects for s in scenes], T.labels_of(scenes, cfg),
+                                     cfg, log=lambda m: None)
+    assert torch.equal(torch.get_rng_state(), rng_state)                 # the LLaVA stage's init is unaffected
+    after = clip.vision_model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in encoder.items())       # LLaVA's visual tokens do not change
+    torch.testing.assert_close(T.vision_features(clip.vision_model, pixels), feats, rtol=0, atol=0)
+    moved = [not torch.equal(b, a) for b, a in zip(text_side, (*clip.text_model.parameters(),
+                                                               clip.text_projection.weight,
+                                                               clip.visual_projection.weight))]
+    assert all(moved[-2:]) and any(moved[:-2])
+    assert len(losses) == 15 and np.mean(losses[-3:]) < losses[0]
+
+
+def test_committed_clip_points_questions_at_their_objects(loaded):
+    """What the pruning methods read: LLaVA's (negated, default) query relevance of the committed checkpoint
+    puts its top patch on the asked object(s), judged by the scene generator's object masks."""
+    import script_prune
+    from llava.model.pruning import PruningConfig
+
+    _, model, processor, _ = loaded
+    encoder = model._relevance_encoder()
+    post_ln = model.get_vision_tower().vision_tower.vision_model.post_layernorm
+    cfg = T.ToyTrainConfig()
+    hits = []
+    for i in range(12):
+        scene = make_scene(0, "test", i)
+        labels = T.labels_of([scene], cfg)[0]
+        pixels = T.pixel_values([scene.image], processor)
+        with torch.no_grad():
+            image_embeds = encoder.embed_image(model.get_vision_tower()(pixels).features, post_ln)   # (1, N, P)
+        for qa in scene.qas:
+            classes = sorted({c for side in T.asked_objects(qa, scene.objects) for c in side})
+            if not classes:
+                continue
+            relevance = script_prune.query_relevance(image_embeds, encoder.embed_query(qa.question)[None],
+                                                     negate=PruningConfig.__dataclass_fields__["negate_relevance"].default)
+            hits.append(bool(torch.isin(labels[relevance[0].argmax()], torch.tensor(classes))))
+    assert len(hits) >= 30 and np.mean(hits) >= 0.8, (len(hits), np.mean(hits))

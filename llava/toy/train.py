@@ -10,6 +10,8 @@ Stages (all seeded):
    config in ``DIR/clip``;
 4. seeing shapes (:func:`train_vision_dense`): the vision tower and the ``mlp2x_gelu`` projector learn to
    tell, per patch token, which object covers the patch and in which grid column it lies;
+4b. query relevance (:func:`train_query_alignment`): the CLIP text side learns that a question's embedding
+   is farthest from its object's patches (real CLIP's inversion, undone by LLaVA's default negation);
 5. LLaVA: the frozen vision tower (layer ``mm_vision_select_layer`` = -2, patch tokens), the projector and a
    small Llama trained on multi-turn QA conversations in the ``vicuna_v1`` prompt; only answer tokens (and
    their ``</s>``) are in the loss, as in LLaVA's ``preprocess_v1``, plus training-only losses that teach the
@@ -95,6 +97,11 @@ class ToyTrainConfig:
     dense_steps: int = 1500        # stage 3: vision tower + projector trained on per-patch object classes
     dense_batch: int = 32
     dense_lr: float = 1.5e-3
+    align_steps: int = 300         # query alignment: CLIP text tower + projections taught to point questions at patches
+    align_batch: int = 64
+    align_lr: float = 1e-3
+    align_negated: bool = True     # as with real CLIP, the asked object's patches get the LOWEST cosine to the
+                                   # question (LLaVA's pruning negates the relevance by default)
     tune_vision: bool = False      # also train the CLIP vision tower in the LLaVA stage (as LLaVA-NeXT does)
     vision_lr: float = 5e-4
     dense_weight: float = 1.0      # weight of the per-patch object-identity loss on the projector output (0: off)
@@ -657,6 +664,90 @@ def train_vision_dense(vision, projector: nn.Module, pixels: torch.Tensor, label
     return losses
 
 
+def query_patch_loss(text_embeds: torch.Tensor, patch_embeds: torch.Tensor, targets: torch.Tensor,
+                     scale: torch.Tensor, negate: bool = False) -> torch.Tensor:
+    """-log of the softmax mass, over each image's patches, of ``scale * cos(question, patch)`` (``-cos`` if
+    ``negate``) on the patches of the objects the question asks about, averaged over the batch.
+
+    text_embeds: (B, E) projected question embeddings; patch_embeds: (B, N, E) projected patch embeddings;
+    targets: (B, N) bool, at least one True per row; scale: () the CLIP logit scale (already exp'd)."""
+    cos = torch.einsum("be,bne->bn", nn.functional.normalize(text_embeds, dim=-1),
+                       nn.functional.normalize(patch_embeds, dim=-1))                        # (B, N)
+    logp = torch.log_softmax(scale * (-cos if negate else cos), dim=-1)
+    return -torch.logsumexp(logp.masked_fill(~targets, float("-inf")), dim=-1).mean()
+
+
+def relevance_examples(objects: list[SceneObject], labels: torch.Tensor, rng: np.random.Generator,
+                       scene_cfg: SceneConfig, tries: int = 4) -> tuple[str, torch.Tensor] | None:
+    """One training question about a scene whose asked objects are in it, and the (N,) mask of their patches
+    (object A and B of :func:`asked_objects`); None when none of ``tries`` drawn questions has any."""
+    for qa in training_qas(objects, rng, tries, scene_cfg):
+        classes = sorted({c for side in asked_objects(qa, objects) for c in side})
+        target = torch.isin(labels, torch.tensor(classes, dtype=labels.dtype)) if classes else None
+        if target is not None and bool(target.any()):
+            return qa.question, target
+    return None
+
+
+def train_query_alignment(clip, clip_tokenizer, features: torch.Tensor, objects: list[list[SceneObject]],
+                          labels: torch.Tensor, cfg: ToyTrainConfig, log, val=None) -> list[float]:
+    """Query alignment (between the vision and the LLaVA stage): teach the CLIP text tower, ``text_projection``, ``visual_projection`` and the vision
+    ``post_layernorm`` that a question's embedding lies closest to the patches of the object it asks about
+    (farthest with ``cfg.align_negated``, the inversion real CLIP shows on penultimate-layer patches, which
+    LLaVA's default ``negate_relevance`` undoes), with patches embedded as QCRS embeds them
+    (``visual_projection(post_layernorm(layer -2 patch))``).
+
+    The vision encoder is frozen, so LLaVA's visual tokens do not change; only the query relevance that the
+    query-conditioned pruning methods read does. features: (N_img, P, Dv) cached layer -2 features; labels:
+    (N_img, P) patch classes; val: optional (features, objects, labels). Draws no global random numbers."""
+    gen = torch.Generator().manual_seed(cfg.seed + 41)
+    scene_cfg = SceneConfig()
+    vision = clip.vision_model
+    params = (list(clip.text_model.parameters()) + list(clip.text_projection.parameters())
+              + list(clip.visual_projection.parameters()) + list(vision.post_layernorm.parameters())
+              + [clip.logit_scale])
+    opt = torch.optim.AdamW(params, lr=cfg.align_lr, weight_decay=0.0)
+
+    def batch_loss(feats, objs, labs, rng):
+        examples = [(i, relevance_examples(objs[i], labs[i], rng, scene_cfg)) for i in range(len(objs))]
+        examples = [(i, e) for i, e in examples if e is not None]
+        rows = torch.tensor([i for i, _ in examples])
+        text = clip_tokenizer([e[0] for _, e in examples], padding=True, return_tensors="pt")
+        text_embeds = clip.get_text_features(input_ids=text.input_ids, attention_mask=text.attention_mask)
+        text_embeds = getattr(text_embeds, "pooler_output", text_embeds)                      # (B, E)
+        patch_embeds = clip.visual_projection(vision.post_layernorm(feats[rows]))            # (B, P, E)
+        targets = torch.stack([e[1] for _, e in examples])                                    # (B, P)
+        loss = query_patch_loss(text_embeds, patch_embeds, targets, clip.logit_scale.exp(), cfg.align_negated)
+        score = torch.einsum("be,bpe->bp", text_embeds, patch_embeds) * (-1 if cfg.align_negated else 1)
+        top1 = targets[torch.arange(len(rows)), score.argmax(-1)].float().mean()              # top patch on target
+        return loss, float(top1)
+
+    def evaluate() -> str:
+        with torch.no_grad():
+            loss, top1 = batch_loss(val[0], val[1], val[2], np.random.default_rng([cfg.seed, 78]))
+        return f"  val loss {float(loss):.3f}, top patch on the asked object {100 * top1:.1f}%"
+
+    losses = []
+    if val is not None:
+        log("align step    -  before" + evaluate())
+    for step in range(cfg.align_steps):
+        _set_lr(opt, cosine_lr(step, cfg.align_steps, cfg.align_lr, cfg.warmup))
+        idx = torch.randint(len(features), (cfg.align_batch,), generator=gen)
+        loss, _ = batch_loss(features[idx], [objects[i] for i in idx.tolist()], labels[idx],
+                             np.random.default_rng([cfg.seed, 77, step]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if step % (cfg.log_every * 4) == 0 or step == cfg.align_steps - 1:
+            msg = f"align step {step:4d}  loss {np.mean(losses[-cfg.log_every * 4:]):.4f}"
+            if val is not None and step == cfg.align_steps - 1:
+                msg += evaluate()
+            log(msg)
+    return losses
+
+
 def train_llava(model: ToyLlava, encoder: ConversationEncoder, objects: list[list[SceneObject]],
                 captions: list[str], features: torch.Tensor, cfg: ToyTrainConfig, log, val=None,
                 vision=None, pixels: torch.Tensor | None = None,
@@ -853,7 +944,8 @@ def train(out_dir: str | os.PathLike, cfg: ToyTrainConfig = ToyTrainConfig(), lo
     torch.manual_seed(cfg.seed + 5)
     model = (load_toy_llava(resume, cfg, tokenizer) if resume is not None
              else ToyLlava(cfg.llm, len(tokenizer), cfg.clip.vision_hidden, tokenizer))
-    need_labels = cfg.dense_weight > 0 or cfg.attn_weight > 0 or (cfg.dense_steps > 0 and resume is None)
+    need_labels = (cfg.dense_weight > 0 or cfg.attn_weight > 0
+                   or ((cfg.dense_steps > 0 or cfg.align_steps > 0) and resume is None))
     train_labels = labels_of(train_scenes, cfg) if need_labels else None
     dense_losses = []
     if resume is None and cfg.dense_steps > 0:
@@ -862,6 +954,12 @@ def train(out_dir: str | os.PathLike, cfg: ToyTrainConfig = ToyTrainConfig(), lo
         log(f"dense stage done ({time.time() - t0:.0f}s)")
     train_feats = vision_features(clip.vision_model, train_pixels)
     val_feats = vision_features(clip.vision_model, val_pixels)
+    align_losses = []
+    if resume is None and cfg.align_steps > 0:
+        align_losses = train_query_alignment(clip, clip_tokenizer, train_feats, [s.objects for s in train_scenes],
+                                             train_labels, cfg, log,
+                                             val=(val_feats, [s.objects for s in val_scenes], labels_of(val_scenes, cfg)))
+        log(f"query alignment done ({time.time() - t0:.0f}s)")
     encoder = ConversationEncoder(tokenizer)
     llava_losses = train_llava(model, encoder, [s.objects for s in train_scenes],
                                [caption(s) for s in train_scenes], train_feats, cfg, log,
@@ -874,6 +972,7 @@ def train(out_dir: str | os.PathLike, cfg: ToyTrainConfig = ToyTrainConfig(), lo
     val_acc = first_token_accuracy(model, encoder, val_scenes, val_feats)
     metrics = {"clip_val_retrieval_top1": 100 * clip_acc, "clip_final_loss": None if resume is not None else float(np.mean(clip_losses[-20:])),
                "dense_final_loss": float(np.mean(dense_losses[-20:])) if dense_losses else None,
+               "align_final_loss": float(np.mean(align_losses[-20:])) if align_losses else None,
                "llava_final_loss": float(np.mean(llava_losses[-20:])), "val_first_token_accuracy": val_acc,
                "train_seconds": time.time() - t0, "resumed_from": None if resume is None else str(resume)}
     save_checkpoint(out, cfg, clip, clip_tokenizer, image_processor, model, tokenizer, metrics)
@@ -891,6 +990,7 @@ def quick_config(seed: int = 0) -> ToyTrainConfig:
     """A seconds-long configuration for tests (the model learns little)."""
     return ToyTrainConfig(seed=seed, train_scenes=64, val_scenes=8, clip_steps=2, clip_batch=32, llava_steps=2,
                           llava_batch=4, rounds=2, warmup=1, log_every=1, dense_steps=2, dense_batch=8,
+                          align_steps=2, align_batch=8,
                           clip=ClipSizes(vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=1,
                                          vision_heads=2, text_heads=2, projection_dim=16),
                           llm=LlmSizes(hidden=32, intermediate=64, layers=2, heads=2, vocab_size=400))
@@ -918,13 +1018,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-scenes", type=int, default=None)
     parser.add_argument("--dense-steps", type=int, default=None, help="steps of the per-patch vision stage (0: skip)")
     parser.add_argument("--rounds", type=int, default=None, help="QA turns per training conversation")
+    parser.add_argument("--align-steps", type=int, default=None,
+                        help="steps of the question-to-patch alignment of the CLIP text side (0: skip)")
     args = parser.parse_args(argv)
     cfg = quick_config(args.seed) if args.quick else ToyTrainConfig(seed=args.seed)
     cfg.tune_vision = cfg.tune_vision or args.tune_vision
     cfg.clip_patch_mean = cfg.clip_patch_mean or args.clip_patch_mean
     overrides = {  # command-line option (argparse dest) -> (config object, field); None keeps the default
         "llava_steps": (cfg, "llava_steps"), "clip_steps": (cfg, "clip_steps"), "dense_steps": (cfg, "dense_steps"),
-        "llava_lr": (cfg, "llava_lr"), "llava_batch": (cfg, "llava_batch"), "rounds": (cfg, "rounds"),
+        "llava_lr": (cfg, "llava_lr"), "llava_batch": (cfg, "llava_batch"), "rounds": (cfg, "rounds"), "align_steps": (cfg, "align_steps"),
         "train_scenes": (cfg, "train_scenes"), "dense_weight": (cfg, "dense_weight"),
         "attn_weight": (cfg, "attn_weight"), "readout_weight": (cfg, "readout_weight"),
         "init_std": (cfg.llm, "init_std"), "threads": (cfg, "threads"), "llm_layers": (cfg.llm, "layers"),
