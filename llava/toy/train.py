@@ -116,7 +116,8 @@ class ToyTrainConfig:
     warmup: int = 30
     threads: int = 2               # torch CPU threads; results are reproducible for a fixed thread count
     log_every: int = 25
-    val_every: int = 500           # steps between val evaluations logged during stages 3 and 4 (no effect on weights)
+    val_every: int = 500           # steps between val evaluations logged in the vision and LLaVA stages (no
+                                   # effect on the weights)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -691,11 +692,11 @@ def relevance_examples(objects: list[SceneObject], labels: torch.Tensor, rng: np
 
 def train_query_alignment(clip, clip_tokenizer, features: torch.Tensor, objects: list[list[SceneObject]],
                           labels: torch.Tensor, cfg: ToyTrainConfig, log, val=None) -> list[float]:
-    """Query alignment (between the vision and the LLaVA stage): teach the CLIP text tower, ``text_projection``, ``visual_projection`` and the vision
-    ``post_layernorm`` that a question's embedding lies closest to the patches of the object it asks about
-    (farthest with ``cfg.align_negated``, the inversion real CLIP shows on penultimate-layer patches, which
-    LLaVA's default ``negate_relevance`` undoes), with patches embedded as QCRS embeds them
-    (``visual_projection(post_layernorm(layer -2 patch))``).
+    """Query alignment (between the vision and the LLaVA stage): teach the CLIP text tower,
+    ``text_projection``, ``visual_projection`` and the vision ``post_layernorm`` that a question's embedding
+    lies closest to the patches of the object it asks about (farthest with ``cfg.align_negated``, the
+    inversion real CLIP shows on penultimate-layer patches, which LLaVA's default ``negate_relevance``
+    undoes), with patches embedded as QCRS embeds them (``visual_projection(post_layernorm(layer -2 patch))``).
 
     The vision encoder is frozen, so LLaVA's visual tokens do not change; only the query relevance that the
     query-conditioned pruning methods read does. features: (N_img, P, Dv) cached layer -2 features; labels:
@@ -947,10 +948,11 @@ def train(out_dir: str | os.PathLike, cfg: ToyTrainConfig = ToyTrainConfig(), lo
     need_labels = (cfg.dense_weight > 0 or cfg.attn_weight > 0
                    or ((cfg.dense_steps > 0 or cfg.align_steps > 0) and resume is None))
     train_labels = labels_of(train_scenes, cfg) if need_labels else None
+    val_labels = labels_of(val_scenes, cfg) if need_labels else None
     dense_losses = []
     if resume is None and cfg.dense_steps > 0:
         dense_losses = train_vision_dense(clip.vision_model, model.mm_projector, train_pixels, train_labels, cfg, log,
-                                          val=(val_pixels, labels_of(val_scenes, cfg)))
+                                          val=(val_pixels, val_labels))
         log(f"dense stage done ({time.time() - t0:.0f}s)")
     train_feats = vision_features(clip.vision_model, train_pixels)
     val_feats = vision_features(clip.vision_model, val_pixels)
@@ -958,7 +960,7 @@ def train(out_dir: str | os.PathLike, cfg: ToyTrainConfig = ToyTrainConfig(), lo
     if resume is None and cfg.align_steps > 0:
         align_losses = train_query_alignment(clip, clip_tokenizer, train_feats, [s.objects for s in train_scenes],
                                              train_labels, cfg, log,
-                                             val=(val_feats, [s.objects for s in val_scenes], labels_of(val_scenes, cfg)))
+                                             val=(val_feats, [s.objects for s in val_scenes], val_labels))
         log(f"query alignment done ({time.time() - t0:.0f}s)")
     encoder = ConversationEncoder(tokenizer)
     llava_losses = train_llava(model, encoder, [s.objects for s in train_scenes],
@@ -1026,7 +1028,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg.clip_patch_mean = cfg.clip_patch_mean or args.clip_patch_mean
     overrides = {  # command-line option (argparse dest) -> (config object, field); None keeps the default
         "llava_steps": (cfg, "llava_steps"), "clip_steps": (cfg, "clip_steps"), "dense_steps": (cfg, "dense_steps"),
-        "llava_lr": (cfg, "llava_lr"), "llava_batch": (cfg, "llava_batch"), "rounds": (cfg, "rounds"), "align_steps": (cfg, "align_steps"),
+        "llava_lr": (cfg, "llava_lr"), "llava_batch": (cfg, "llava_batch"), "rounds": (cfg, "rounds"),
+        "align_steps": (cfg, "align_steps"),
         "train_scenes": (cfg, "train_scenes"), "dense_weight": (cfg, "dense_weight"),
         "attn_weight": (cfg, "attn_weight"), "readout_weight": (cfg, "readout_weight"),
         "init_std": (cfg.llm, "init_std"), "threads": (cfg, "threads"), "llm_layers": (cfg.llm, "layers"),
