@@ -1,5 +1,6 @@
 """Session fixtures: tiny random LLaVA checkpoints (original LLaVA format) written by llava.model.tiny."""
 
+import logging
 import os
 
 import pytest
@@ -22,3 +23,37 @@ def tiny_llava_next_path(tmp_path_factory) -> str:
     from llava.model.tiny import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llava-next"), arch="llava-next", seed=0)
+
+
+class _DeprecationRecords(logging.Handler):
+    """Collects transformers' logged deprecation notices (it reports some through its logger, not `warnings`)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "deprecat" in message.lower():
+            self.messages.append(message)
+
+
+@pytest.fixture(autouse=True)
+def no_logged_deprecations():
+    """Fail a test during which transformers logs a deprecation notice: inside this suite only our calls reach
+    transformers, so such a notice means our code uses an API that is on its way out.
+
+    ``warning_once`` remembers what it said in this process; its memory is cleared so that every test that
+    triggers a notice fails, not only the first one."""
+    hf_logger = logging.getLogger("transformers")
+    records = _DeprecationRecords()
+    warning_once = getattr(logging.Logger, "warning_once", None)
+    if hasattr(warning_once, "cache_clear"):
+        warning_once.cache_clear()
+    hf_logger.addHandler(records)
+    try:
+        yield
+    finally:
+        hf_logger.removeHandler(records)
+    if records.messages:
+        pytest.fail("transformers logged a deprecation caused by our call: " + " | ".join(dict.fromkeys(records.messages)))

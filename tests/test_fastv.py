@@ -14,6 +14,7 @@ import torch
 import llava.model.fastv as fastv_module
 from llava.mm_utils import process_images
 from llava.model.builder import load_pretrained_model
+from llava.model.hf_compat import output_cache
 from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
 from llava.model.pruning import PruningConfig
 from tests.helpers import prompt_ids, random_image
@@ -199,7 +200,7 @@ def test_decoding_uses_the_shortened_cache(deep):
     try:
         with torch.no_grad():
             out = model(ids, images=pixels, use_cache=True)
-            cache = out.past_key_values
+            cache = output_cache(out)
             # (d) every layer's cache holds the shortened prompt
             assert cache.get_seq_length() == kept.shape[0]
             assert all(layer.keys.shape[2] == kept.shape[0] for layer in cache.layers)

@@ -49,6 +49,7 @@ import torch
 
 import script_prune as sp
 from llava.eval import flops as F
+from llava.model.hf_compat import CACHE_ARG, OUTPUT_CACHE_FIELD, output_cache
 
 BASELINE = "none"  # the unpruned model's row
 MIB = 2**20
@@ -105,7 +106,7 @@ class Pipeline:
     shape: F.ModelShape  # the real model's shape (FLOPs use its full depth)
     vision_fn: Callable[[torch.Tensor, bool], VisionOutputs]  # (pixels (R,3,S,S), with_attention) -> outputs
     projector: torch.nn.Module  # LLaVA mm_projector
-    llm: torch.nn.Module  # LlamaForCausalLM-like (inputs_embeds, past_key_values, logits_to_keep)
+    llm: torch.nn.Module  # LlamaForCausalLM-like (inputs_embeds, KV cache, logits_to_keep)
     relevance_fn: Callable[[VisionOutputs], dict[str, torch.Tensor]] | None = None  # image/query embeds
     attention_fn: Callable[[VisionOutputs], dict[str, torch.Tensor]] | None = None  # cls_attention/keys
     source: str = "random-weights"
@@ -441,14 +442,14 @@ def llm_stage_prefill(pipe: Pipeline, embeds: torch.Tensor, visual_rows: torch.T
     base, _ = fastv_prefill(pipe.llm.get_decoder(), embeds, None, None, None, True, visual_rows,
                             LLMPruning(layer=k, budget=budget, method=method))
     logits = pipe.llm.get_output_embeddings()(base.last_hidden_state[:, -1:])
-    return SimpleNamespace(logits=logits, past_key_values=base.past_key_values)
+    return SimpleNamespace(logits=logits, **{OUTPUT_CACHE_FIELD: output_cache(base)})
 
 
 def decode(pipe: Pipeline, out: Any, steps: int) -> float:
     """Greedy decoding of ``steps`` tokens from a prefill output; returns ms per token. After a FastV
     prefill the steps use its shortened cache (mask and original position ids from ``llava.model.fastv``)."""
     dev = pipe.device
-    cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    cache, token = output_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
 
     def loop() -> None:
         nonlocal cache, token
@@ -459,8 +460,8 @@ def decode(pipe: Pipeline, out: Any, steps: int) -> float:
                 from llava.model.fastv import decode_inputs
 
                 extra["attention_mask"], extra["position_ids"] = decode_inputs(state, cache, None, None, 1)
-            step = pipe.llm(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
-            cache, token = step.past_key_values, step.logits[:, -1].argmax(-1, keepdim=True)
+            step = pipe.llm(input_ids=token, use_cache=True, logits_to_keep=1, **{CACHE_ARG: cache}, **extra)
+            cache, token = output_cache(step), step.logits[:, -1].argmax(-1, keepdim=True)
 
     _, ms = timed(loop, pipe)
     return ms / steps
@@ -530,8 +531,8 @@ def measure_row(pipe: Pipeline, vis: VisionOutputs, vision_ms: float, method: st
             out, t_prefill = timed(lambda: llm_stage_prefill(pipe, embeds, visual_rows, method, budget, k), pipe)
         else:
             out, t_prefill = timed(lambda: prefill(pipe, embeds), pipe)
-        kv_bytes, seq_len = cache_nbytes(out.past_key_values), embeds.shape[1]
-        cached = out.past_key_values.get_seq_length()
+        kv_bytes, seq_len = cache_nbytes(output_cache(out)), embeds.shape[1]
+        cached = output_cache(out).get_seq_length()
         n_llm_visual = sel.tokens.shape[0] * sel.tokens.shape[1]
         t_decode = decode(pipe, out, settings.decode_tokens)
         del out

@@ -43,6 +43,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import script_prune as sp
 
+from .hf_compat import CACHE_ARG, MASK_CACHE_ARG, OUTPUT_CACHE_FIELD
+
 # visual_rows codes (B, L) long: >= 0 image row (crop) id, TEXT for text/padding, ALWAYS_KEPT for NeXT newlines
 TEXT = -1
 ALWAYS_KEPT = -2
@@ -159,7 +161,7 @@ def rectangular_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _check_cache(cache: Any) -> None:
     if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
         raise ValueError(
-            "past_key_values: in-LLM pruning (fastv) shortens the cache in place and needs a DynamicCache with "
+            "cache: in-LLM pruning (fastv) shortens the cache in place and needs a DynamicCache with "
             f"full-attention layers, got {type(cache).__name__}"
         )
 
@@ -170,6 +172,23 @@ def shorten_cache_layers(cache: DynamicCache, index: torch.Tensor, upto: int) ->
         gather = index[:, None, :, None].to(layer.keys.device).expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
         layer.keys = layer.keys.gather(2, gather)
         layer.values = layer.values.gather(2, gather)
+
+
+def check_cache_length(cache: DynamicCache, upto: int, length: int, stage: str) -> None:
+    """Layers ``0 .. upto-1`` of the cache must hold exactly ``length`` positions at this ``stage`` of a FastV
+    prefill (the full prompt before shortening, text + kept tokens after it).
+
+    A layer left empty or unshortened means the decoder did not fill the cache it was handed (e.g. an
+    upstream rename of the cache argument): refuse at once rather than decode from a wrong cache."""
+    for i, layer in enumerate(cache.layers[:upto]):
+        held = None if getattr(layer, "keys", None) is None else layer.keys.shape[2]
+        if held != length:
+            state = "was not filled" if held is None else f"holds {held} positions"
+            raise RuntimeError(
+                f"FastV prefill: layer {i} of the KV cache {state}, expected {length} ({stage}); the installed "
+                f"transformers did not write the cache handed to its decoder layers as `{CACHE_ARG}` -- "
+                "decoding from it would give wrong results, so generation stops here"
+            )
 
 
 def fastv_state(cache: Any) -> FastVCacheState | None:
@@ -208,12 +227,12 @@ def _mask_function(config):
 def _run_layers(layers, hidden, causal_mask, position_embeddings, position_ids, cache, use_cache, kwargs):
     for layer in layers:
         hidden = layer(hidden, attention_mask=causal_mask, position_embeddings=position_embeddings,
-                       position_ids=position_ids, past_key_values=cache, use_cache=use_cache, **kwargs)
+                       position_ids=position_ids, use_cache=use_cache, **{CACHE_ARG: cache}, **kwargs)
     return hidden
 
 
 def fastv_prefill(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
-                  position_ids: torch.Tensor | None, past_key_values: Any, use_cache: bool | None,
+                  position_ids: torch.Tensor | None, cache: Any, use_cache: bool | None,
                   visual_rows: torch.Tensor, setting: LLMPruning, **kwargs: Any):
     """The decoder stack of ``model`` (a LlamaModel/MistralModel) with FastV -> (BaseModelOutputWithPast,
     kept visual tokens per sample (B,) long).
@@ -238,7 +257,6 @@ def fastv_prefill(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tens
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
     position_ids = position_ids.expand(batch, -1)
     use_cache = config.use_cache if use_cache is None else use_cache
-    cache = past_key_values
     if use_cache and cache is None:
         cache = DynamicCache(config=config)
     if cache is not None:
@@ -247,8 +265,8 @@ def fastv_prefill(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tens
     layers = model.layers[: config.num_hidden_layers]
 
     hidden = inputs_embeds
-    causal = make_mask(config=config, inputs_embeds=hidden, attention_mask=mask, past_key_values=cache,
-                       position_ids=position_ids)
+    causal = make_mask(config=config, inputs_embeds=hidden, attention_mask=mask, position_ids=position_ids,
+                       **{MASK_CACHE_ARG: cache})
     rope = model.rotary_emb(hidden, position_ids=position_ids)
     hidden = _run_layers(layers[: k_layer - 1], hidden, causal, rope, position_ids, cache, use_cache, kwargs)
     score_layer = layers[k_layer - 1]
@@ -261,15 +279,18 @@ def fastv_prefill(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tens
     hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
     short_positions = position_ids.gather(1, index)
     if cache is not None:
+        check_cache_length(cache, k_layer, length, "the whole prompt, before shortening")
         shorten_cache_layers(cache, index, k_layer)
         next_position = (position_ids * mask).max(dim=1, keepdim=True).values + 1
         setattr(cache, FASTV_STATE, FastVCacheState(short_mask, length, next_position))
     # layers >= K start with an empty cache: size the mask from the shortened inputs alone
-    causal = make_mask(config=config, inputs_embeds=hidden, attention_mask=short_mask, past_key_values=None,
-                       position_ids=short_positions)
+    causal = make_mask(config=config, inputs_embeds=hidden, attention_mask=short_mask, position_ids=short_positions,
+                       **{MASK_CACHE_ARG: None})
     rope = model.rotary_emb(hidden, position_ids=short_positions)
     # The positions reach these layers through RoPE only: flash-attention would read non-contiguous position ids
     # of an unpadded row as packed sequences and split the attention, so the layers get none.
     hidden = _run_layers(layers[k_layer:], hidden, causal, rope, None, cache, use_cache, kwargs)
+    if cache is not None:
+        check_cache_length(cache, len(layers), index.shape[1], "text + kept tokens")
     hidden = model.norm(hidden)
-    return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache if use_cache else None), kept_visual
+    return BaseModelOutputWithPast(last_hidden_state=hidden, **{OUTPUT_CACHE_FIELD: cache if use_cache else None}), kept_visual

@@ -32,6 +32,7 @@ from torch import nn
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 from .fastv import ALWAYS_KEPT, TEXT, LLMPruning, decode_inputs, fastv_prefill, fastv_state
+from .hf_compat import CACHE_ARG, pop_cache
 from .multimodal_encoder.builder import build_vision_tower
 from .multimodal_encoder.clip_encoder import CLIPRelevanceEncoder, CLIPVisionTower, VisionOutput
 from .multimodal_projector.builder import build_vision_projector
@@ -41,9 +42,9 @@ from .pruning import PrunedRows, PruningConfig, as_pruning_config, prune_rows
 _ROLE_TAIL = re.compile(r"\s*(ASSISTANT:|\[/INST\]|<\|im_end\|>\s*<\|im_start\|>\s*assistant|###\s*Assistant:?)\s*$")
 
 
-def _is_prefill(past_key_values: Any) -> bool:
+def _is_prefill(cache: Any) -> bool:
     """True when no tokens are cached yet (the first forward of a generation, or a plain forward)."""
-    return past_key_values is None or past_key_values.get_seq_length() == 0
+    return cache is None or cache.get_seq_length() == 0
 
 
 class LlavaMetaModel:
@@ -65,25 +66,26 @@ class LlavaMetaModel:
         """The in-LLM pruning setting (FastV), installed by ``LlavaMetaForCausalLM.set_pruning``."""
         return getattr(self, "_llm_pruning", None)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, visual_rows: torch.Tensor | None = None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, use_cache=None,
+                visual_rows: torch.Tensor | None = None, **kwargs):
         """The decoder stack; with an in-LLM pruning setting and ``visual_rows`` (B, L) on the prefill, FastV
-        (``llava.model.fastv``). Decoding steps after a FastV prefill are mapped onto its shortened cache."""
+        (``llava.model.fastv``). Decoding steps after a FastV prefill are mapped onto its shortened cache.
+        The KV cache comes as ``cache`` (or the deprecated ``past_key_values``), see ``hf_compat``."""
+        cache = pop_cache(kwargs)
         setting = self.llm_pruning
-        if setting is not None and visual_rows is not None and _is_prefill(past_key_values):
+        if setting is not None and visual_rows is not None and _is_prefill(cache):
             if inputs_embeds is None:
                 inputs_embeds = self.embed_tokens(input_ids)
-            output, kept = fastv_prefill(self, inputs_embeds, attention_mask, position_ids, past_key_values,
+            output, kept = fastv_prefill(self, inputs_embeds, attention_mask, position_ids, cache,
                                          use_cache, visual_rows, setting, **kwargs)
             self._llm_kept_visual = kept
             return output
-        state = fastv_state(past_key_values)
-        if state is not None and not _is_prefill(past_key_values):
+        state = fastv_state(cache)
+        if state is not None and not _is_prefill(cache):
             length = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
-            attention_mask, position_ids = decode_inputs(state, past_key_values, attention_mask, position_ids, length)
+            attention_mask, position_ids = decode_inputs(state, cache, attention_mask, position_ids, length)
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                               **kwargs)
+                               inputs_embeds=inputs_embeds, use_cache=use_cache, **{CACHE_ARG: cache}, **kwargs)
 
 
 @dataclass
@@ -505,25 +507,25 @@ class LlavaMetaForCausalLM:
         return None, position_ids, mask, past_key_values, embeds, labels
 
     # ------------------------------------------------------------------ forward / generate helpers
-    def _multimodal_forward_inputs(self, input_ids, attention_mask, position_ids, past_key_values, labels,
+    def _multimodal_forward_inputs(self, input_ids, attention_mask, position_ids, cache, labels,
                                    inputs_embeds, images, image_sizes, texts, padding_side=None):
         """Shared by forward/generate: returns kwargs for the LLM (input_ids or inputs_embeds, mask, positions)."""
         visual_rows = None
         if inputs_embeds is None and images is not None:
-            (input_ids, position_ids, attention_mask, past_key_values, inputs_embeds,
+            (input_ids, position_ids, attention_mask, cache, inputs_embeds,
              labels) = self.prepare_inputs_labels_for_multimodal(
-                input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes, texts,
+                input_ids, position_ids, attention_mask, cache, labels, images, image_sizes, texts,
                 padding_side)
             visual_rows = self._llm_pruning_rows()
             if visual_rows is not None and labels is not None:
                 raise ValueError(f"labels are not supported with in-LLM pruning ({self.pruning.method!r} drops "
                                  "positions inside the LLM, so the logits no longer align with the labels)")
-        elif images is None and input_ids is not None and _is_prefill(past_key_values):
+        elif images is None and input_ids is not None and _is_prefill(cache):
             # checked on the prefill only: a per-step check would sync the GPU on every decoded token
             if bool((input_ids == IMAGE_TOKEN_INDEX).any()):
                 raise ValueError("input_ids contain <image> tokens (IMAGE_TOKEN_INDEX) but no images were given")
-        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                  CACHE_ARG: cache, "inputs_embeds": inputs_embeds, "labels": labels}
         if visual_rows is not None:
             inputs["visual_rows"] = visual_rows
         return inputs
@@ -563,7 +565,6 @@ class LlavaCausalLMMixin:
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Any = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -573,9 +574,11 @@ class LlavaCausalLMMixin:
         visual_rows: torch.Tensor | None = None,
         **kwargs: Any,
     ):
-        """The causal LM forward with ``images`` spliced in at IMAGE_TOKEN_INDEX positions of ``input_ids``."""
+        """The causal LM forward with ``images`` spliced in at IMAGE_TOKEN_INDEX positions of ``input_ids``.
+
+        The KV cache comes as ``cache`` (or the deprecated ``past_key_values``), see ``hf_compat``."""
         llm_inputs = self._multimodal_forward_inputs(
-            input_ids, attention_mask, position_ids, past_key_values, labels, inputs_embeds, images, image_sizes, texts
+            input_ids, attention_mask, position_ids, pop_cache(kwargs), labels, inputs_embeds, images, image_sizes, texts
         )
         if visual_rows is not None and "visual_rows" not in llm_inputs:  # generate() hands it to every step
             llm_inputs["visual_rows"] = visual_rows

@@ -1,0 +1,90 @@
+"""Upstream API drift surfaces as a failure: the cache argument's name, our deprecation policy, loud FastV checks."""
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers.cache_utils import DynamicCache
+
+import llava.model.fastv as fastv_module
+from llava.mm_utils import process_images
+from llava.model.builder import load_pretrained_model
+from llava.model.hf_compat import CACHE_ARG, pop_cache
+from llava.model.pruning import PruningConfig
+from tests.helpers import prompt_ids, random_image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_pop_cache_takes_either_name_and_refuses_two_caches():
+    first, second = DynamicCache(), DynamicCache()
+    for name in ("cache", "past_key_values"):
+        kwargs = {name: first, "use_cache": True}
+        assert pop_cache(kwargs) is first
+        assert kwargs == {"use_cache": True}  # removed, whatever it was called
+    assert pop_cache({"cache": first, "past_key_values": first}) is first
+    assert pop_cache({}) is None
+    with pytest.raises(ValueError, match="both `cache` and `past_key_values`"):
+        pop_cache({"cache": first, "past_key_values": second})
+
+
+def test_our_deprecations_are_errors_and_a_dependencys_own_are_not():
+    """The pytest policy (pyproject.toml filterwarnings): a FutureWarning / DeprecationWarning attributed to our
+    modules fails the run; one that a dependency raises about itself stays a warning."""
+    for category in (FutureWarning, DeprecationWarning):
+        for module in ("llava.model.fastv", "script_prune.core", "test_fastv"):
+            with pytest.raises(category):
+                warnings.warn_explicit("old API", category, "x.py", 1, module=module)
+        with pytest.warns(category):
+            warnings.warn_explicit("old API", category, "x.py", 1, module="transformers.utils.generic")
+
+
+def _fastv_inputs(path):
+    tokenizer, model, processor, _ = load_pretrained_model(path, torch_dtype=torch.float32)
+    ids = prompt_ids(tokenizer, "What is shown?")[None]
+    pixels = process_images([random_image(40, 56, seed=1)], processor, model.config)
+    model.set_pruning(PruningConfig(method="fastv", visual_token_num=3, params={"layer": 1}))
+    return model, ids, pixels
+
+
+def test_fastv_prefill_refuses_a_cache_the_decoder_did_not_fill(tiny_llava15_path, monkeypatch):
+    """What transformers 5.24 did to FastV: the decoder layers read the cache under a new name and silently
+    ignore the one they are given. Simulated by a name no release reads (the next rename): the layers run
+    without the cache, and the prefill must stop with a clear error instead of returning an unfilled cache."""
+    model, ids, pixels = _fastv_inputs(tiny_llava15_path)
+    monkeypatch.setattr(fastv_module, "CACHE_ARG", "kv_cache_after_the_next_rename")
+    with pytest.raises(RuntimeError, match=r"layer 0 of the KV cache was not filled, expected \d+ \(the whole prompt"):
+        with torch.no_grad():
+            model(ids, images=pixels, use_cache=True)
+
+
+def test_fastv_cache_holds_text_plus_kept_in_every_layer(tiny_llava15_path):
+    model, ids, pixels = _fastv_inputs(tiny_llava15_path)
+    n_text = ids.shape[1] - 1  # the one <image> marker is replaced by the visual tokens
+    with torch.no_grad():
+        out = model(ids, images=pixels, use_cache=True)
+    cache = out[CACHE_ARG] if CACHE_ARG in out else out["past_key_values"]
+    assert [layer.keys.shape[2] for layer in cache.layers] == [n_text + 3] * len(cache.layers)
+
+
+@pytest.mark.parametrize("method", ["fastv", "script"])
+def test_cli_prints_no_warning(method, tiny_llava15_path, tmp_path):
+    """`run_llava` shows every warning once (-W default) and transformers' logged notices: none may appear."""
+    image = tmp_path / "scene.png"
+    Image.fromarray(np.random.RandomState(0).randint(0, 256, (48, 80, 3), dtype=np.uint8)).save(image)
+    cmd = [sys.executable, "-W", "default", "-m", "llava.eval.run_llava", "--model-path", tiny_llava15_path,
+           "--image-file", str(image), "--query", "What is shown?", "--visual-token-num", "3", "--pruning-method",
+           method, "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "3"]
+    if method == "fastv":
+        cmd += ["--pruning-param", "layer=1"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    assert "visual tokens to LLM: 3" in out.stdout
+    noisy = [line for line in out.stderr.splitlines() if "warn" in line.lower() or "deprecat" in line.lower()]
+    assert noisy == [], "\n".join(noisy)
