@@ -45,3 +45,60 @@ def test_readme_library_snippet_runs(capsys):
     assert tuple(keep.shape) == (2, 64)
     assert bool((keep[:, 1:] > keep[:, :-1]).all()), "select must return ascending indices"
     assert "script" in capsys.readouterr().out
+
+
+def _lock_pins() -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "requirements" / "lock.txt").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, version = line.partition("==")
+        assert sep and version and " " not in line, f"requirements/lock.txt: {line!r} is not an exact NAME==VERSION pin"
+        pins[canonicalize_name(name)] = version
+    return pins
+
+
+def test_lock_pins_every_dependency_of_the_test_install_within_the_declared_ranges():
+    """The lock is complete: the whole requirement tree of `script-prune[test]` (read from pyproject.toml and the
+    installed packages' own metadata, markers evaluated for this Python) is pinned, and every pin of a direct
+    dependency satisfies the range pyproject.toml declares."""
+    import tomllib
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = _lock_pins()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    direct = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]]
+    for req in direct:
+        name = canonicalize_name(req.name)
+        assert name in pins, f"requirements/lock.txt does not pin {req.name}"
+        assert req.specifier.contains(pins[name], prereleases=True), \
+            f"requirements/lock.txt pins {req.name}=={pins[name]}, outside pyproject.toml's {req}"
+    missing, todo, seen = [], [(r, ()) for r in direct], set()
+    while todo:
+        req, extras = todo.pop()
+        name = canonicalize_name(req.name)
+        if name in seen:
+            continue
+        seen.add(name)
+        if name not in pins:
+            missing.append(req.name)
+            continue
+        for sub in metadata.requires(req.name) or []:
+            sub_req = Requirement(sub)
+            if sub_req.marker is None or any(sub_req.marker.evaluate({"extra": e}) for e in (extras or ("",))):
+                todo.append((sub_req, tuple(sub_req.extras)))
+    assert not missing, f"requirements/lock.txt misses dependencies of the test install: {sorted(missing)}"
+
+
+def test_install_lines_use_the_lock():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert 'pip install -q -c requirements/lock.txt -e ".[test]"' in ci
+    assert 'pip install torch==2.13.0 && pip install -c requirements/lock.txt -e ".[test]" && python -m pytest -q' in readme
+    assert 'pip install torch==2.13.0 && pip install -c requirements/lock.txt -e ".[viz]" && python -m llava.demo' in readme
