@@ -4,8 +4,8 @@ transformers 5.24 renamed the cache argument of the decoder layers, ``*Model.for
 ``*ForCausalLM.forward``, ``create_causal_mask`` and the output field from ``past_key_values`` to
 ``cache``. The old name is deprecated (removal announced for 5.40) and is *ignored* when both are
 given, so passing the wrong one silently leaves a cache unfilled. Every call in this package passes
-the cache through the names below, read once from the installed release's own signatures; the
-declared range (``pyproject.toml``) is 5.0 - 5.x, and 5.0.0 and the newest release are both tested.
+the cache through the names below, read once from the installed release's own signatures. The declared
+range (``pyproject.toml``) is 5.6 - 5.x: 5.6.0 takes the old name, 5.24.0 the new one; both pass the suite.
 """
 
 from __future__ import annotations
