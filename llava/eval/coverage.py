@@ -49,10 +49,6 @@ class Coverage:
         """The coverage keys every scorer's metrics carry: answered, questions, subset."""
         return dict(zip(COVERAGE_KEYS, (self.answered, self.questions, self.subset)))
 
-    def summary(self) -> str:
-        """One line for the printed result (see :func:`summary_line`)."""
-        return summary_line(self.fields())
-
 
 def summary_line(fields: dict) -> str:
     """The printed coverage line of a metrics dict; it starts with SUBSET when questions were left out."""
