@@ -30,9 +30,11 @@ def _png_b64(color: tuple[int, int, int]) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _jsonl(path: Path, rows: list[dict]) -> None:
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    """One JSON object per line (parent folders made); returns the path as a string."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
 
 
 def _json(path: Path, obj) -> None:
@@ -44,7 +46,7 @@ def make_gqa(root: Path) -> None:
     d = root / "gqa"
     qs = [("20001", "n1.jpg", "Is the sky blue?", "yes"), ("20002", "n2.jpg", "What color is the car?", "red"),
           ("20003", "n1.jpg", "Is there a dog?", "no")]
-    _jsonl(d / "llava_gqa_testdev_balanced.jsonl",
+    write_jsonl(d / "llava_gqa_testdev_balanced.jsonl",
            [{"question_id": q, "image": im, "text": t + SHORT, "category": "default"} for q, im, t, _ in qs])
     for i, name in enumerate(sorted({im for _, im, _, _ in qs})):
         _image(d / "data" / "images" / name, (30 + 80 * i, 60, 90))
@@ -94,12 +96,12 @@ def make_mme(root: Path) -> None:
     ]:
         for line in txt.read_text().splitlines():
             rows.append({"question_id": qid, "image": image, "text": line.split("\t")[0], "category": cat})
-    _jsonl(d / "llava_mme.jsonl", rows)
+    write_jsonl(d / "llava_mme.jsonl", rows)
 
 
 def make_mmvet(root: Path) -> None:
     d = root / "mm-vet"
-    _jsonl(d / "llava-mm-vet.jsonl", [
+    write_jsonl(d / "llava-mm-vet.jsonl", [
         {"question_id": 0, "image": "v1_0.png", "text": "What is written on the sign?"},
         {"question_id": 1, "image": "v1_1.png", "text": "Describe the colors in this picture."},
     ])
@@ -117,9 +119,9 @@ def make_pope(root: Path) -> None:
         _image(d / "val2014" / img, (20 * qid, 120, 200 - 20 * qid))
         qs.append({"question_id": qid, "image": img, "text": f"Is there a {obj} in the image?" + SHORT, "category": cat,
                    "label": label})
-    _jsonl(d / "llava_pope_test.jsonl", [{k: v for k, v in q.items() if k != "label"} for q in qs])
+    write_jsonl(d / "llava_pope_test.jsonl", [{k: v for k, v in q.items() if k != "label"} for q in qs])
     for cat in ("adversarial", "popular", "random"):
-        _jsonl(d / "coco" / f"coco_pope_{cat}.json",
+        write_jsonl(d / "coco" / f"coco_pope_{cat}.json",
                [{"question_id": q["question_id"], "image": q["image"], "text": q["text"], "label": q["label"]}
                 for q in qs if q["category"] == cat])
 
@@ -153,7 +155,7 @@ def make_textvqa(root: Path) -> None:
         ("0054c91397f2fe05", 34603, "what color is the sign?", "STOP", ["red"] * 10),   # same image, new question
         ("00685bc495504d61", 34604, "what number is shown?", "7", ["7"] * 3 + ["seven"] * 3 + ["8"] * 4),
     ]
-    _jsonl(d / "llava_textvqa_val_v051_ocr.jsonl", [
+    write_jsonl(d / "llava_textvqa_val_v051_ocr.jsonl", [
         {"question_id": img, "image": f"{img}.jpg", "text": f"{q}\nReference OCR token: {ocr}" + SHORT}
         for img, _, q, ocr, _ in items])
     for i, img in enumerate(sorted({it[0] for it in items})):
@@ -165,7 +167,7 @@ def make_textvqa(root: Path) -> None:
 def make_vizwiz(root: Path) -> None:
     d = root / "vizwiz"
     sfx = "\nWhen the provided information is insufficient, respond with 'Unanswerable'." + SHORT
-    _jsonl(d / "llava_test.jsonl", [
+    write_jsonl(d / "llava_test.jsonl", [
         {"question_id": f"VizWiz_test_0000000{i}.jpg", "image": f"VizWiz_test_0000000{i}.jpg", "text": t + sfx}
         for i, t in enumerate(["What is this?", "What color is this shirt?"])])
     for i in range(2):
@@ -178,9 +180,9 @@ def make_vqav2(root: Path) -> None:
             (1002, "COCO_test2015_000000000001.jpg", "How many cups are there?"),
             (1003, "COCO_test2015_000000000002.jpg", "Is it sunny?")]
     dev = full[:2]
-    _jsonl(d / "llava_vqav2_mscoco_test-dev2015.jsonl",
+    write_jsonl(d / "llava_vqav2_mscoco_test-dev2015.jsonl",
            [{"question_id": q, "image": im, "text": t + SHORT, "category": "default"} for q, im, t in dev])
-    _jsonl(d / "llava_vqav2_mscoco_test2015.jsonl",
+    write_jsonl(d / "llava_vqav2_mscoco_test2015.jsonl",
            [{"question_id": q, "image": im, "text": t + SHORT, "category": "default"} for q, im, t in full])
     for i, im in enumerate(sorted({im for _, im, _ in full})):
         _image(d / "test2015" / im, (120, 30 * i, 220))

@@ -19,12 +19,8 @@ from llava.eval import (
     summarize,
 )
 from llava.eval.vqa_normalize import normalize_answer, soft_accuracy
+from tests.eval_fixtures import write_jsonl
 
-
-def _jsonl(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 # ----------------------------------------------------------------------------- EvalAI normalisation
@@ -98,16 +94,22 @@ def test_pope_binary_metrics_hand_computed():
         eval_pope.binary_metrics(["yes"], ["yes", "no"])
 
 
-def test_pope_end_to_end_pairs_by_order_within_category(tmp_path, capsys):
+def test_pope_end_to_end_matches_by_question_not_order(tmp_path, capsys):
     ann = tmp_path / "coco"
-    labels = {"adversarial": ["yes", "no"], "popular": ["no", "yes"], "random": ["yes", "yes"]}
-    for cat, ls in labels.items():
-        _jsonl(ann / f"coco_pope_{cat}.json", [{"label": l} for l in ls])
-    # interleaved categories: order *within* each category is what pairs answers with labels
-    qs = [(1, "adversarial"), (2, "popular"), (3, "adversarial"), (4, "random"), (5, "popular"), (6, "random")]
-    qfile = _jsonl(tmp_path / "q.jsonl", [{"question_id": i, "category": c, "text": "?"} for i, c in qs])
-    texts = {1: "Yes", 2: "No", 3: "Yes", 4: "Yes", 5: "No.", 6: "No"}
-    afile = _jsonl(tmp_path / "a.jsonl", [{"question_id": i, "text": texts[i]} for i, _ in qs])
+    # interleaved categories, ids offset per category as in LLaVA's question file; label files number from 1
+    qs = [(1, "adversarial", "yes"), (20000001, "popular", "no"), (2, "adversarial", "no"), (10000001, "random", "yes"),
+          (20000002, "popular", "yes"), (10000002, "random", "yes")]
+    question = {qid: f"Is there a thing{qid} in the image?" for qid, _, _ in qs}
+    for cat in ("adversarial", "popular", "random"):
+        rows = [(qid, label) for qid, c, label in qs if c == cat]
+        write_jsonl(ann / f"coco_pope_{cat}.json", [{"question_id": i + 1, "image": f"{qid}.jpg", "text": question[qid],
+                                                "label": label} for i, (qid, label) in enumerate(rows)])
+    qfile = write_jsonl(tmp_path / "q.jsonl", [{"question_id": i, "image": f"{i}.jpg", "category": c,
+                                           "text": question[i] + "\nAnswer the question using a single word or phrase."}
+                                          for i, c, _ in qs])
+    texts = {1: "Yes", 20000001: "No", 2: "Yes", 10000001: "Yes", 20000002: "No.", 10000002: "No"}
+    # answers in reverse order: pairing is by question, so the order does not matter
+    afile = write_jsonl(tmp_path / "a.jsonl", [{"question_id": i, "text": texts[i]} for i, _, _ in reversed(qs)])
     out = tmp_path / "m.json"
     m = eval_pope.main(["--annotation-dir", str(ann), "--question-file", qfile, "--result-file", afile, "--json", str(out)])
     # adversarial: preds yes,yes vs labels yes,no -> TP1 FP1: P=.5 R=1 F1=2/3 acc=50 yes=100
@@ -120,7 +122,8 @@ def test_pope_end_to_end_pairs_by_order_within_category(tmp_path, capsys):
     assert m["random"]["f1"] == pytest.approx(200 / 3)
     assert m["average_f1"] == pytest.approx((200 / 3 + 0 + 200 / 3) / 3)
     saved = json.loads(out.read_text())
-    assert set(saved) == {"adversarial", "popular", "random", "average_f1"}
+    assert set(saved) == {"adversarial", "popular", "random", "average_f1", "answered", "questions", "subset"}
+    assert (saved["answered"], saved["questions"], saved["subset"]) == (6, 6, False)
     assert set(saved["random"]) == {"accuracy", "precision", "recall", "f1", "yes_ratio"}
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert "44.44" in last  # headline printed last
@@ -172,7 +175,7 @@ def test_mme_convert_and_score(tmp_path):
         {"question_id": "code_reasoning/c1.png", "prompt": "Will it print 3? Please answer yes or no.", "text": "No"},
         {"question_id": "code_reasoning/c1.png", "prompt": "Will it print 4? Please answer yes or no.", "text": "Yes"},
     ]
-    afile = _jsonl(tmp_path / "a.jsonl", answers)
+    afile = write_jsonl(tmp_path / "a.jsonl", answers)
     res = tmp_path / "res"
     out = tmp_path / "m.json"
     m = eval_mme.main(["--answers-file", afile, "--gt-dir", str(gt), "--results-dir", str(res), "--json", str(out)])
@@ -189,8 +192,8 @@ def test_mme_unknown_prompt_is_an_error(tmp_path):
     gt = tmp_path / "gt" / "existence"
     gt.mkdir(parents=True)
     (gt / "1.txt").write_text("Is there a dog? Please answer yes or no.\tYes\n")
-    afile = _jsonl(tmp_path / "a.jsonl", [{"question_id": "existence/1.jpg", "prompt": "Is there a cow?", "text": "No"}])
-    with pytest.raises(ValueError, match="no MME ground truth"):
+    afile = write_jsonl(tmp_path / "a.jsonl", [{"question_id": "existence/1.jpg", "prompt": "Is there a cow?", "text": "No"}])
+    with pytest.raises(ValueError, match="1 answers are for questions not in --gt-dir"):
         convert_mme.convert_answers(afile, str(tmp_path / "gt"))
 
 
@@ -204,7 +207,7 @@ def test_textvqa_soft_accuracy_end_to_end(tmp_path):
     ]}
     (tmp_path / "ann.json").write_text(json.dumps(ann))
     sfx = "\nAnswer the question using a single word or phrase."
-    afile = _jsonl(tmp_path / "a.jsonl", [
+    afile = write_jsonl(tmp_path / "a.jsonl", [
         {"question_id": "img1", "prompt": "What brand is it?\nReference OCR token: NIKON, D90" + sfx, "text": "nikon."},
         {"question_id": "img2", "prompt": "How many birds?" + sfx, "text": "2"},
     ])
@@ -212,7 +215,7 @@ def test_textvqa_soft_accuracy_end_to_end(tmp_path):
     m = eval_textvqa.main(["--annotation-file", str(tmp_path / "ann.json"), "--result-file", afile, "--json", str(out)])
     # 3 of 10 match -> 0.9; 1 of 10 ("two" -> "2") -> 0.3; mean 0.6
     assert m["accuracy"] == pytest.approx(60.0)
-    assert json.loads(out.read_text()) == pytest.approx({"accuracy": 60.0})
+    assert json.loads(out.read_text()) == pytest.approx({"accuracy": 60.0, "answered": 2, "questions": 2, "subset": False})
 
 
 def test_textvqa_question_line():
@@ -240,21 +243,25 @@ def test_sqa_scores_split_and_img_subset(tmp_path):
     }
     (tmp_path / "problems.json").write_text(json.dumps(problems))
     (tmp_path / "pid_splits.json").write_text(json.dumps({"test": ["1", "2", "3", "4"], "val": ["5"]}))
-    afile = _jsonl(tmp_path / "a.jsonl", [
+    afile = write_jsonl(tmp_path / "a.jsonl", [
         {"question_id": "1", "prompt": "<image>\nq", "text": "B"},                  # right
         {"question_id": "2", "prompt": "q", "text": "The answer is A."},            # right
         {"question_id": "3", "prompt": "<image>\nq", "text": "E"},                  # E beyond 4 choices -> wrong
-        # "4" missing -> failed
+        # "4" missing: an error unless a subset is scored on purpose
     ])
-    m = eval_science_qa.main(["--base-dir", str(tmp_path), "--result-file", afile, "--json", str(tmp_path / "m.json")])
-    assert m["accuracy"] == pytest.approx(50.0)          # 2 / 4
-    assert m["img_accuracy"] == pytest.approx(100 / 3)   # 1 / 3 questions with an image
-    assert json.loads((tmp_path / "m.json").read_text()) == pytest.approx({"accuracy": 50.0, "img_accuracy": 100 / 3})
+    with pytest.raises(ValueError, match="1 of 4 questions have no answer"):
+        eval_science_qa.main(["--base-dir", str(tmp_path), "--result-file", afile])
+    m = eval_science_qa.main(["--base-dir", str(tmp_path), "--result-file", afile, "--json", str(tmp_path / "m.json"),
+                              "--allow-subset"])
+    assert m["accuracy"] == pytest.approx(50.0)          # 2 / 4: the missing answer fails
+    assert m["img_accuracy"] == pytest.approx(50.0)      # 1 / 2: LLaVA's rule, the missing answer is no image question
+    assert json.loads((tmp_path / "m.json").read_text()) == pytest.approx(
+        {"accuracy": 50.0, "img_accuracy": 50.0, "answered": 3, "questions": 4, "subset": True})
 
 
 # ----------------------------------------------------------------------------- GQA
 def test_gqa_predictions_and_accuracy(tmp_path):
-    afile = _jsonl(tmp_path / "a.jsonl", [
+    afile = write_jsonl(tmp_path / "a.jsonl", [
         {"question_id": "q1", "text": "Yes."}, {"question_id": "q2", "text": "Table"}, {"question_id": "q3", "text": "red"},
     ])
     questions = {"q1": {"answer": "yes"}, "q2": {"answer": "chair"}, "q3": {"answer": "red"},
@@ -263,7 +270,8 @@ def test_gqa_predictions_and_accuracy(tmp_path):
     pred_out = tmp_path / "data" / "testdev_balanced_predictions.json"
     m = eval_gqa.main(["--answers-file", afile, "--predictions-out", str(pred_out),
                        "--questions-file", str(tmp_path / "questions.json"), "--json", str(tmp_path / "m.json")])
-    assert json.loads((tmp_path / "m.json").read_text()) == pytest.approx({"accuracy": 200 / 3})
+    assert json.loads((tmp_path / "m.json").read_text()) == pytest.approx(
+        {"accuracy": 200 / 3, "answered": 3, "questions": 3, "subset": False})
     assert json.loads(pred_out.read_text()) == [
         {"questionId": "q1", "prediction": "yes"}, {"questionId": "q2", "prediction": "table"},
         {"questionId": "q3", "prediction": "red"}]
@@ -271,26 +279,28 @@ def test_gqa_predictions_and_accuracy(tmp_path):
 
 
 def test_gqa_missing_answer_is_an_error(tmp_path):
-    afile = _jsonl(tmp_path / "a.jsonl", [{"question_id": "q1", "text": "yes"}])
+    afile = write_jsonl(tmp_path / "a.jsonl", [{"question_id": "q1", "text": "yes"}])
     (tmp_path / "q.json").write_text(json.dumps({"q1": {"answer": "yes"}, "q2": {"answer": "no"}}))
     with pytest.raises(ValueError, match="no answer"):
         eval_gqa.gqa_accuracy(eval_gqa.convert_answers(afile), str(tmp_path / "q.json"))
 
 
 # ----------------------------------------------------------------------------- submission converters
-def test_vqav2_submission_fills_unanswered(tmp_path):
-    test = _jsonl(tmp_path / "test.jsonl", [{"question_id": i, "image": f"{i}.jpg", "text": "?"} for i in (5, 6, 7)])
-    ans = _jsonl(tmp_path / "a.jsonl", [{"question_id": 7, "text": "Two"}, {"question_id": 5, "text": "The Dog."}])
+def test_vqav2_submission_covers_the_full_test_list(tmp_path):
+    test = write_jsonl(tmp_path / "test.jsonl", [{"question_id": i, "image": f"{i}.jpg", "text": "?"} for i in (5, 6, 7)])
+    dev = write_jsonl(tmp_path / "dev.jsonl", [{"question_id": i, "image": f"{i}.jpg", "text": "?"} for i in (5, 7)])
+    ans = write_jsonl(tmp_path / "a.jsonl", [{"question_id": 7, "text": "Two"}, {"question_id": 5, "text": "The Dog."}])
     out = tmp_path / "up" / "sub.json"
-    convert_vqav2_for_submission.main(["--answers-file", ans, "--test-file", test, "--out", str(out)])
+    convert_vqav2_for_submission.main(["--answers-file", ans, "--question-file", dev, "--test-file", test, "--out", str(out)])
+    # 6 is outside test-dev: "" as EvalAI expects
     assert json.loads(out.read_text()) == [
         {"question_id": 5, "answer": "dog"}, {"question_id": 6, "answer": ""}, {"question_id": 7, "answer": "2"}]
 
 
 def test_vizwiz_submission(tmp_path):
-    q = _jsonl(tmp_path / "q.jsonl", [{"question_id": 0, "image": "VizWiz_test_00000000.jpg", "text": "?"},
+    q = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 0, "image": "VizWiz_test_00000000.jpg", "text": "?"},
                                       {"question_id": 1, "image": "VizWiz_test_00000001.jpg", "text": "?"}])
-    ans = _jsonl(tmp_path / "a.jsonl", [{"question_id": 1, "text": "Unanswerable"}, {"question_id": 0, "text": "a can of soup"}])
+    ans = write_jsonl(tmp_path / "a.jsonl", [{"question_id": 1, "text": "Unanswerable"}, {"question_id": 0, "text": "a can of soup"}])
     out = tmp_path / "sub.json"
     convert_vizwiz_for_submission.main(["--question-file", q, "--answers-file", ans, "--out", str(out)])
     assert json.loads(out.read_text()) == [
@@ -299,9 +309,10 @@ def test_vizwiz_submission(tmp_path):
 
 
 def test_mmvet_results(tmp_path):
-    src = _jsonl(tmp_path / "a.jsonl", [{"question_id": 0, "text": "A cat."}, {"question_id": 12, "text": "42"}])
+    src = write_jsonl(tmp_path / "a.jsonl", [{"question_id": 0, "text": "A cat."}, {"question_id": 12, "text": "42"}])
+    q = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 12, "image": "b.png", "text": "?"}, {"question_id": 0, "image": "a.png", "text": "?"}])
     dst = tmp_path / "r.json"
-    convert_mmvet_for_eval.main(["--src", src, "--dst", str(dst)])
+    convert_mmvet_for_eval.main(["--src", src, "--question-file", q, "--dst", str(dst)])
     assert json.loads(dst.read_text()) == {"v1_0": "A cat.", "v1_12": "42"}
 
 
@@ -315,7 +326,7 @@ def test_mmbench_xlsx_and_local_accuracy(tmp_path):
     })
     tsv = tmp_path / "mmbench.tsv"
     df.to_csv(tsv, sep="\t", index=False)
-    ans = _jsonl(tmp_path / "a.jsonl", [
+    ans = write_jsonl(tmp_path / "a.jsonl", [
         {"question_id": 10, "round_id": 0, "text": "B"}, {"question_id": 11, "round_id": 0, "text": "C. c"},
         {"question_id": 12, "round_id": 0, "text": "The answer is D.\x07"},   # control char: dropped for xlsx
     ])

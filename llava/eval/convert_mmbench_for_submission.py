@@ -4,7 +4,9 @@ Usage:
     python -m llava.eval.convert_mmbench_for_submission --annotation-file mmbench/mmbench_dev_20230712.tsv \
         --result-file merge.jsonl --out mmbench/answers_upload/<experiment>.xlsx [--json metrics.json]
 
-The base64 `image` column and the bookkeeping columns are dropped. When the tsv has an `answer` column
+The base64 `image` column and the bookkeeping columns are dropped and `prediction` is inserted where LLaVA's
+converter puts it. Every tsv row needs exactly one round-0 answer (llava.eval.coverage; `--allow-subset` to
+convert the answered rows on purpose). When the tsv has an `answer` column
 (dev split), a local single-pass accuracy is also printed: the predicted letter is parsed like ScienceQA's
 (bare letter, "X. ..." or "The answer is X."). The official score is CircularEval on the server.
 """
@@ -16,30 +18,36 @@ import os
 import tempfile
 from pathlib import Path
 
+from llava.eval.coverage import add_subset_argument, check_coverage, summary_line
 from llava.eval.eval_science_qa import parse_letter
 from llava.eval.io_utils import maybe_write_metrics, read_jsonl, require_path
 
 DROPPED_COLUMNS = ("hint", "category", "source", "image", "comment", "l2-category")
 LETTERS = ("A", "B", "C", "D")
+PREDICTION_POSITION = 6   # where LLaVA's converter inserts `prediction` (0-based), after dropping DROPPED_COLUMNS
 
 
-def build_table(annotation_file: str, result_file: str):
-    """pandas DataFrame of the tsv rows (round 0 answers) with a `prediction` column."""
+def build_table(annotation_file: str, result_file: str, allow_subset: bool = False):
+    """(pandas DataFrame of the tsv rows with a `prediction` column, coverage of the tsv by round-0 answers).
+
+    The columns are LLaVA's: the tsv's minus `DROPPED_COLUMNS`, with `prediction` inserted at position
+    `PREDICTION_POSITION` (0-based), so the file diffs cleanly with LLaVA's. Unanswered rows (only with
+    `allow_subset`) get an empty prediction.
+    """
     import pandas as pd
 
     df = pd.read_csv(require_path(annotation_file, "MMBench tsv (--annotation-file)"), sep="\t")
     if "index" not in df.columns:
         raise ValueError(f"--annotation-file {annotation_file}: expected an 'index' column")
-    preds: dict[int, str] = {}
-    for a in read_jsonl(result_file, "MMBench answers (--result-file)"):
-        if int(a.get("round_id", 0)) == 0:
-            preds[int(a["question_id"])] = a["text"]
-    unknown = set(preds) - set(int(i) for i in df["index"])
-    if unknown:
-        raise ValueError(f"--result-file: question_ids not in the tsv: {sorted(unknown)[:5]}")
+    answers = [a for a in read_jsonl(result_file, "MMBench answers (--result-file)") if int(a.get("round_id", 0)) == 0]
+    cov = check_coverage([int(i) for i in df["index"]], [int(a["question_id"]) for a in answers],
+                         answers=f"--result-file {result_file}", questions=f"--annotation-file {annotation_file}",
+                         allow_subset=allow_subset)
+    preds = {int(a["question_id"]): a["text"] for a in answers}
     out = df.drop(columns=[c for c in DROPPED_COLUMNS if c in df.columns])
-    out["prediction"] = [_xlsx_safe(preds.get(int(i))) for i in df["index"]]
-    return out
+    predictions = [_xlsx_safe(preds.get(int(i))) for i in df["index"]]
+    out.insert(min(PREDICTION_POSITION, len(out.columns)), "prediction", predictions)
+    return out, cov
 
 
 def _xlsx_safe(text: str | None) -> str | None:
@@ -79,14 +87,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--result-file", required=True)
     ap.add_argument("--out", required=True, help="xlsx to write")
     ap.add_argument("--json", default=None)
+    add_subset_argument(ap)
     args = ap.parse_args(argv)
-    table = build_table(args.annotation_file, args.result_file)
+    table, cov = build_table(args.annotation_file, args.result_file, args.allow_subset)
     write_xlsx(table, args.out)
-    answered = int(table["prediction"].notna().sum())
-    print(f"wrote {len(table)} rows ({answered} answered) to {args.out}")
+    print(f"wrote {len(table)} rows ({cov.answered} answered) to {args.out}")
     acc = local_accuracy(table)
     metrics = {"accuracy_local": acc} if acc is not None else {}
+    metrics.update(cov.fields())
     maybe_write_metrics(args.json, metrics)
+    print(summary_line(metrics))
     if acc is not None:
         print(f"MMBench local single-pass accuracy: {acc:.2f}")
     return metrics

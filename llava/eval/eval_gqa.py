@@ -7,12 +7,15 @@ Usage:
 
 Prediction = answer text with trailing periods removed, lower-cased (LLaVA's convention). The accuracy is
 exact match against each question's `answer` in the official questions json (questions marked
-`isBalanced: false` are skipped), so the official script need not be patched to read LLaVA's output.
+`isBalanced: false` are skipped), so the official script need not be patched to read LLaVA's output. Every
+balanced question must be answered exactly once (llava.eval.coverage; `--allow-subset` to score the answered
+ones on purpose); a question answered twice is an error even without `--questions-file`.
 """
 from __future__ import annotations
 
 import argparse
 
+from llava.eval.coverage import add_subset_argument, check_coverage, summary_line, unique_keys
 from llava.eval.io_utils import atomic_write_json, maybe_write_metrics, read_json, read_jsonl
 
 
@@ -28,21 +31,20 @@ def convert_answers(answers_file: str) -> list[dict]:
     ]
 
 
-def gqa_accuracy(predictions: list[dict], questions_file: str) -> dict:
+def gqa_accuracy(predictions: list[dict], questions_file: str, allow_subset: bool = False) -> dict:
+    """Exact-match accuracy over the balanced questions plus the coverage fields (CoverageError first)."""
     questions = read_json(questions_file, "GQA questions json (--questions-file)")
     if not isinstance(questions, dict):
         raise ValueError(f"--questions-file {questions_file}: expected a JSON object keyed by question id")
-    pred = {str(p["questionId"]): p["prediction"] for p in predictions}
     scored = {qid: q for qid, q in questions.items() if q.get("isBalanced", True)}
-    missing = [qid for qid in scored if qid not in pred]
-    if missing:
-        raise ValueError(
-            f"--answers-file: {len(missing)} of {len(scored)} balanced questions have no answer (first: {missing[0]!r})"
-        )
     if not scored:
         raise ValueError(f"--questions-file {questions_file}: no balanced questions")
-    correct = sum(pred[qid] == str(q["answer"]).lower() for qid, q in scored.items())
-    return {"accuracy": 100.0 * correct / len(scored), "num_questions": len(scored)}
+    cov = check_coverage(list(scored), [str(p["questionId"]) for p in predictions], answers="--answers-file",
+                         questions=f"the balanced questions of --questions-file {questions_file}",
+                         allow_subset=allow_subset)
+    pred = {str(p["questionId"]): p["prediction"] for p in predictions}
+    correct = sum(pred[qid] == str(q["answer"]).lower() for qid, q in scored.items() if qid in pred)
+    return {"accuracy": 100.0 * correct / cov.answered, "num_questions": cov.answered, **cov.fields()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -51,14 +53,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--predictions-out", required=True, help="official predictions json to write")
     ap.add_argument("--questions-file", default=None, help="testdev_balanced_questions.json; enables the accuracy")
     ap.add_argument("--json", default=None)
+    add_subset_argument(ap)
     args = ap.parse_args(argv)
     predictions = convert_answers(args.answers_file)
+    unique_keys([str(p["questionId"]) for p in predictions], f"--answers-file {args.answers_file}")
     atomic_write_json(args.predictions_out, predictions, indent=None)
     print(f"wrote {len(predictions)} predictions to {args.predictions_out}")
     if not args.questions_file:
         return {}
-    metrics = gqa_accuracy(predictions, args.questions_file)
-    maybe_write_metrics(args.json, {"accuracy": metrics["accuracy"]})
+    metrics = gqa_accuracy(predictions, args.questions_file, args.allow_subset)
+    maybe_write_metrics(args.json, {k: v for k, v in metrics.items() if k != "num_questions"})
+    print(summary_line(metrics))
     print(f"GQA accuracy: {metrics['accuracy']:.2f}")
     return metrics
 

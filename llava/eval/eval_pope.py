@@ -2,18 +2,22 @@
 
 Usage:
     python -m llava.eval.eval_pope --annotation-dir pope/coco --question-file pope/llava_pope_test.jsonl \
-        --result-file answers.jsonl [--json metrics.json]
+        --result-file answers.jsonl [--json metrics.json] [--allow-subset]
 
-Answers are paired with the labels of `coco_pope_<category>.json` (one `{"label": "yes"|"no"}` per line)
-by order within each category (the category comes from the question file), so answers must be in
-question order.
+Answers are matched to questions by `question_id` (every question answered exactly once, see
+llava.eval.coverage), and questions to the labels of `coco_pope_<category>.json` by (image, question text):
+the label lines carry `question_id, image, text, label`, but their ids restart at 1 in each file while
+LLaVA's question file offsets them per category (adversarial 1.., random 10000001.., popular 20000001..).
+Nothing is paired by position, so the order of the answers does not matter. Every question of a category
+must have exactly one label line and every label line a question (LLaVA-1.5 used the POPE files of commit
+e3e39262, whose random split has 2,910 questions). Questions of other categories are not scored.
 """
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from llava.eval.coverage import add_subset_argument, check_coverage, summary_line, unique_keys
 from llava.eval.io_utils import maybe_write_metrics, read_jsonl, require_path
 
 CATEGORIES = ("adversarial", "popular", "random")
@@ -48,34 +52,62 @@ def binary_metrics(preds: list[str], labels: list[str]) -> dict[str, float]:
     }
 
 
-def _read_labels(path: Path) -> list[str]:
-    labels = []
-    for row in read_jsonl(path, "POPE annotation"):
-        label = str(row.get("label", "")).strip().lower()
-        if label not in ("yes", "no"):
-            raise ValueError(f"POPE annotation {path}: expected label 'yes' or 'no', got {row.get('label')!r}")
-        labels.append(label)
-    return labels
+def question_text(text: str) -> str:
+    """The question itself: the first line of a question file's or label file's `text`."""
+    return text.split("\n")[0].strip()
 
 
-def score_pope(annotation_dir: str, question_file: str, result_file: str) -> dict:
+def _label_key(row: dict) -> tuple[str, str]:
+    return (str(row["image"]), question_text(row["text"]))
+
+
+def read_labels(path: Path) -> dict[tuple[str, str], str]:
+    """(image, question) -> "yes" / "no" of one POPE label file; a repeated question is an error."""
+    rows = read_jsonl(path, "POPE annotation")
+    for row in rows:
+        if not {"image", "text", "label"} <= set(row):
+            raise ValueError(f"POPE annotation {path}: expected lines with 'image', 'text' and 'label' "
+                             f"(POPE's coco_pope_<category>.json), got keys {sorted(row)}")
+        if str(row["label"]).strip().lower() not in ("yes", "no"):
+            raise ValueError(f"POPE annotation {path}: expected label 'yes' or 'no', got {row['label']!r}")
+    keys = unique_keys([_label_key(r) for r in rows], f"POPE annotation {path}")
+    return {k: str(r["label"]).strip().lower() for k, r in zip(keys, rows)}
+
+
+def labels_for(questions: list[dict], labels: dict[tuple[str, str], str], path: Path) -> dict:
+    """question_id -> label for one category; every question needs a label line and every label line a question."""
+    keys = {q["question_id"]: _label_key(q) for q in questions}
+    unlabelled = [qid for qid, k in keys.items() if k not in labels]
+    unasked = sorted(set(labels) - set(keys.values()))
+    if unlabelled or unasked:
+        raise ValueError(
+            f"POPE annotation {path} and --question-file disagree: {len(unlabelled)} questions have no label line "
+            f"(first: {unlabelled[:3]}), {len(unasked)} label lines have no question (first: {unasked[:3]}); "
+            "use the POPE files LLaVA's question file was built from (see EVAL.md)"
+        )
+    return {qid: labels[k] for qid, k in keys.items()}
+
+
+def score_pope(annotation_dir: str, question_file: str, result_file: str, allow_subset: bool = False) -> dict:
+    """Per-category metrics, the average F1 and the coverage fields; CoverageError before any scoring."""
     ann_dir = require_path(annotation_dir, "POPE annotation dir (--annotation-dir)", is_dir=True)
-    questions = {q["question_id"]: q for q in read_jsonl(question_file, "POPE question file (--question-file)")}
+    questions = read_jsonl(question_file, "POPE question file (--question-file)")
+    qids = [q["question_id"] for q in questions]
     answers = read_jsonl(result_file, "POPE answers (--result-file)")
+    cov = check_coverage(qids, [a["question_id"] for a in answers], answers=f"--result-file {result_file}",
+                         questions=f"--question-file {question_file}", allow_subset=allow_subset)
+    answer_text = {a["question_id"]: a["text"] for a in answers}
     metrics: dict = {}
     for category in CATEGORIES:
-        labels = _read_labels(require_path(ann_dir / f"coco_pope_{category}.json", "POPE annotation"))
-        cat_answers = []
-        for a in answers:
-            q = questions.get(a["question_id"])
-            if q is None:
-                raise ValueError(f"--result-file: question_id {a['question_id']!r} is not in the question file")
-            if q.get("category") == category:
-                cat_answers.append(a)
-        preds = [parse_yes_no(a["text"]) for a in cat_answers]
-        metrics[category] = binary_metrics(preds, labels)
+        path = require_path(ann_dir / f"coco_pope_{category}.json", "POPE annotation")
+        gold = labels_for([q for q in questions if q.get("category") == category], read_labels(path), path)
+        answered = [qid for qid in gold if qid in answer_text]
+        if not answered:
+            raise ValueError(f"--result-file {result_file}: no answers in POPE category {category!r}")
+        metrics[category] = binary_metrics([parse_yes_no(answer_text[qid]) for qid in answered],
+                                           [gold[qid] for qid in answered])
     metrics["average_f1"] = sum(metrics[c]["f1"] for c in CATEGORIES) / len(CATEGORIES)
-    return metrics
+    return {**metrics, **cov.fields()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -84,12 +116,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--question-file", required=True)
     ap.add_argument("--result-file", required=True)
     ap.add_argument("--json", default=None, help="write the metrics here")
+    add_subset_argument(ap)
     args = ap.parse_args(argv)
-    metrics = score_pope(args.annotation_dir, args.question_file, args.result_file)
+    metrics = score_pope(args.annotation_dir, args.question_file, args.result_file, args.allow_subset)
     for category in CATEGORIES:
         m = metrics[category]
         print(f"{category:12s} " + "  ".join(f"{k}={v:.2f}" for k, v in m.items()))
     maybe_write_metrics(args.json, metrics)
+    print(summary_line(metrics))
     print(f"POPE average F1: {metrics['average_f1']:.2f}")
     return metrics
 

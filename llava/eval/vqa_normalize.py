@@ -1,70 +1,176 @@
-"""EvalAI-style answer normalisation and VQA soft accuracy (TextVQA, VQAv2, VizWiz).
+"""EvalAI answer normalisation and VQA soft accuracy (TextVQA, VQAv2, VizWiz), as LLaVA's scorers apply them.
 
-Rules (the VQA challenge's published answer processing):
-1. lower case; drop "," and "?"; split the possessive "'s" off as " 's"; newlines/tabs -> spaces.
-2. punctuation: each mark in `PUNCTUATION` is deleted when it touches a space (or the text has a digit
-   comma digit group), otherwise replaced by a space; a period not followed by a digit is deleted.
-3. per word: number words zero..ten (and "none") -> digits; the articles a / an / the are dropped;
-   apostrophe-less contractions ("dont", "youre", "couldnt've") get their apostrophes back.
+The rules are those of EvalAI's VQA answer processor, which LLaVA's `m4c_evaluator.EvalAIAnswerProcessor`
+uses for its TextVQA scorer and its VQAv2 / VizWiz submission converters (see EVAL.md, "Which rule each
+scorer follows"):
+1. lower case; drop every "," and "?"; split the possessive "'s" off as " 's"; newlines/tabs -> spaces; trim.
+2. punctuation: each mark in `PUNCTUATION` is deleted when it touches a space somewhere in the text (or
+   the text has a digit-comma-digit group, which cannot happen after step 1), otherwise replaced by a space;
+   then a period not followed by a digit is deleted (at most 32 of them, a quirk of the reference code).
+3. per word: number words zero..ten (and "none") -> digits; the articles a / an / the are dropped; a word
+   found in the official contraction table (`CONTRACTIONS`) is replaced by its entry.
+
+The VQA tool's own `vqaEval.py` differs from EvalAI's processor in step 2 (its punctuation list has ":" and
+"'" and lacks "{", "}", "-", "!") and skips step 1; LLaVA's numbers follow EvalAI's processor, so ours do.
 
 Soft accuracy of a prediction against n human answers: for each of the n leave-one-out subsets,
 min(1, #matches in the subset / 3); the prediction scores the mean over the n subsets.
 """
 from __future__ import annotations
 
-import itertools
 import re
 from typing import Sequence
 
 PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
 _PERIOD_NOT_BEFORE_DIGIT = re.compile(r"(?!<=\d)(\.)(?!\d)")
-_DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
+_DIGIT_COMMA_DIGIT = re.compile(r"(?<=\d)(,)+(?=\d)")   # EvalAI's form; inert after step 1
 NUMBER_WORDS = {
     "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
     "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
 }
 ARTICLES = frozenset({"a", "an", "the"})
 
-# Canonical contractions (with apostrophes). Every spelling that drops at least one apostrophe maps back
-# to the canonical form, except spellings that are ordinary English words (see _REAL_WORDS).
-_CANONICAL_CONTRACTIONS = """
-ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't
-he'd he'd've he's how'd how'll how's i'd've i'm i've isn't it'd it'd've it'll let's ma'am mightn't
-mightn't've might've mustn't must've needn't not've o'clock oughtn't shan't she'd've she's should've
-shouldn't shouldn't've somebody'd somebody'd've somebody'll somebody's someone'd someone'd've someone'll
-someone's something'd something'd've something'll that's there'd there'd've there're there's they'd
-they'd've they'll they're they've 'twas wasn't we'd've we've weren't what'll what're what's what've
-when's where'd where's where've who'd who'd've who'll who's who've why'll why're why's won't would've
-wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've
-""".split()
-_REAL_WORDS = frozenset({"id", "im", "ive", "its", "ill", "well", "were", "wed", "shed", "hell", "shell", "lets", "shes"})
+# The contraction table of the VQA evaluation tool (vqaEval.py), in the straight-apostrophe form that EvalAI's
+# answer processor and LLaVA's m4c_evaluator use: 120 "spelling replacement" pairs in the published order, kept
+# exactly as published, oddities included (see EVAL.md, "Answer normalisation"). It is applied to whole words
+# after lower-casing, so the capitalised keys (Im, Ive, Id've, I'dve) never match, "somebody'd" becomes
+# "somebodyd", and spellings it lacks ("hadntve", "wouldntve", "shes", "id", "ive") stay as they are.
+_CONTRACTION_TABLE = """
+aint ain't
+arent aren't
+cant can't
+couldve could've
+couldnt couldn't
+couldn'tve couldn't've
+couldnt've couldn't've
+didnt didn't
+doesnt doesn't
+dont don't
+hadnt hadn't
+hadnt've hadn't've
+hadn'tve hadn't've
+hasnt hasn't
+havent haven't
+hed he'd
+hed've he'd've
+he'dve he'd've
+hes he's
+howd how'd
+howll how'll
+hows how's
+Id've I'd've
+I'dve I'd've
+Im I'm
+Ive I've
+isnt isn't
+itd it'd
+itd've it'd've
+it'dve it'd've
+itll it'll
+let's let's
+maam ma'am
+mightnt mightn't
+mightnt've mightn't've
+mightn'tve mightn't've
+mightve might've
+mustnt mustn't
+mustve must've
+neednt needn't
+notve not've
+oclock o'clock
+oughtnt oughtn't
+ow's'at 'ow's'at
+'ows'at 'ow's'at
+'ow'sat 'ow's'at
+shant shan't
+shed've she'd've
+she'dve she'd've
+she's she's
+shouldve should've
+shouldnt shouldn't
+shouldnt've shouldn't've
+shouldn'tve shouldn't've
+somebody'd somebodyd
+somebodyd've somebody'd've
+somebody'dve somebody'd've
+somebodyll somebody'll
+somebodys somebody's
+someoned someone'd
+someoned've someone'd've
+someone'dve someone'd've
+someonell someone'll
+someones someone's
+somethingd something'd
+somethingd've something'd've
+something'dve something'd've
+somethingll something'll
+thats that's
+thered there'd
+thered've there'd've
+there'dve there'd've
+therere there're
+theres there's
+theyd they'd
+theyd've they'd've
+they'dve they'd've
+theyll they'll
+theyre they're
+theyve they've
+twas 'twas
+wasnt wasn't
+wed've we'd've
+we'dve we'd've
+weve we've
+werent weren't
+whatll what'll
+whatre what're
+whats what's
+whatve what've
+whens when's
+whered where'd
+wheres where's
+whereve where've
+whod who'd
+whod've who'd've
+who'dve who'd've
+wholl who'll
+whos who's
+whove who've
+whyll why'll
+whyre why're
+whys why's
+wont won't
+wouldve would've
+wouldnt wouldn't
+wouldnt've wouldn't've
+wouldn'tve wouldn't've
+yall y'all
+yall'll y'all'll
+y'allll y'all'll
+yall'd've y'all'd've
+y'alld've y'all'd've
+y'all'dve y'all'd've
+youd you'd
+youd've you'd've
+you'dve you'd've
+youll you'll
+youre you're
+youve you've
+"""
 
 
-def _apostrophe_dropped_variants(word: str) -> set[str]:
-    """All spellings of `word` with a non-empty subset of its apostrophes removed."""
-    parts = word.split("'")
-    gaps = len(parts) - 1
-    out = set()
-    for keep in itertools.product((True, False), repeat=gaps):
-        if all(keep):
-            continue
-        s = parts[0]
-        for k, part in zip(keep, parts[1:]):
-            s += ("'" if k else "") + part
-        out.add(s)
-    return out
-
-
-def _build_contractions() -> dict[str, str]:
+def _parse_table(text: str) -> dict[str, str]:
+    """`spelling replacement` lines -> dict; a malformed or repeated line is an error."""
     table: dict[str, str] = {}
-    for canon in _CANONICAL_CONTRACTIONS:
-        for variant in _apostrophe_dropped_variants(canon):
-            if variant not in _REAL_WORDS:
-                table[variant] = canon
+    for line in text.strip().splitlines():
+        spelling, replacement = line.split()
+        if spelling in table:
+            raise ValueError(f"_CONTRACTION_TABLE: {spelling!r} listed twice")
+        table[spelling] = replacement
     return table
 
 
-CONTRACTIONS = _build_contractions()
+CONTRACTIONS = _parse_table(_CONTRACTION_TABLE)
 
 
 def _split_words(text: str) -> str:

@@ -30,6 +30,10 @@ eval_setup() {
     fi
     BUDGET=$1; shift
     EXTRA_ARGS=("$@")
+    local a
+    for a in "${EXTRA_ARGS[@]}"; do   # sharding is the script's: an extra --num-chunks would answer only part of the questions
+        case "$a" in --num-chunks|--num-chunks=*|--chunk-idx|--chunk-idx=*) die "$a is set by the script; use CHUNKS=N instead (see EVAL.md)" ;; esac
+    done
     PYTHON=${PYTHON:-python}
     DATA_DIR=${DATA_DIR:-./playground/data/eval}
     METHOD=${METHOD:-script}
@@ -145,7 +149,7 @@ bench_mmvet() {
     local out=$d/answers/$CKPT/$TAG
     run_sharded llava.eval.model_vqa "$out" --question-file "$d/llava-mm-vet.jsonl" --image-folder "$d/images"
     local upload=$d/results/$CKPT/$TAG.json
-    "$PYTHON" -m llava.eval.convert_mmvet_for_eval --src "$MERGED" --dst "$upload"
+    "$PYTHON" -m llava.eval.convert_mmvet_for_eval --src "$MERGED" --question-file "$d/llava-mm-vet.jsonl" --dst "$upload"
     append_summary submission "$upload"
     echo "[$BENCH] grade $upload with the official MM-Vet evaluator (see EVAL.md)" >&2
 }
@@ -197,7 +201,7 @@ bench_vqav2() {
     local out=$d/answers/$split/$CKPT/$TAG
     run_sharded llava.eval.model_vqa_loader "$out" --question-file "$d/$split.jsonl" --image-folder "$d/test2015"
     local upload=$d/answers_upload/$split/$CKPT/$TAG.json
-    "$PYTHON" -m llava.eval.convert_vqav2_for_submission --answers-file "$MERGED" \
+    "$PYTHON" -m llava.eval.convert_vqav2_for_submission --answers-file "$MERGED" --question-file "$d/$split.jsonl" \
         --test-file "$d/llava_vqav2_mscoco_test2015.jsonl" --out "$upload"
     append_summary submission "$upload"
     echo "[$BENCH] submit $upload to the VQAv2 EvalAI server (see EVAL.md)" >&2
