@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import core
+from .budget import keeps_all
 
 __all__ = [
     "MethodSpec",
@@ -275,7 +276,7 @@ def _run(
     budget = _budget(budget)
     inputs = _prepared_inputs(spec, raw_inputs, x, batched)
     b, n, _ = x.shape
-    if budget >= n or b == 0:
+    if keeps_all(budget, n) or b == 0:
         kept = torch.arange(min(budget, n), device=x.device).expand(b, -1).clone()
         return Reduction(indices=kept, merged=None), batched
     out = spec.fn(x, budget, **inputs, **params)

@@ -1,0 +1,206 @@
+"""The family interface: what one model family tells the shared pruning layer.
+
+A family (one small file: ``llava.py``, ``llava_next.py``, ...) subclasses :class:`Family` and
+answers four questions; everything else (selection, relevance, the shortened prefill, the cache,
+decoding, in-LLM methods) is shared:
+
+1. ``encode``: the visual rows of a prefill (an image, a crop, a video frame each), as the
+   projected tokens the LLM would receive ``(R, N, D)`` plus the vision tower's features.
+2. ``layout``: given which tokens of every row are kept ``(R, N)`` bool, the sequence of visual
+   tokens that fills the prompt's placeholder runs, in the order the stock model fills them,
+   with a kept flag per token (the unpruned layout, so its length equals the placeholder count).
+3. ``positions``: the position ids of the shortened prompt (1-D contiguous by default; M-RoPE
+   families gather 3-D positions of the kept tokens instead) and how decoding continues.
+4. ``decoder``: access to the LLM's decoder stack for in-LLM methods (:class:`DecoderAccess`).
+
+``llm_inputs`` lets a family hand the LLM extra per-token inputs pruned with the same keep mask
+(Qwen3-VL's DeepStack features). See docs/adding_a_family.md.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+#: Row id of a layout token that belongs to no row (LLaVA-NeXT's ``image_newline``).
+LAYOUT_TOKEN = -2
+#: Row id of text and padding positions.
+TEXT = -1
+
+
+@dataclass
+class VisualRows:
+    """The visual rows of one prefill, in sequence order (sample, then image, then crop / frame).
+
+    tokens: (R, N, D) projected visual tokens, what the LLM receives and what selection runs on.
+    vision_features: (R, N, C) the vision tower's selected-layer features (the projector input).
+    row_image: (R,) long, which image (in sequence order over the batch) each row belongs to.
+    image_lengths: (I,) long, placeholder tokens of each image in the unpruned prompt.
+    extra: family data the layout needs (e.g. NeXT grid shapes).
+    """
+
+    tokens: Tensor
+    vision_features: Tensor
+    row_image: Tensor
+    image_lengths: Tensor
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_rows(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def row_length(self) -> int:
+        return self.tokens.shape[1]
+
+
+@dataclass
+class Layout:
+    """Visual tokens for the placeholder runs of the whole batch, unpruned length T.
+
+    tokens: (T, D) in the order the stock model scatters them into the placeholders.
+    kept: (T,) bool, the tokens that stay in the shortened prompt.
+    row: (T,) long, the visual row of each token, LAYOUT_TOKEN for layout markers (newlines).
+    index: (T,) long, each token's index within its row (-1 for layout markers).
+    """
+
+    tokens: Tensor
+    kept: Tensor
+    row: Tensor
+    index: Tensor
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """``[-x2, x1]`` of the two halves of the last dim (the rotate-half RoPE convention). # (..., d)"""
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+@dataclass
+class DecoderAccess:
+    """What in-LLM methods need of a decoder stack (a ``LlamaModel``-like module).
+
+    The default reads the attribute names Llama, Mistral and Qwen2 decoders share (``layers``,
+    ``norm``, ``rotary_emb``, ``self_attn.{q,k}_proj``, ``input_layernorm``) and applies 1-D
+    rotate-half RoPE; a family with other names or M-RoPE overrides :meth:`rope` /
+    :meth:`last_query_attention`.
+    """
+
+    module: nn.Module
+
+    @property
+    def config(self):
+        return self.module.config
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        return list(self.module.layers[: self.config.num_hidden_layers])
+
+    def norm(self, hidden: Tensor) -> Tensor:
+        return self.module.norm(hidden)
+
+    def rope(self, hidden: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(cos, sin) as the layers receive them. # (B, L, D), (B, L) -> 2 x (B, L, hd)"""
+        return self.module.rotary_emb(hidden, position_ids=position_ids)
+
+    @staticmethod
+    def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """RoPE on heads ``x`` (B, H, L, hd) with cos/sin (B, L, hd)."""
+        return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+    def last_query_attention(self, layer: nn.Module, hidden: Tensor, rope: tuple[Tensor, Tensor],
+                             mask: Tensor) -> Tensor:
+        """Softmax attention of each row's last real token over all keys at ``layer``, mean over heads.
+
+        hidden: (B, L, D) the layer's input; rope: its (cos, sin); mask: (B, L) 0/1 padding mask.
+        Computed from the layer's own q/k projections for that one query, so the layers keep their
+        attention implementation (sdpa / flash). Masked or later keys get 0. -> (B, L) float32.
+        """
+        attn = layer.self_attn
+        normed = layer.input_layernorm(hidden)
+        batch, length, _ = normed.shape
+        hd = attn.head_dim
+        positions = torch.arange(length, device=mask.device)
+        last = (mask.bool() * (positions + 1)).argmax(dim=1)  # (B,) last real token, either padding side
+        rows = torch.arange(batch, device=normed.device)
+        cos, sin = (t.expand(batch, -1, -1) for t in rope)
+        query = attn.q_proj(normed[rows, last][:, None]).view(batch, 1, -1, hd).transpose(1, 2)  # (B, H, 1, hd)
+        keys = attn.k_proj(normed).view(batch, length, -1, hd).transpose(1, 2)  # (B, Hkv, L, hd)
+        query = self.apply_rope(query, cos[rows, last][:, None], sin[rows, last][:, None])
+        keys = self.apply_rope(keys, cos, sin)
+        groups = query.shape[1] // keys.shape[1]
+        query = query.reshape(batch, keys.shape[1], groups, hd)  # (B, Hkv, G, hd): head h uses kv head h // G
+        logits = torch.einsum("bkgd,bkld->bkgl", query.float(), keys.float()) * float(attn.scaling)
+        allowed = mask.bool() & (positions[None] <= last[:, None])  # (B, L)
+        logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
+        return logits.softmax(dim=-1).mean(dim=(1, 2))  # (B, L)
+
+
+class Family:
+    """One model family. Subclasses set ``name`` / ``class_names`` and implement ``encode`` and ``layout``."""
+
+    name: ClassVar[str] = ""
+    #: transformers class names this family patches (checked by exact class, not subclass).
+    class_names: ClassVar[tuple[str, ...]] = ()
+    #: relevance source used when ``apply`` gets none (None: the family has none; methods needing
+    #: relevance then ask for one).
+    default_relevance: ClassVar[str | None] = None
+
+    # -- vision side ---------------------------------------------------------------------------
+    def encode(self, model: nn.Module, call: dict[str, Any]) -> VisualRows:
+        raise NotImplementedError
+
+    def layout(self, model: nn.Module, rows: VisualRows, keep: Tensor) -> Layout:
+        raise NotImplementedError
+
+    def row_length(self, model: nn.Module) -> int:
+        """Tokens per visual row before pruning (the N of the budget)."""
+        raise NotImplementedError
+
+    def num_rows(self, model: nn.Module, call: dict[str, Any]) -> int:
+        """Visual rows of a call, without running the vision tower (for ``kept`` of an unpruned prefill)."""
+        raise NotImplementedError
+
+    def image_token_id(self, model: nn.Module) -> int:
+        return int(model.config.image_token_id)
+
+    def embed_tokens(self, model: nn.Module) -> nn.Module:
+        return model.get_input_embeddings()
+
+    def vision_post_layernorm(self, model: nn.Module) -> nn.Module | None:
+        """The vision tower's final LayerNorm (CLIP joint-space embeddings for ``clip_text``), if any."""
+        tower = model.model.vision_tower
+        return getattr(getattr(tower, "vision_model", tower), "post_layernorm", None)
+
+    def pixel_keys(self) -> tuple[str, ...]:
+        """Forward arguments that carry visual inputs (dropped from the LLM call once spliced)."""
+        return ("pixel_values", "image_sizes")
+
+    # -- LLM side ------------------------------------------------------------------------------
+    def language_model(self, model: nn.Module) -> nn.Module:
+        return model.model.language_model
+
+    def decoder(self, model: nn.Module) -> DecoderAccess:
+        return DecoderAccess(self.language_model(model))
+
+    def positions(self, model: nn.Module, call: dict[str, Any], index: Tensor, mask: Tensor) -> Tensor:
+        """Position ids of the shortened prompt: LLaVA's contiguous positions over real tokens.
+
+        index: (B, Ls) source positions of the shortened prompt; mask: (B, Ls) 0/1. M-RoPE
+        families gather their 3-D positions with ``index`` instead. -> (B, Ls) long.
+        """
+        return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+    def llm_inputs(self, model: nn.Module, rows: VisualRows, layout: Layout, index: Tensor) -> dict[str, Any]:
+        """Extra LLM inputs pruned with the same keep mask (DeepStack); none by default."""
+        return {}
+
+
+def cache_keyword(fn: Any) -> str:
+    """``"cache"`` (transformers >= 5.24) or ``"past_key_values"``: how ``fn`` takes the KV cache."""
+    params = inspect.signature(fn).parameters
+    return "cache" if "cache" in params else "past_key_values"

@@ -1,0 +1,441 @@
+"""script_prune.patch on transformers' own LLaVA / LLaVA-NeXT classes (tiny random configs, offline).
+
+References are built here from the STOCK model, never from the layer's output:
+- logits: the unpatched model fed by hand a prompt whose placeholder runs hold only the kept visual
+  tokens (taken from the stock vision tower + projector, laid out as the stock model lays them out:
+  for NeXT every packed token is matched back to its crop and index, and a newline is kept iff its
+  grid row keeps a token), with contiguous positions;
+- kept: ``script_prune.select`` on projected features computed here from the stock modules;
+- FastV: the stock decoder layers run cache-free with explicit 4-D masks (layers < K see every token,
+  layers >= K and every decoded token see text + kept tokens only), scores from eager attention.
+"""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+)
+
+import script_prune as sp
+
+IMAGE = 99  # image placeholder id (inside the vocabulary, as transformers' processors use)
+VOCAB = 100
+
+
+def text_config(layers: int = 3) -> LlamaConfig:
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       tie_word_embeddings=False, pad_token_id=0)
+
+
+def vision_config(image_size: int = 32) -> CLIPVisionConfig:
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=image_size, patch_size=8, projection_dim=16)
+
+
+def sharpen(model):
+    """Larger random decoder weights (std 0.25), so attention is far from uniform and logits react to
+    positions and to which tokens are present."""
+    with torch.no_grad():
+        for p in model.model.language_model.layers.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.25)
+    return model
+
+
+def build_llava(image_size: int = 32, layers: int = 3, seed: int = 0) -> LlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    cfg = LlavaConfig(vision_config=vision_config(image_size), text_config=text_config(layers),
+                      image_token_index=IMAGE, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    return sharpen(LlavaForConditionalGeneration(cfg).eval())
+
+
+PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+
+
+def build_next(seed: int = 0) -> LlavaNextForConditionalGeneration:
+    torch.manual_seed(seed)
+    cfg = LlavaNextConfig(vision_config=vision_config(), text_config=text_config(), image_token_index=IMAGE,
+                          vision_feature_layer=-2, vision_feature_select_strategy="default",
+                          image_grid_pinpoints=PINPOINTS)
+    model = sharpen(LlavaNextForConditionalGeneration(cfg).eval())
+    with torch.no_grad():
+        model.model.image_newline.normal_()
+    return model
+
+
+def left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, length - len(r):] = torch.tensor(r)
+        mask[b, length - len(r):] = 1
+    return ids, mask
+
+
+def prompts(counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two prompts of different lengths, each with one image run of ``counts[b]`` placeholders."""
+    texts = [([1, 5, 6, 7], [8, 9, 10, 11, 12]), ([1, 13], [14, 15, 16])]
+    return left_padded([before + [IMAGE] * n + after for (before, after), n in zip(texts, counts)])
+
+
+# ------------------------------------------------------------------------------------------ stock pieces
+def projected_rows(model, pixels: torch.Tensor) -> torch.Tensor:
+    """The stock tower's layer -2 patch features through the stock projector. (R, 3, S, S) -> (R, N, D)"""
+    hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+    return model.model.multi_modal_projector(hidden)
+
+
+def next_crops(model, pixels: torch.Tensor, sizes: torch.Tensor) -> list[torch.Tensor]:
+    """The crops of every NeXT image, as the stock get_image_features takes them."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    counts = [image_size_to_num_patches(s.tolist(), PINPOINTS, 32) for s in sizes]
+    return [p[:c] for p, c in zip(pixels, counts)]
+
+
+def stock_image_tokens(model, pixels, sizes=None) -> list[torch.Tensor]:
+    """The stock model's visual tokens per image (its own layout, newlines included)."""
+    kwargs = {} if sizes is None else {"image_sizes": sizes}
+    return list(model.model.get_image_features(pixel_values=pixels, **kwargs).pooler_output)
+
+
+def stock_layout_ids(model, packed: torch.Tensor, rows: torch.Tensor) -> list[tuple[int, int] | None]:
+    """(row, index) of every packed token, matched to the projected rows by distance; None for newlines."""
+    flat = rows.reshape(-1, rows.shape[-1])
+    out = []
+    for token in packed:
+        if torch.equal(token, model.model.image_newline.to(token.dtype)):
+            out.append(None)
+            continue
+        dist = (flat - token).norm(dim=1)
+        best = int(dist.argmin())
+        assert float(dist[best]) < 1e-4
+        out.append(divmod(best, rows.shape[1]))
+    return out
+
+
+def pruned_image_tokens(model, packed, ids, kept_rows) -> torch.Tensor:
+    """The stock layout of one image keeping only the kept (row, index) pairs and the newlines of
+    grid rows that keep a token (a newline closes the grid row before it; base-only images keep theirs)."""
+    kept = {(r, int(i)) for r, row in kept_rows.items() for i in row}
+    chosen, line = [], []
+    for token, ident in zip(packed, ids):
+        if ident is None:
+            if line or all(x is None or x[0] == min(kept_rows) for x in ids):
+                chosen.extend(line + [token])
+            line = []
+        elif ident[0] == min(kept_rows) and ident in kept:
+            chosen.append(token)  # base row
+        elif ident in kept:
+            line.append(token)
+    return torch.stack(chosen + line)
+
+
+def reference_logits(model, ids, mask, image_tokens: list[torch.Tensor]):
+    """Unpatched model on the hand-built short prompt: each sample's placeholder run replaced by its
+    tokens, left padded, contiguous positions. -> logits (B, Ls, V), mask (B, Ls), embeds (B, Ls, D)"""
+    embed = model.get_input_embeddings()
+    seqs = []
+    for b in range(ids.shape[0]):
+        row = ids[b][mask[b].bool()]
+        at = (row == IMAGE).nonzero().flatten()
+        seqs.append(torch.cat([embed(row[: at[0]]), image_tokens[b], embed(row[at[-1] + 1:])]))
+    length = max(s.shape[0] for s in seqs)
+    embeds = torch.zeros(len(seqs), length, seqs[0].shape[1])
+    short = torch.zeros(len(seqs), length, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        embeds[b, length - s.shape[0]:] = s
+        short[b, length - s.shape[0]:] = 1
+    positions = (short.cumsum(1) - 1).clamp(min=0)
+    logits = model(inputs_embeds=embeds, attention_mask=short, position_ids=positions).logits
+    return logits, short, embeds
+
+
+def question_mean(model, ids, mask) -> torch.Tensor:
+    """Mean LLM input embedding of each sample's tokens after its image run. (B, D)"""
+    embed = model.get_input_embeddings()
+    out = []
+    for b in range(ids.shape[0]):
+        row = ids[b][mask[b].bool()]
+        last = int((row == IMAGE).nonzero().max())
+        out.append(embed(row[last + 1:]).mean(dim=0))
+    return torch.stack(out)
+
+
+# ------------------------------------------------------------------------------------------ acceptance 1
+@pytest.mark.parametrize("image_size,budget", [(32, 5), (32, 0.25), (24, 4)])
+@torch.no_grad()
+def test_llava_logits_equal_stock_model_on_hand_shortened_prompt(image_size, budget):
+    model = build_llava(image_size)
+    n = (image_size // 8) ** 2
+    ids, mask = prompts([n, n])
+    pixels = torch.randn(2, 3, image_size, image_size)
+    sp.patch.apply(model, method="divprune", budget=budget)
+    out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    kept = sp.patch.kept(model)
+    k = budget if isinstance(budget, int) else int(budget * n)
+    assert [row.tolist() for row in kept] == [sorted(set(row.tolist())) for row in kept]
+    assert all(row.shape == (k,) and row.dtype == torch.int64 for row in kept)
+    sp.patch.remove(model)
+    rows = projected_rows(model, pixels)
+    ref, short, _ = reference_logits(model, ids, mask, [rows[b, kept[b]] for b in range(2)])
+    assert out.logits.shape == ref.shape
+    real = short.bool()
+    torch.testing.assert_close(out.logits[real], ref[real], atol=1e-4, rtol=0)
+    # the cache holds text + kept tokens only
+    assert out.past_key_values.get_seq_length() == int(short.sum(1).max())
+
+
+NEXT_SIZES = [[(20, 50), (64, 30)], [(40, 40), (90, 33)], [(33, 33), (50, 20)]]
+
+
+@pytest.mark.parametrize("sizes,budget", [(NEXT_SIZES[0], 2), (NEXT_SIZES[1], 6), (NEXT_SIZES[2], 0.125)])
+@torch.no_grad()
+def test_llava_next_logits_equal_stock_model_on_hand_shortened_prompt(sizes, budget):
+    model = build_next()
+    sizes = torch.tensor(sizes)
+    pixels = torch.randn(2, 5, 3, 32, 32)
+    packed = stock_image_tokens(model, pixels, sizes)
+    ids, mask = prompts([p.shape[0] for p in packed])
+    sp.patch.apply(model, method="gsp", budget=budget)
+    out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes)
+    kept = sp.patch.kept(model)
+    sp.patch.remove(model)
+    crops = next_crops(model, pixels, sizes)
+    assert len(kept) == sum(c.shape[0] for c in crops)
+    image_tokens, start = [], 0
+    for b in range(2):
+        rows = projected_rows(model, crops[b])  # (crops, N, D)
+        layout = stock_layout_ids(model, packed[b], rows)
+        kept_rows = {r: kept[start + r] for r in range(rows.shape[0])}
+        image_tokens.append(pruned_image_tokens(model, packed[b], layout, kept_rows))
+        start += rows.shape[0]
+    ref, short, _ = reference_logits(model, ids, mask, image_tokens)
+    assert out.logits.shape == ref.shape
+    torch.testing.assert_close(out.logits[short.bool()], ref[short.bool()], atol=1e-4, rtol=0)
+    assert out.past_key_values.get_seq_length() == int(short.sum(1).max())
+
+
+@pytest.mark.parametrize("arch", ["llava", "next"])
+@torch.no_grad()
+def test_full_budget_and_remove_are_bit_identical(arch):
+    model = build_llava() if arch == "llava" else build_next()
+    pixels = torch.randn(2, 3, 32, 32) if arch == "llava" else torch.randn(2, 5, 3, 32, 32)
+    extra = {} if arch == "llava" else {"image_sizes": torch.tensor([[20, 50], [40, 40]])}
+    counts = [16, 16] if arch == "llava" else [p.shape[0] for p in stock_image_tokens(model, pixels, extra["image_sizes"])]
+    ids, mask = prompts(counts)
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, **extra)
+    stock = model(**inputs).logits
+    stock_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    sp.patch.apply(model, method="gsp", budget=16)
+    assert torch.equal(model(**inputs).logits, stock)
+    assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), stock_gen)
+    assert [k.tolist() for k in sp.patch.kept(model)][0] == list(range(16))
+    sp.patch.remove(model)
+    sp.patch.apply(model, method="gsp", budget=3)
+    model(**inputs)
+    sp.patch.remove(model)
+    assert "forward" not in model.__dict__
+    assert torch.equal(model(**inputs).logits, stock)
+    assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), stock_gen)
+
+
+@torch.no_grad()
+def test_generate_greedy_and_beams_equal_reference_generate():
+    model = build_llava()
+    ids, mask = prompts([16, 16])
+    pixels = torch.randn(2, 3, 32, 32)
+    sp.patch.apply(model, method="script", budget=4, relevance="llm_text")
+    greedy = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=6, do_sample=False)
+    kept = sp.patch.kept(model)
+    beams = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=5, num_beams=3,
+                           num_return_sequences=2, do_sample=False)
+    assert len(sp.patch.kept(model)) == 6  # each prompt's row once per beam
+    torch.manual_seed(3)
+    sampled = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=5, do_sample=True,
+                             top_k=5, num_return_sequences=2)
+    sp.patch.remove(model)
+    rows = projected_rows(model, pixels)
+    _, short, embeds = reference_logits(model, ids, mask, [rows[b, kept[b]] for b in range(2)])
+    ref = model.generate(inputs_embeds=embeds, attention_mask=short, max_new_tokens=6, do_sample=False)
+    assert torch.equal(greedy[:, :ids.shape[1]], ids)
+    assert torch.equal(greedy[:, ids.shape[1]:], ref)
+    ref_beams = model.generate(inputs_embeds=embeds, attention_mask=short, max_new_tokens=5, num_beams=3,
+                               num_return_sequences=2, do_sample=False)
+    assert torch.equal(beams[:, ids.shape[1]:], ref_beams)
+    torch.manual_seed(3)
+    ref_sampled = model.generate(inputs_embeds=embeds, attention_mask=short, max_new_tokens=5, do_sample=True,
+                                 top_k=5, num_return_sequences=2)
+    assert torch.equal(sampled[:, ids.shape[1]:], ref_sampled)
+
+
+# ------------------------------------------------------------------------------------------ acceptance 2
+VISION_METHODS = [m for m in sp.list_methods()
+                  if sp.get_method(m).stage == "vision" and not sp.get_method(m).merges]
+
+
+@pytest.mark.parametrize("method", VISION_METHODS)
+@torch.no_grad()
+def test_kept_equals_select_on_the_same_features(method):
+    model = build_llava()
+    ids, mask = prompts([16, 16])
+    pixels = torch.randn(2, 3, 32, 32)
+    sp.patch.apply(model, method=method, budget=5, relevance="llm_text")
+    model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    kept = torch.stack(sp.patch.kept(model))
+    sp.patch.remove(model)
+    rows = projected_rows(model, pixels)
+    params = {"negate": False} if "negate" in sp.get_method(method).params else {}
+    expected = sp.select(rows, 5, method, image_embeds=rows, query_embeds=question_mean(model, ids, mask)[:, None],
+                         **params)
+    assert torch.equal(kept, expected)
+
+
+@torch.no_grad()
+def test_clip_text_relevance_is_negated_clip_similarity():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained("llava/toy/checkpoint/clip")
+    torch.manual_seed(5)
+    text = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                                      num_hidden_layers=1, num_attention_heads=4,
+                                                      projection_dim=16, max_position_embeddings=77)).eval()
+    projection = torch.nn.Linear(32, 16, bias=False)
+    model = build_llava()
+    ids, mask = prompts([16, 16])
+    pixels = torch.randn(2, 3, 32, 32)
+    questions = ["a red cube on the left", "how many spheres"]
+    sp.patch.apply(model, method="qcrs", budget=5, relevance=sp.patch.ClipText(text, projection, tokenizer))
+    sp.patch.set_query(model, questions)
+    model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    kept = torch.stack(sp.patch.kept(model))
+    sp.patch.remove(model)
+    hidden = model.model.vision_tower(pixels, output_hidden_states=True)
+    image = projection(model.model.vision_tower.post_layernorm(hidden.hidden_states[-2][:, 1:]))
+    query = torch.stack([text(**tokenizer(q, return_tensors="pt")).text_embeds for q in questions])  # (2, 1, P)
+    rows = projected_rows(model, pixels)
+    assert torch.equal(kept, sp.select(rows, 5, "qcrs", image_embeds=image, query_embeds=query, negate=True))
+    assert not torch.equal(kept, sp.select(rows, 5, "qcrs", image_embeds=image, query_embeds=query, negate=False))
+
+
+# ------------------------------------------------------------------------------------------ FastV
+def eager_scores(model, embeds, mask, positions, layer: int) -> torch.Tensor:
+    """Mean-over-heads attention of each row's last token at decoder layer ``layer``: transformers' eager
+    attention (output_attentions) of the unpruned prompt. -> (B, L)"""
+    model.set_attn_implementation("eager")
+    try:
+        out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, output_attentions=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    return out.attentions[layer][:, :, -1, :].mean(dim=1)
+
+
+def masked_forward(model, embeds, positions, allowed: list[torch.Tensor]) -> torch.Tensor:
+    """The stock decoder layers without a cache, layer i with the boolean (B, T, T) mask allowed[i]."""
+    lm = model.model.language_model
+    hidden = embeds
+    rope = lm.rotary_emb(hidden, position_ids=positions)
+    for layer, ok in zip(lm.layers, allowed):
+        bias = torch.zeros(ok.shape, dtype=hidden.dtype).masked_fill(~ok, torch.finfo(hidden.dtype).min)[:, None]
+        hidden = layer(hidden, attention_mask=bias, position_embeddings=rope, position_ids=positions)
+    return model.lm_head(lm.norm(hidden))
+
+
+@torch.no_grad()
+def test_fastv_picks_eager_top_attention_and_decodes_like_masked_reference():
+    K, k, steps = 2, 4, 6
+    model = build_llava(layers=4, seed=2)
+    ids, mask = prompts([16, 16])
+    pixels = torch.randn(2, 3, 32, 32)
+    sp.patch.apply(model, method="fastv", budget=k, layer=K)
+    generated = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=steps,
+                               do_sample=False)[:, ids.shape[1]:]
+    kept = sp.patch.kept(model)
+    sp.patch.remove(model)
+    # the unpruned prompt as the stock model builds it
+    features = torch.cat(stock_image_tokens(model, pixels))
+    embeds = model.get_input_embeddings()(ids).masked_scatter((ids == IMAGE)[..., None], features)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    scores = eager_scores(model, embeds, mask, positions, K - 1)  # (B, L)
+    image_at = [(ids[b] == IMAGE).nonzero().flatten() for b in range(2)]
+    for b in range(2):
+        assert kept[b].tolist() == sorted(torch.topk(scores[b, image_at[b]], k).indices.tolist())
+    dropped = torch.zeros_like(mask, dtype=torch.bool)
+    for b in range(2):
+        keep = torch.zeros(16, dtype=torch.bool)
+        keep[kept[b]] = True
+        dropped[b, image_at[b][~keep]] = True
+    # greedy decoding, recomputed from scratch every step
+    tokens = torch.empty(2, 0, dtype=torch.long)
+    length = ids.shape[1]
+    for _ in range(steps):
+        t = length + tokens.shape[1]
+        seq = torch.cat([embeds, model.get_input_embeddings()(tokens)], dim=1)
+        real = torch.cat([mask.bool(), torch.ones_like(tokens, dtype=torch.bool)], dim=1)  # (B, T)
+        pos = (real.long().cumsum(1) - 1).clamp(min=0)
+        gone = torch.cat([dropped, torch.zeros_like(tokens, dtype=torch.bool)], dim=1)  # (B, T)
+        causal = torch.ones(t, t, dtype=torch.bool).tril()[None] & real[:, None, :]
+        causal |= torch.eye(t, dtype=torch.bool)[None]
+        early = causal & ~(gone[:, None, :] & (torch.arange(t) >= length)[None, :, None])  # decoded queries skip dropped
+        late = causal & ~gone[:, None, :]
+        logits = masked_forward(model, seq, pos, [early] * K + [late] * (4 - K))
+        tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, tokens)
+
+
+# ------------------------------------------------------------------------------------------ acceptance 3
+def test_errors_name_the_problem():
+    model = build_llava()
+    with pytest.raises(ValueError, match="LlamaForCausalLM.*LlavaForConditionalGeneration.*LlavaNext"):
+        sp.patch.apply(LlamaForCausalLM(text_config()), method="gsp", budget=4)
+    with pytest.raises(ValueError, match="method must be one of"):
+        sp.patch.apply(model, method="nope", budget=4)
+    for bad in (0, -3, 1.5, 1.0, True, "8", None):
+        with pytest.raises(ValueError, match="budget"):
+            sp.patch.apply(model, method="gsp", budget=bad)
+    with pytest.raises(ValueError, match="parameters \\['tua'\\]"):
+        sp.patch.apply(model, method="gsp", budget=4, tua=0.3)
+    with pytest.raises(ValueError, match="merges tokens"):
+        sp.patch.apply(model, method="visionzip", budget=4)
+    with pytest.raises(ValueError, match="needs query relevance.*no relevance source.*llm_text"):
+        sp.patch.apply(model, method="script", budget=4)
+    with pytest.raises(ValueError, match="clip_text.*text tower"):
+        sp.patch.apply(model, method="script", budget=4, relevance="clip_text")
+    with pytest.raises(ValueError, match="'layer'.*\\[1, 2\\]"):
+        sp.patch.apply(model, method="fastv", budget=4, layer=3)
+    assert not sp.patch.is_patched(model)
+    sp.patch.apply(model, method="gsp", budget=4)
+    with pytest.raises(ValueError, match="no prefill"):
+        sp.patch.kept(model)
+    with pytest.raises(ValueError, match="already patched.*remove"):
+        sp.patch.apply(model, method="gsp", budget=4)
+    sp.patch.remove(model)
+    with pytest.raises(ValueError, match="not patched"):
+        sp.patch.remove(model)
+
+
+def test_import_script_prune_does_not_import_transformers():
+    code = "import sys, script_prune; assert 'transformers' not in sys.modules; script_prune.patch; " \
+           "assert 'transformers' in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_budget_resolver():
+    assert sp.resolve_budget(64, 576) == 64
+    assert sp.resolve_budget(0.25, 576) == 144
+    assert sp.resolve_budget(0.29, 100) == 29
+    assert sp.resolve_budget(0.001, 100) == 1
+    assert sp.keeps_all(576, 576) and not sp.keeps_all(575, 576)
