@@ -52,6 +52,15 @@ class MethodSpec:
     paper: str = ""
     description: str = ""
 
+    @property
+    def needs_relevance(self) -> bool:
+        """True when the method reads query relevance inputs (``image_embeds`` / ``query_embeds``, Eq. 3-4)."""
+        return any(name in RELEVANCE_INPUTS for name in self.inputs)
+
+
+#: The tensor inputs that carry query relevance (paper Eq. 3-4): image and query embeddings.
+RELEVANCE_INPUTS = ("image_embeds", "query_embeds")
+
 
 @dataclass(frozen=True)
 class Reduction:

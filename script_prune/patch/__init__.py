@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 import script_prune as sp
 from script_prune.budget import check_budget
+from script_prune.registry import RELEVANCE_INPUTS
 
 from .family import DecoderAccess, Family, Layout, VisualRows
 from .llava import LlavaFamily
@@ -105,12 +106,12 @@ def _config(model: nn.Module, family: Family, method: Any, budget: Any, relevanc
         layers = int(family.decoder(model).config.num_hidden_layers)
         params = {**params, "layer": check_layer(method, params.get("layer", spec.params["layer"]), layers)}
         return PatchConfig(method, budget, params, None)
-    other = sorted(set(spec.inputs) - {"image_embeds", "query_embeds"})
+    other = sorted(set(spec.inputs) - set(RELEVANCE_INPUTS))
     if other:
         raise ValueError(f"method {method!r} needs inputs {other}, which script_prune.patch cannot provide for {name}")
     source = resolve_source(relevance, family, name)
     config = PatchConfig(method, budget, params, source)
-    if config.needs_relevance and source is None:
+    if spec.needs_relevance and source is None:
         raise ValueError(
             f"method {method!r} needs query relevance (inputs image_embeds, query_embeds) and {name} has no relevance "
             "source of its own (no CLIP text tower): pass relevance='llm_text' (the LLM's embeddings of the question) "

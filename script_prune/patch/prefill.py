@@ -38,7 +38,6 @@ from .family import Family, VisualRows
 from .relevance import Query, RelevanceSource, question_mask
 
 STATE_ATTR = "_script_prune_patch"
-RELEVANCE_INPUTS = ("image_embeds", "query_embeds")
 
 
 @dataclass(frozen=True)
@@ -53,10 +52,6 @@ class PatchConfig:
     @property
     def spec(self) -> sp.MethodSpec:
         return sp.get_method(self.method)
-
-    @property
-    def needs_relevance(self) -> bool:
-        return any(name in self.spec.inputs for name in RELEVANCE_INPUTS)
 
     def method_params(self) -> dict[str, Any]:
         """``params`` plus ``negate`` from the relevance source when the method takes it and the user did not."""
@@ -189,7 +184,7 @@ def select_rows(model: nn.Module, state: PatchState, rows: VisualRows, query: Qu
     """Kept token indices of every row: ``script_prune.select`` on ``H_v``. -> (R, k) int64 ascending."""
     cfg = state.config
     params = cfg.method_params()
-    if cfg.needs_relevance:
+    if cfg.spec.needs_relevance:
         groups = cfg.relevance.groups(model, state.family, rows, query, row_sample)
     else:
         groups = [(torch.arange(rows.num_rows, device=rows.tokens.device), None, None)]
