@@ -64,9 +64,9 @@ def build_llava(image_size: int = 32, layers: int = 3, seed: int = 0) -> LlavaFo
 PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 
 
-def build_next(seed: int = 0) -> LlavaNextForConditionalGeneration:
+def build_next(seed: int = 0, layers: int = 3) -> LlavaNextForConditionalGeneration:
     torch.manual_seed(seed)
-    cfg = LlavaNextConfig(vision_config=vision_config(), text_config=text_config(), image_token_index=IMAGE,
+    cfg = LlavaNextConfig(vision_config=vision_config(), text_config=text_config(layers), image_token_index=IMAGE,
                           vision_feature_layer=-2, vision_feature_select_strategy="default",
                           image_grid_pinpoints=PINPOINTS)
     model = sharpen(LlavaNextForConditionalGeneration(cfg).eval())
@@ -115,9 +115,10 @@ def stock_image_tokens(model, pixels, sizes=None) -> list[torch.Tensor]:
 def stock_layout_ids(model, packed: torch.Tensor, rows: torch.Tensor) -> list[tuple[int, int] | None]:
     """(row, index) of every packed token, matched to the projected rows by distance; None for newlines."""
     flat = rows.reshape(-1, rows.shape[-1])
+    newline = getattr(model.model, "image_newline", None)
     out = []
     for token in packed:
-        if torch.equal(token, model.model.image_newline.to(token.dtype)):
+        if newline is not None and torch.equal(token, newline.to(token.dtype)):
             out.append(None)
             continue
         dist = (flat - token).norm(dim=1)
@@ -144,15 +145,25 @@ def pruned_image_tokens(model, packed, ids, kept_rows) -> torch.Tensor:
     return torch.stack(chosen + line)
 
 
-def reference_logits(model, ids, mask, image_tokens: list[torch.Tensor]):
-    """Unpatched model on the hand-built short prompt: each sample's placeholder run replaced by its
-    tokens, left padded, contiguous positions. -> logits (B, Ls, V), mask (B, Ls), embeds (B, Ls, D)"""
+def reference_logits(model, ids, mask, image_tokens: list):
+    """Unpatched model on the hand-built short prompt: each placeholder run replaced by its tokens
+    (``image_tokens[b]``: one tensor, or a list with one per run of sample b), left padded, contiguous
+    positions. -> logits (B, Ls, V), mask (B, Ls), embeds (B, Ls, D)"""
     embed = model.get_input_embeddings()
     seqs = []
     for b in range(ids.shape[0]):
-        row = ids[b][mask[b].bool()]
-        at = (row == IMAGE).nonzero().flatten()
-        seqs.append(torch.cat([embed(row[: at[0]]), image_tokens[b], embed(row[at[-1] + 1:])]))
+        row = ids[b][mask[b].bool()].tolist()
+        runs = image_tokens[b] if isinstance(image_tokens[b], list) else [image_tokens[b]]
+        pieces, i = [], 0
+        while i < len(row):
+            if row[i] == IMAGE:
+                pieces.append(runs.pop(0))
+                while i < len(row) and row[i] == IMAGE:
+                    i += 1
+            else:
+                pieces.append(embed(torch.tensor([row[i]])))
+                i += 1
+        seqs.append(torch.cat(pieces))
     length = max(s.shape[0] for s in seqs)
     embeds = torch.zeros(len(seqs), length, seqs[0].shape[1])
     short = torch.zeros(len(seqs), length, dtype=torch.long)
@@ -197,6 +208,22 @@ def test_llava_logits_equal_stock_model_on_hand_shortened_prompt(image_size, bud
     torch.testing.assert_close(out.logits[real], ref[real], atol=1e-4, rtol=0)
     # the cache holds text + kept tokens only
     assert out.past_key_values.get_seq_length() == int(short.sum(1).max())
+
+
+@torch.no_grad()
+def test_several_images_per_prompt_are_rows_in_sequence_order():
+    model = build_llava()
+    ids, mask = left_padded([[1, 5] + [IMAGE] * 16 + [6, 7] + [IMAGE] * 16 + [8, 9], [1, 13] + [IMAGE] * 16 + [14]])
+    pixels = torch.randn(3, 3, 32, 32)
+    sp.patch.apply(model, method="script", budget=3, relevance="llm_text")
+    out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    kept = sp.patch.kept(model)
+    sp.patch.remove(model)
+    rows = projected_rows(model, pixels)
+    query = question_mean(model, ids, mask)[[0, 0, 1]][:, None]  # each image's own prompt
+    assert torch.equal(torch.stack(kept), sp.select(rows, 3, "script", image_embeds=rows, query_embeds=query))
+    ref, short, _ = reference_logits(model, ids, mask, [[rows[0, kept[0]], rows[1, kept[1]]], rows[2, kept[2]]])
+    torch.testing.assert_close(out.logits[short.bool()], ref[short.bool()], atol=1e-4, rtol=0)
 
 
 NEXT_SIZES = [[(20, 50), (64, 30)], [(40, 40), (90, 33)], [(33, 33), (50, 20)]]
@@ -354,30 +381,52 @@ def masked_forward(model, embeds, positions, allowed: list[torch.Tensor]) -> tor
     return model.lm_head(lm.norm(hidden))
 
 
+def visual_identities(model, arch, pixels, sizes, packed) -> list[list]:
+    """Per sample, the (global row, index) of every placeholder token in the stock layout (None: newline)."""
+    out, offset = [], 0
+    crops = [pixels[b:b + 1] for b in range(len(packed))] if arch == "llava" else next_crops(model, pixels, sizes)
+    for b, tokens in enumerate(packed):
+        rows = projected_rows(model, crops[b])
+        ids = stock_layout_ids(model, tokens, rows)
+        out.append([None if x is None else (x[0] + offset, x[1]) for x in ids])
+        offset += rows.shape[0]
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llava", "next"])
 @torch.no_grad()
-def test_fastv_picks_eager_top_attention_and_decodes_like_masked_reference():
-    K, k, steps = 2, 4, 6
-    model = build_llava(layers=4, seed=2)
-    ids, mask = prompts([16, 16])
-    pixels = torch.randn(2, 3, 32, 32)
+def test_fastv_picks_eager_top_attention_and_decodes_like_masked_reference(arch):
+    K, k, steps, layers = 2, 4, 6, 4
+    if arch == "llava":
+        model, pixels, sizes, extra = build_llava(layers=layers, seed=2), torch.randn(2, 3, 32, 32), None, {}
+    else:
+        model, pixels = build_next(layers=layers, seed=2), torch.randn(2, 5, 3, 32, 32)
+        sizes = torch.tensor([[20, 50], [40, 40]])
+        extra = {"image_sizes": sizes}
+    packed = stock_image_tokens(model, pixels, sizes)
+    ids, mask = prompts([p.shape[0] for p in packed])
     sp.patch.apply(model, method="fastv", budget=k, layer=K)
-    generated = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=steps,
-                               do_sample=False)[:, ids.shape[1]:]
+    out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, **extra)
     kept = sp.patch.kept(model)
+    generated = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=steps,
+                               do_sample=False, **extra)[:, ids.shape[1]:]
+    assert [x.tolist() for x in sp.patch.kept(model)] == [x.tolist() for x in kept]
     sp.patch.remove(model)
-    # the unpruned prompt as the stock model builds it
-    features = torch.cat(stock_image_tokens(model, pixels))
-    embeds = model.get_input_embeddings()(ids).masked_scatter((ids == IMAGE)[..., None], features)
+    # the unpruned prompt as the stock model builds it; which row / index each placeholder holds
+    embeds = model.get_input_embeddings()(ids).masked_scatter((ids == IMAGE)[..., None], torch.cat(packed))
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     scores = eager_scores(model, embeds, mask, positions, K - 1)  # (B, L)
-    image_at = [(ids[b] == IMAGE).nonzero().flatten() for b in range(2)]
-    for b in range(2):
-        assert kept[b].tolist() == sorted(torch.topk(scores[b, image_at[b]], k).indices.tolist())
+    identities = visual_identities(model, arch, pixels, sizes, packed)
     dropped = torch.zeros_like(mask, dtype=torch.bool)
     for b in range(2):
-        keep = torch.zeros(16, dtype=torch.bool)
-        keep[kept[b]] = True
-        dropped[b, image_at[b][~keep]] = True
+        at = (ids[b] == IMAGE).nonzero().flatten().tolist()
+        for row in sorted({x[0] for x in identities[b] if x is not None}):
+            mine = [(pos, x[1]) for pos, x in zip(at, identities[b]) if x is not None and x[0] == row]
+            ranked = sorted(mine, key=lambda pi: -float(scores[b, pi[0]]))
+            assert kept[row].tolist() == sorted(i for _, i in ranked[:k])
+            for pos, _ in ranked[k:]:
+                dropped[b, pos] = True
+    assert out.past_key_values.get_seq_length() == int((mask.bool() & ~dropped).sum(1).max())
     # greedy decoding, recomputed from scratch every step
     tokens = torch.empty(2, 0, dtype=torch.long)
     length = ids.shape[1]
@@ -391,7 +440,7 @@ def test_fastv_picks_eager_top_attention_and_decodes_like_masked_reference():
         causal |= torch.eye(t, dtype=torch.bool)[None]
         early = causal & ~(gone[:, None, :] & (torch.arange(t) >= length)[None, :, None])  # decoded queries skip dropped
         late = causal & ~gone[:, None, :]
-        logits = masked_forward(model, seq, pos, [early] * K + [late] * (4 - K))
+        logits = masked_forward(model, seq, pos, [early] * K + [late] * (layers - K))
         tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(generated, tokens)
 

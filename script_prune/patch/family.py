@@ -38,8 +38,10 @@ class VisualRows:
 
     tokens: (R, N, D) projected visual tokens, what the LLM receives and what selection runs on.
     vision_features: (R, N, C) the vision tower's selected-layer features (the projector input).
-    row_image: (R,) long, which image (in sequence order over the batch) each row belongs to.
-    image_lengths: (I,) long, placeholder tokens of each image in the unpruned prompt.
+    row_image: (R,) long, which image / video (in sequence order over the batch) each row belongs to.
+    image_lengths: (I,) long, placeholder tokens of each image / video in the unpruned prompt.
+    lengths: (R,) long valid tokens per row when rows differ in length (dynamic resolution; the
+        rows are then right-padded to N and the budget resolves per length), None when all are N.
     extra: family data the layout needs (e.g. NeXT grid shapes).
     """
 
@@ -47,6 +49,7 @@ class VisualRows:
     vision_features: Tensor
     row_image: Tensor
     image_lengths: Tensor
+    lengths: Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -149,6 +152,11 @@ class Family:
     #: relevance source used when ``apply`` gets none (None: the family has none; methods needing
     #: relevance then ask for one).
     default_relevance: ClassVar[str | None] = None
+    #: forward arguments whose presence on an empty cache makes a prefill "visual" (video: add
+    #: ``pixel_values_videos``).
+    visual_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    #: forward arguments that carry visual inputs, dropped from the LLM call once spliced.
+    visual_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "image_sizes")
 
     # -- vision side ---------------------------------------------------------------------------
     def encode(self, model: nn.Module, call: dict[str, Any]) -> VisualRows:
@@ -165,8 +173,10 @@ class Family:
         """Visual rows of a call, without running the vision tower (for ``kept`` of an unpruned prefill)."""
         raise NotImplementedError
 
-    def image_token_id(self, model: nn.Module) -> int:
-        return int(model.config.image_token_id)
+    def placeholder_mask(self, model: nn.Module, input_ids: Tensor) -> Tensor:
+        """(B, L) bool: the placeholder positions the rows' layout fills, in scatter order (images and,
+        for video families, video placeholders)."""
+        return input_ids == int(model.config.image_token_id)
 
     def embed_tokens(self, model: nn.Module) -> nn.Module:
         return model.get_input_embeddings()
@@ -175,10 +185,6 @@ class Family:
         """The vision tower's final LayerNorm (CLIP joint-space embeddings for ``clip_text``), if any."""
         tower = model.model.vision_tower
         return getattr(getattr(tower, "vision_model", tower), "post_layernorm", None)
-
-    def pixel_keys(self) -> tuple[str, ...]:
-        """Forward arguments that carry visual inputs (dropped from the LLM call once spliced)."""
-        return ("pixel_values", "image_sizes")
 
     # -- LLM side ------------------------------------------------------------------------------
     def language_model(self, model: nn.Module) -> nn.Module:
@@ -194,6 +200,12 @@ class Family:
         families gather their 3-D positions with ``index`` instead. -> (B, Ls) long.
         """
         return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+    def decode_shift(self, model: nn.Module, real: Tensor, short_mask: Tensor) -> Tensor:
+        """(B, 1) to subtract from generate()'s decoding position ids (counted over the original
+        prompt): the tokens each row dropped. M-RoPE families that continue from ``rope_deltas``
+        (set in :meth:`positions`) return zeros."""
+        return (real.sum(dim=1) - short_mask.sum(dim=1))[:, None]
 
     def llm_inputs(self, model: nn.Module, rows: VisualRows, layout: Layout, index: Tensor) -> dict[str, Any]:
         """Extra LLM inputs pruned with the same keep mask (DeepStack); none by default."""

@@ -145,7 +145,7 @@ def patched_forward(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
     call = bind_call(state, args, kwargs)
     cache = call_cache(call)
     past = 0 if cache is None else cache.get_seq_length()
-    if call.get("pixel_values") is not None and past == 0:
+    if past == 0 and any(call.get(key) is not None for key in state.family.visual_inputs):
         return prefill(model, state, call)
     if call.get("mm_encoder_outputs") and past == 0:
         raise ValueError("a model patched by script_prune.patch needs pixel_values on the prefill, not precomputed "
@@ -179,20 +179,37 @@ def decode_inputs(prompt: PromptState, call: dict[str, Any], past: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ prefill
-def select_rows(model: nn.Module, state: PatchState, rows: VisualRows, query: Query, row_sample: Tensor,
-                k: int) -> Tensor:
-    """Kept token indices of every row: ``script_prune.select`` on ``H_v``. -> (R, k) int64 ascending."""
+def select_rows(model: nn.Module, state: PatchState, rows: VisualRows, query: Query,
+                row_sample: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """Which tokens of every row stay: ``script_prune.select`` on ``H_v`` with the resolved per-row budget.
+
+    Rows are selected together, split only by relevance group (query shape) and by row length
+    (``rows.lengths``, dynamic-resolution families). -> keep (R, N) bool, kept: R ascending int64 tensors.
+    """
     cfg = state.config
     params = cfg.method_params()
+    r, n = rows.tokens.shape[:2]
+    device = rows.tokens.device
     if cfg.spec.needs_relevance:
         groups = cfg.relevance.groups(model, state.family, rows, query, row_sample)
     else:
-        groups = [(torch.arange(rows.num_rows, device=rows.tokens.device), None, None)]
-    kept = torch.empty(rows.num_rows, k, dtype=torch.long, device=rows.tokens.device)
+        groups = [(torch.arange(r, device=device), None, None)]
+    lengths = rows.lengths if rows.lengths is not None else torch.full((r,), n, device=device)
+    keep = torch.zeros(r, n, dtype=torch.bool, device=device)
     for row_ids, image_embeds, query_embeds in groups:  # one group per query shape, usually one
-        kept[row_ids] = sp.select(rows.tokens[row_ids], k, cfg.method, image_embeds=image_embeds,
-                                  query_embeds=query_embeds, **params)
-    return kept
+        for length in torch.unique(lengths[row_ids]).tolist():  # one length for fixed-resolution families
+            sub = (lengths[row_ids] == length).nonzero().flatten()
+            ids = row_ids[sub]
+            k = resolve_budget(cfg.budget, length)
+            if keeps_all(k, length):
+                picked = torch.arange(length, device=device).expand(ids.shape[0], -1)
+            else:
+                picked = sp.select(rows.tokens[ids, :length], k, cfg.method,
+                                   image_embeds=None if image_embeds is None else image_embeds[sub, :length],
+                                   query_embeds=None if query_embeds is None else query_embeds[sub], **params)
+            keep[ids[:, None], picked] = True
+    values = torch.arange(n, device=device).expand(r, -1)[keep]  # row-major, ascending within each row
+    return keep, list(torch.split(values, keep.sum(dim=1).tolist()))
 
 
 @dataclass
@@ -214,7 +231,7 @@ class Prompt:
 def locate_rows(model: nn.Module, state: PatchState, call: dict[str, Any], rows: VisualRows) -> Prompt:
     """Where the rows sit in the prompt; checks the placeholder count against the unpruned layout."""
     input_ids = call["input_ids"]
-    placeholder = input_ids == state.family.image_token_id(model)  # (B, L)
+    placeholder = state.family.placeholder_mask(model, input_ids)  # (B, L)
     mask = call.get("attention_mask")
     real = torch.ones_like(placeholder) if mask is None else mask.bool()
     slot_sample = placeholder.nonzero()[:, 0]  # (T,) sample of every placeholder, in scatter order
@@ -234,7 +251,7 @@ def prefill(model: nn.Module, state: PatchState, call: dict[str, Any]) -> Any:
     family, cfg = state.family, state.config
     if call.get("input_ids") is None:
         raise ValueError("script_prune.patch needs input_ids (with the image placeholders) on a prefill with "
-                         "pixel_values; inputs_embeds alone do not say where the images are")
+                         f"{' / '.join(family.visual_inputs)}; inputs_embeds alone do not say where the images are")
     n = family.row_length(model)
     k = resolve_budget(cfg.budget, n)
     state.prompt = None
@@ -249,8 +266,7 @@ def prefill(model: nn.Module, state: PatchState, call: dict[str, Any]) -> Any:
 
         return in_llm_prefill(model, state, call, rows, prompt, k)
     query = Query(call["input_ids"], question_mask(call["input_ids"], prompt.real, prompt.placeholder), state.texts)
-    kept = select_rows(model, state, rows, query, prompt.row_sample, k)  # (R, k)
-    keep_rows = torch.zeros(rows.tokens.shape[:2], dtype=torch.bool, device=kept.device).scatter_(1, kept, True)
+    keep_rows, kept = select_rows(model, state, rows, query, prompt.row_sample)  # (R, N), R x (k,)
     layout = family.layout(model, rows, keep_rows)
     embeds = prompt.embeds.masked_scatter(prompt.placeholder[..., None], layout.tokens.to(prompt.embeds.dtype))
     keep = prompt.real & (~prompt.placeholder).masked_scatter(prompt.placeholder, layout.kept)  # (B, L)
@@ -262,15 +278,15 @@ def prefill(model: nn.Module, state: PatchState, call: dict[str, Any]) -> Any:
     if call.get("labels") is not None:
         short_call["labels"] = gather_tokens(call["labels"], index).masked_fill(short_mask == 0, -100)
     output = state.stock_forward(**short_call)
-    shift = (prompt.real.sum(dim=1) - short_mask.sum(dim=1))[:, None]  # (B, 1) tokens dropped per row
+    shift = family.decode_shift(model, prompt.real, short_mask)  # (B, 1)
     remember_prompt(state, call, output, call["input_ids"].shape[1], short_mask, shift)
-    state.kept = list(kept.unbind(0))
+    state.kept = kept
     return output
 
 
 def without_pixels(family: Family, call: dict[str, Any]) -> dict[str, Any]:
     """The call without visual inputs and input_ids (the short prompt goes in as inputs_embeds)."""
-    drop = set(family.pixel_keys()) | {"input_ids"}
+    drop = set(family.visual_keys) | {"input_ids"}
     return {key: value for key, value in call.items() if key not in drop}
 
 
