@@ -211,6 +211,28 @@ def test_llava_logits_equal_stock_model_on_hand_shortened_prompt(image_size, bud
 
 
 @torch.no_grad()
+def test_right_padded_forward_and_bfloat16():
+    model = build_llava()
+    ids, mask = prompts([16, 16])
+    shift = (mask == 0).sum(1)
+    right_ids = torch.stack([row.roll(-int(s)) for row, s in zip(ids, shift)])
+    right_mask = torch.stack([row.roll(-int(s)) for row, s in zip(mask, shift)])
+    pixels = torch.randn(2, 3, 32, 32)
+    sp.patch.apply(model, method="divprune", budget=5)
+    left = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    right = model(input_ids=right_ids, attention_mask=right_mask, pixel_values=pixels)
+    # the same real tokens in the same order, the padding on each batch's own side
+    kept_short = [4 + 5 + 5, 2 + 5 + 3]  # text before + kept + text after
+    real_left = torch.arange(left.logits.shape[1])[None] >= (left.logits.shape[1] - torch.tensor(kept_short))[:, None]
+    real_right = torch.arange(right.logits.shape[1])[None] < torch.tensor(kept_short)[:, None]
+    torch.testing.assert_close(right.logits[real_right], left.logits[real_left], atol=1e-4, rtol=0)
+    model.to(torch.bfloat16)
+    out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels.bfloat16(), max_new_tokens=3,
+                         do_sample=False)
+    assert out.shape == (2, ids.shape[1] + 3) and [k.shape for k in sp.patch.kept(model)] == [(5,), (5,)]
+
+
+@torch.no_grad()
 def test_several_images_per_prompt_are_rows_in_sequence_order():
     model = build_llava()
     ids, mask = left_padded([[1, 5] + [IMAGE] * 16 + [6, 7] + [IMAGE] * 16 + [8, 9], [1, 13] + [IMAGE] * 16 + [14]])

@@ -33,7 +33,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 import script_prune as sp
 
 from .family import TEXT, DecoderAccess, VisualRows, cache_keyword
-from .prefill import PatchState, Prompt, PromptState, gather_tokens, pack, without_pixels
+from .prefill import PatchState, Prompt, PromptState, first_given, gather_tokens, pack, without_pixels
 
 #: How this transformers version passes the cache to decoder layers / the mask function / outputs.
 OUTPUT_CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -103,7 +103,7 @@ def fastv_language_forward(access: DecoderAccess, state: PatchState, prompt: Pro
     hidden = kwargs.pop("inputs_embeds")  # (B, L, D)
     mask = kwargs.pop("attention_mask").long()  # (B, L)
     positions = kwargs.pop("position_ids")
-    cache = kwargs.pop("cache", None) or kwargs.pop("past_key_values", None)
+    cache = first_given(kwargs.pop("cache", None), kwargs.pop("past_key_values", None))
     use_cache = kwargs.pop("use_cache", None)
     config = access.config
     use_cache = config.use_cache if use_cache is None else use_cache

@@ -23,13 +23,13 @@ from .family import LAYOUT_TOKEN, Family, Layout, VisualRows
 from .llava import projected_rows, tokens_per_crop
 
 
-def tile_grid(model: nn.Module, image_size: Tensor, n: int) -> Tensor:
-    """Flat positions ``tile * n + i`` of the unpadded tile grid of one image -> (H', W') long (CPU)."""
+def tile_grid(model: nn.Module, image_size: Tensor, n: int, device: torch.device) -> Tensor:
+    """Flat positions ``tile * n + i`` of the unpadded tile grid of one image -> (H', W') long."""
     config = model.config
     side = config.vision_config.image_size // config.vision_config.patch_size
     size = image_size.tolist()
     grid_h, grid_w = get_anyres_image_grid_shape(size, config.image_grid_pinpoints, config.vision_config.image_size)
-    cell = torch.arange(grid_h * grid_w * n).view(grid_h, grid_w, side, side)  # (tile row, tile col, i, j)
+    cell = torch.arange(grid_h * grid_w * n, device=device).view(grid_h, grid_w, side, side)  # (tile row, col, i, j)
     grid = cell.permute(0, 2, 1, 3).reshape(1, grid_h * side, grid_w * side)
     return unpad_image(grid, size)[0]
 
@@ -58,7 +58,7 @@ class LlavaNextFamily(Family):
         sizes, crops = self.crops(model, call)
         features, tokens = projected_rows(model, call)  # (R, N, C), (R, N, D) over all crops of all images
         n = tokens.shape[1]
-        grids = [tile_grid(model, s, n) if c > 1 else None for s, c in zip(sizes, crops)]
+        grids = [tile_grid(model, s, n, tokens.device) if c > 1 else None for s, c in zip(sizes, crops)]
         newline = int(model.model.image_newline is not None)
         lengths = [n + (newline if g is None else g.shape[0] * (g.shape[1] + newline)) for g in grids]
         device = tokens.device
@@ -69,38 +69,27 @@ class LlavaNextFamily(Family):
     def layout(self, model: nn.Module, rows: VisualRows, keep: Tensor) -> Layout:
         """Per image: base row tokens, then the unpadded tile grid row-major with a newline per non-empty row."""
         n, d = rows.row_length, rows.tokens.shape[2]
-        device = rows.tokens.device
         newline = model.model.image_newline
-        flat_tokens, flat_keep = rows.tokens.reshape(-1, d), keep.reshape(-1)  # (R * N, D), (R * N,)
-        parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+        flat_keep = keep.reshape(-1)  # (R * N,)
+        ids, kept = [], []  # per image: flat token ids into (R * N), -1 for a newline; kept flags
         start = 0
         for crops, grid in zip(rows.extra["crops"], rows.extra["grids"]):
-            base = torch.arange(start * n, (start + 1) * n, device=device)  # flat ids in (R * N)
-            ids = [base]
-            marks = [torch.zeros(n, dtype=torch.bool, device=device)]
-            mark_kept = [flat_keep[base]]
-            if grid is None:
-                if newline is not None:
-                    ids.append(base[:1])
-                    marks.append(torch.ones(1, dtype=torch.bool, device=device))
-                    mark_kept.append(torch.ones(1, dtype=torch.bool, device=device))
+            base = torch.arange(start * n, (start + 1) * n, device=keep.device)
+            if grid is None:  # base only: its row, then one newline
+                cells = base.new_full((1, int(newline is not None)), -1)
+                cells_kept = torch.ones_like(cells, dtype=torch.bool)
             else:
-                cells = grid.to(device) + (start + 1) * n  # (H', W') flat ids of the tile tokens
-                kept_cells = flat_keep[cells]  # (H', W')
+                cells = grid + (start + 1) * n  # (H', W') flat ids of the tile tokens
+                cells_kept = flat_keep[cells]
                 if newline is not None:
-                    cells = torch.cat([cells, cells[:, :1]], dim=1)
-                    kept_cells = torch.cat([kept_cells, kept_cells.any(dim=1, keepdim=True)], dim=1)
-                is_mark = torch.zeros_like(cells, dtype=torch.bool)
-                if newline is not None:
-                    is_mark[:, -1] = True
-                ids.append(cells.reshape(-1))
-                marks.append(is_mark.reshape(-1))
-                mark_kept.append(kept_cells.reshape(-1))
-            ids_t, marks_t = torch.cat(ids), torch.cat(marks)
-            tokens = torch.where(marks_t[:, None], newline.to(flat_tokens.dtype) if newline is not None
-                                 else flat_tokens[ids_t], flat_tokens[ids_t])
-            row = torch.where(marks_t, LAYOUT_TOKEN, ids_t // n)
-            index = torch.where(marks_t, -1, ids_t % n)
-            parts.append((tokens, torch.cat(mark_kept), row, index))
+                    cells = torch.cat([cells, cells.new_full((cells.shape[0], 1), -1)], dim=1)
+                    cells_kept = torch.cat([cells_kept, cells_kept.any(dim=1, keepdim=True)], dim=1)
+            ids += [base, cells.reshape(-1)]
+            kept += [flat_keep[base], cells_kept.reshape(-1)]
             start += crops
-        return Layout(*(torch.cat(p) for p in zip(*parts)))
+        ids_t = torch.cat(ids)  # (T,)
+        mark, safe = ids_t < 0, ids_t.clamp(min=0)
+        tokens = rows.tokens.reshape(-1, d)[safe]  # (T, D)
+        if newline is not None:
+            tokens = torch.where(mark[:, None], newline.to(tokens.dtype), tokens)
+        return Layout(tokens, torch.cat(kept), torch.where(mark, LAYOUT_TOKEN, safe // n), torch.where(mark, -1, safe % n))

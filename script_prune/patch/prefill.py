@@ -131,12 +131,18 @@ def bind_call(state: PatchState, args: tuple, kwargs: dict) -> dict[str, Any]:
     return bound
 
 
+def first_given(*values: Any) -> Any:
+    """The first value that is not None (a cache may be empty, hence falsy: no ``or``)."""
+    return next((v for v in values if v is not None), None)
+
+
 def call_cache(call: dict[str, Any]) -> Any:
-    return call.get("cache", call.get("past_key_values"))
+    """The KV cache of a call: ``cache=`` (transformers >= 5.24) or ``past_key_values=``."""
+    return first_given(call.get("cache"), call.get("past_key_values"))
 
 
 def output_cache(output: Any) -> Any:
-    return getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+    return first_given(getattr(output, "cache", None), getattr(output, "past_key_values", None))
 
 
 def patched_forward(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -292,7 +298,7 @@ def without_pixels(family: Family, call: dict[str, Any]) -> dict[str, Any]:
 
 def remember_prompt(state: PatchState, call: dict[str, Any], output: Any, full_length: int, short_mask: Tensor,
                     shift: Tensor) -> None:
-    cache = output_cache(output) or call_cache(call)
+    cache = first_given(output_cache(output), call_cache(call))
     if cache is not None:
         padded = bool((short_mask == 0).any())
         state.prompt = PromptState(weakref.ref(cache), full_length, short_mask, shift, padded)
