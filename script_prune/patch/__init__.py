@@ -32,7 +32,7 @@ import script_prune as sp
 from script_prune.budget import check_budget
 from script_prune.registry import RELEVANCE_INPUTS
 
-from .family import DecoderAccess, Family, Layout, VisualRows
+from .family import DecoderAccess, Family, Layout, VisualRows, cache_keyword
 from .llava import LlavaFamily
 from .llava_next import LlavaNextFamily
 from .prefill import STATE_ATTR, PatchConfig, PatchState, patched_forward
@@ -139,6 +139,8 @@ def apply(model: nn.Module, method: str = "script", budget: int | float = 64, re
     previous = model.__dict__.get("forward")
     stock = model.forward
     state = PatchState(family, config, stock, previous, inspect.signature(stock))
+    if config.spec.stage == "llm":  # how this transformers version hands decoder layers the cache, decided once
+        state.extra["layer_cache_keyword"] = cache_keyword(type(family.decoder(model).layers[0]).forward)
 
     @functools.wraps(stock)
     def forward(*args: Any, **kwargs: Any) -> Any:

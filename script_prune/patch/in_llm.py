@@ -112,7 +112,7 @@ def fastv_language_forward(access: DecoderAccess, state: PatchState, prompt: Pro
     if cache is not None and not isinstance(cache, DynamicCache):
         raise ValueError(f"in-LLM pruning shortens the KV cache in place and needs a DynamicCache, got {type(cache).__name__}")
     layers = access.layers
-    keyword = cache_keyword(type(layers[0]).forward)
+    keyword = state.extra["layer_cache_keyword"]
 
     def run(chunk, hidden, causal, rope, position_ids):
         for layer in chunk:
