@@ -222,7 +222,7 @@ def select_rows(model: nn.Module, state: PatchState, rows: VisualRows, query: Qu
 class Prompt:
     """The unpruned prompt of a prefill with its visual rows laid out (shared by both stages).
 
-    embeds: (B, L, D) the prompt with every placeholder filled; real: (B, L) bool (not padding);
+    embeds: (B, L, D) input embeddings of the prompt ids (placeholders not filled yet); real: (B, L) bool (not padding);
     placeholder: (B, L) bool; row_sample: (R,) sample of every row; left: the batch is left padded
     (or unpadded).
     """
