@@ -15,6 +15,7 @@ import importlib as _importlib
 from .budget import check_budget, keeps_all, resolve_budget
 from .registry import (
     MethodSpec,
+    check_params,
     Reduction,
     dpp_greedy,
     get_method,
@@ -31,6 +32,7 @@ from . import baselines  # noqa: E402,F401  registers the baselines (after regis
 __all__ = [
     "MethodSpec",
     "check_budget",
+    "check_params",
     "keeps_all",
     "resolve_budget",
     "Reduction",

@@ -20,6 +20,7 @@ from .budget import keeps_all
 __all__ = [
     "MethodSpec",
     "Reduction",
+    "check_params",
     "register_method",
     "get_method",
     "list_methods",
@@ -220,6 +221,16 @@ def _param(method: str, name: str, value: Any, default: Any) -> Any:
             raise ValueError(f"parameter {name!r} of method {method!r} must be a finite number, got {value!r}")
         value = float(value)
     return value
+
+
+def check_params(method: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` checked against ``method``'s parameters (names and the defaults' types), without its
+    defaults filled in: ValueError naming the unknown or mistyped parameter."""
+    spec = get_method(method)
+    unknown = sorted(set(params) - set(spec.params))
+    if unknown:
+        raise ValueError(f"parameters {unknown} are not parameters of method {method!r}; it accepts {sorted(spec.params)}")
+    return {name: _param(method, name, value, spec.params[name]) for name, value in params.items()}
 
 
 def _split_kwargs(spec: MethodSpec, given: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

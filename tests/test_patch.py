@@ -479,6 +479,8 @@ def test_errors_name_the_problem():
             sp.patch.apply(model, method="gsp", budget=bad)
     with pytest.raises(ValueError, match="parameters \\['tua'\\]"):
         sp.patch.apply(model, method="gsp", budget=4, tua=0.3)
+    with pytest.raises(ValueError, match="parameter 'tau' of method 'gsp' must be a finite number"):
+        sp.patch.apply(model, method="gsp", budget=4, tau="high")
     with pytest.raises(ValueError, match="merges tokens"):
         sp.patch.apply(model, method="visionzip", budget=4)
     with pytest.raises(ValueError, match="needs query relevance.*no relevance source.*llm_text"):

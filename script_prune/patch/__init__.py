@@ -93,9 +93,7 @@ def _config(model: nn.Module, family: Family, method: Any, budget: Any, relevanc
     if spec.merges:
         raise ValueError(f"method {method!r} merges tokens; script_prune.patch supports selection methods and "
                          "in-LLM methods for now (use script_prune.reduce on features directly)")
-    unknown = sorted(set(params) - set(spec.params))
-    if unknown:
-        raise ValueError(f"parameters {unknown} are not parameters of method {method!r}; it accepts {sorted(spec.params)}")
+    params = sp.check_params(method, params)
     name = type(model).__name__
     if spec.stage == "llm":
         from .in_llm import check_layer
