@@ -378,6 +378,21 @@ def test_clip_text_relevance_is_negated_clip_similarity():
     rows = projected_rows(model, pixels)
     assert torch.equal(kept, sp.select(rows, 5, "qcrs", image_embeds=image, query_embeds=query, negate=True))
     assert not torch.equal(kept, sp.select(rows, 5, "qcrs", image_embeds=image, query_embeds=query, negate=False))
+    # without set_query the question is decoded from the ids after the image with llm_tokenizer
+    source = sp.patch.ClipText(text, projection.weight, tokenizer, llm_tokenizer=tokenizer)
+    sp.patch.apply(model, method="qcrs", budget=5, relevance=source)
+    model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    decoded = torch.stack(sp.patch.kept(model))
+    sp.patch.remove(model)
+    questions = [tokenizer.decode(row[m.bool()][-n:].tolist(), skip_special_tokens=True).strip()
+                 for row, m, n in zip(ids, mask, (5, 3))]
+    query = torch.stack([text(**tokenizer(q, return_tensors="pt")).text_embeds for q in questions])
+    assert torch.equal(decoded, sp.select(rows, 5, "qcrs", image_embeds=image, query_embeds=query, negate=True))
+    sp.patch.apply(model, method="qcrs", budget=5, relevance=sp.patch.ClipText(text, projection, tokenizer))
+    with pytest.raises(ValueError, match="set_query"):
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    with pytest.raises(ValueError, match="list of strings"):
+        sp.patch.set_query(model, "one string")
 
 
 # ------------------------------------------------------------------------------------------ FastV
