@@ -395,6 +395,58 @@ def test_clip_text_relevance_is_negated_clip_similarity():
         sp.patch.set_query(model, "one string")
 
 
+@torch.no_grad()
+def test_trim_merged_token_follows_the_kept_tokens_llava():
+    """A merging method: kept = script_prune.reduce's indices on the vision features (the projector input),
+    and the stock projector of reduce's merged token comes right after each image's kept tokens."""
+    model = build_llava()
+    ids, mask = prompts([16, 16])
+    pixels = torch.randn(2, 3, 32, 32)
+    sp.patch.apply(model, method="trim", budget=5, relevance="llm_text")
+    out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    kept = torch.stack(sp.patch.kept(model))
+    sp.patch.remove(model)
+    features = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]  # (2, N, C)
+    rows = model.model.multi_modal_projector(features)
+    reduction = sp.reduce(features, 5, "trim", image_embeds=rows, query_embeds=question_mean(model, ids, mask)[:, None])
+    assert torch.equal(kept, reduction.indices) and kept.shape == (2, 4)
+    merged = model.model.multi_modal_projector(reduction.merged)  # (2, 1, D)
+    ref, short, _ = reference_logits(model, ids, mask, [torch.cat([rows[b, kept[b]], merged[b]]) for b in range(2)])
+    torch.testing.assert_close(out.logits[short.bool()], ref[short.bool()], atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_trim_merged_tokens_in_the_next_layout():
+    """NeXT: the base crop's merged token follows its kept tokens; the tiles' merged tokens follow the grid."""
+    model = build_next()
+    sizes = torch.tensor([[20, 50], [40, 40]])
+    pixels = torch.randn(2, 5, 3, 32, 32)
+    packed = stock_image_tokens(model, pixels, sizes)
+    ids, mask = prompts([p.shape[0] for p in packed])
+    sp.patch.apply(model, method="trim", budget=3, relevance="llm_text")
+    out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes)
+    kept = sp.patch.kept(model)
+    sp.patch.remove(model)
+    crops = next_crops(model, pixels, sizes)
+    question = question_mean(model, ids, mask)
+    image_tokens, start = [], 0
+    for b in range(2):
+        features = model.model.vision_tower(crops[b], output_hidden_states=True).hidden_states[-2][:, 1:]
+        rows = model.model.multi_modal_projector(features)
+        reduction = sp.reduce(features, 3, "trim", image_embeds=rows,
+                              query_embeds=question[b].expand(rows.shape[0], 1, -1))
+        assert [x.tolist() for x in kept[start:start + rows.shape[0]]] == reduction.indices.tolist()
+        merged = model.model.multi_modal_projector(reduction.merged)[:, 0]  # (crops, D)
+        layout = stock_layout_ids(model, packed[b], rows)
+        kept_rows = {r: kept[start + r] for r in range(rows.shape[0])}
+        grid = pruned_image_tokens(model, packed[b], layout, kept_rows)
+        base = rows[0, kept[start]]
+        image_tokens.append(torch.cat([base, merged[:1], grid[base.shape[0]:], merged[1:]]))
+        start += rows.shape[0]
+    ref, short, _ = reference_logits(model, ids, mask, image_tokens)
+    torch.testing.assert_close(out.logits[short.bool()], ref[short.bool()], atol=1e-4, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------ FastV
 def eager_scores(model, embeds, mask, positions, layer: int) -> torch.Tensor:
     """Mean-over-heads attention of each row's last token at decoder layer ``layer``: transformers' eager
@@ -496,8 +548,10 @@ def test_errors_name_the_problem():
         sp.patch.apply(model, method="gsp", budget=4, tua=0.3)
     with pytest.raises(ValueError, match="parameter 'tau' of method 'gsp' must be a finite number"):
         sp.patch.apply(model, method="gsp", budget=4, tau="high")
-    with pytest.raises(ValueError, match="merges tokens"):
+    with pytest.raises(ValueError, match="visionzip.*needs inputs \\['cls_attention', 'keys'\\]"):
         sp.patch.apply(model, method="visionzip", budget=4)
+    with pytest.raises(ValueError, match="trim_iqr.*data-dependent"):
+        sp.patch.apply(model, method="trim_iqr", budget=4, relevance="llm_text")
     with pytest.raises(ValueError, match="needs query relevance.*no relevance source.*llm_text"):
         sp.patch.apply(model, method="script", budget=4)
     with pytest.raises(ValueError, match="clip_text.*text tower"):

@@ -13,7 +13,9 @@ Supported classes: ``LlavaForConditionalGeneration`` (one row per image) and
 row, float in (0, 1) = fraction kept per row (``script_prune.resolve_budget``); a budget that keeps
 whole rows runs the stock forward unchanged. Any selection method of the registry
 (``script_prune.list_methods()``) with its parameters as keyword arguments, and FastV (in the LLM,
-``layer=K``); merging methods (VisionZip, TRIM) are refused for now.
+``layer=K``); merging methods run ``script_prune.reduce`` on the vision features and their merged
+tokens follow their row's kept tokens (TRIM; VisionZip needs vision-attention inputs the layer does not
+provide yet, TRIM-IQR a per-row count: both refused).
 
 Applying twice is refused (``remove`` first); ``remove`` restores the exact stock forward.
 See prefill.py for the shortened prefill and docs/adding_a_family.md for new families.
@@ -55,6 +57,9 @@ __all__ = [
     "supported_classes",
 ]
 
+#: Merging methods whose kept count differs between rows of one batch (not supported by the layer yet).
+DATA_DEPENDENT_COUNTS = ("trim_iqr",)
+
 #: The families, one file each; a new family is one more entry here.
 FAMILIES: tuple[Family, ...] = (LlavaFamily(), LlavaNextFamily())
 
@@ -90,9 +95,9 @@ def _config(model: nn.Module, family: Family, method: Any, budget: Any, relevanc
         raise ValueError(f"method must be one of {sp.list_methods()}, got {method!r}")
     spec = sp.get_method(method)
     budget = check_budget(budget)
-    if spec.merges:
-        raise ValueError(f"method {method!r} merges tokens; script_prune.patch supports selection methods and "
-                         "in-LLM methods for now (use script_prune.reduce on features directly)")
+    if method in DATA_DEPENDENT_COUNTS:
+        raise ValueError(f"method {method!r} keeps a data-dependent number of tokens per row, which "
+                         "script_prune.patch does not batch yet (use script_prune.reduce row by row)")
     params = sp.check_params(method, params)
     name = type(model).__name__
     if spec.stage == "llm":

@@ -63,18 +63,39 @@ class VisualRows:
 
 @dataclass
 class Layout:
-    """Visual tokens for the placeholder runs of the whole batch, unpruned length T.
+    """Visual tokens for the placeholder runs of the whole batch, in placeholder (scatter) order.
 
-    tokens: (T, D) in the order the stock model scatters them into the placeholders.
-    kept: (T,) bool, the tokens that stay in the shortened prompt.
-    row: (T,) long, the visual row of each token, LAYOUT_TOKEN for layout markers (newlines).
-    index: (T,) long, each token's index within its row (-1 for layout markers).
+    tokens: (T', D); kept: (T',) bool, the tokens that stay in the shortened prompt, in this order;
+    row: (T',) long, the visual row of each token (LAYOUT_TOKEN for layout markers such as newlines,
+    and for merged tokens); index: (T',) long, its index within its row (-1 for markers / merged);
+    image: (T',) long, the image each entry belongs to. Without merged tokens T' is the placeholder
+    count; merged tokens (``merged`` given to ``Family.layout``) come as extra kept entries and
+    :func:`fit_layout` moves each image's kept entries first and cuts it to its placeholder count.
     """
 
     tokens: Tensor
     kept: Tensor
     row: Tensor
     index: Tensor
+    image: Tensor
+
+
+def fit_layout(layout: Layout, image_lengths: Tensor) -> Layout:
+    """Each image's kept entries first (order kept), then its dropped ones, cut to its placeholder count.
+
+    Needs at most ``image_lengths[i]`` kept entries per image (true for any budget: a row keeps at most
+    its N tokens, merged ones included). # T' entries -> T = image_lengths.sum() entries
+    """
+    total = layout.kept.shape[0]
+    position = torch.arange(total, device=layout.kept.device)
+    key = layout.image * (2 * total) + (~layout.kept) * total + position  # by image, kept first, then order
+    order = torch.sort(key).indices
+    image = layout.image[order]
+    counts = torch.bincount(layout.image, minlength=image_lengths.shape[0])  # (I,) entries per image
+    rank = position - (counts.cumsum(0) - counts)[image]
+    order = order[rank < image_lengths[image]]
+    return Layout(layout.tokens[order], layout.kept[order], layout.row[order], layout.index[order],
+                  layout.image[order])
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -162,8 +183,14 @@ class Family:
     def encode(self, model: nn.Module, call: dict[str, Any]) -> VisualRows:
         raise NotImplementedError
 
-    def layout(self, model: nn.Module, rows: VisualRows, keep: Tensor) -> Layout:
+    def layout(self, model: nn.Module, rows: VisualRows, keep: Tensor, merged: Tensor | None = None) -> Layout:
+        """The layout of ``keep`` (R, N) bool; ``merged`` (R, e, D): projected merged tokens of every row
+        (merging methods), placed where the family puts them (after their row's kept tokens)."""
         raise NotImplementedError
+
+    def project(self, model: nn.Module, features: Tensor) -> Tensor:
+        """Vision features (pre-projector, as ``VisualRows.vision_features``) -> LLM tokens. (..., C) -> (..., D)"""
+        return model.model.multi_modal_projector(features)
 
     def row_length(self, model: nn.Module) -> int:
         """Tokens per visual row before pruning (the N of the budget)."""

@@ -8,7 +8,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from .family import Family, Layout, VisualRows
+from .family import LAYOUT_TOKEN, Family, Layout, VisualRows
 
 FEATURE_KEYS = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
 
@@ -59,13 +59,18 @@ class LlavaFamily(Family):
         arange = torch.arange(rows, device=tokens.device)
         return VisualRows(tokens, features, arange, torch.full((rows,), n, device=tokens.device))
 
-    def layout(self, model: nn.Module, rows: VisualRows, keep: Tensor) -> Layout:
-        """Each image's N tokens in row order; kept = ``keep`` (R, N) flattened."""
+    def layout(self, model: nn.Module, rows: VisualRows, keep: Tensor, merged: Tensor | None = None) -> Layout:
+        """Each image's N tokens in row order, kept = ``keep`` (R, N); merged tokens (R, e, D) after them."""
         r, n, d = rows.tokens.shape
         device = rows.tokens.device
-        return Layout(
-            tokens=rows.tokens.reshape(r * n, d),
-            kept=keep.reshape(r * n),
-            row=torch.arange(r, device=device).repeat_interleave(n),
-            index=torch.arange(n, device=device).repeat(r),
-        )
+        tokens, kept = rows.tokens, keep  # (R, N', D), (R, N')
+        row = torch.arange(r, device=device)[:, None].expand(r, n)
+        index = torch.arange(n, device=device).expand(r, n)
+        if merged is not None:
+            e = merged.shape[1]
+            tokens = torch.cat([tokens, merged.to(tokens.dtype)], dim=1)
+            kept = torch.cat([kept, kept.new_ones(r, e)], dim=1)
+            row = torch.cat([row, row.new_full((r, e), LAYOUT_TOKEN)], dim=1)
+            index = torch.cat([index, index.new_full((r, e), -1)], dim=1)
+        image = torch.arange(r, device=device)[:, None].expand_as(row)
+        return Layout(tokens.reshape(-1, d), kept.reshape(-1), row.reshape(-1), index.reshape(-1), image.reshape(-1))

@@ -66,14 +66,17 @@ class LlavaNextFamily(Family):
         return VisualRows(tokens, features, row_image, torch.tensor(lengths, device=device),
                           extra={"crops": crops, "grids": grids})
 
-    def layout(self, model: nn.Module, rows: VisualRows, keep: Tensor) -> Layout:
-        """Per image: base row tokens, then the unpadded tile grid row-major with a newline per non-empty row."""
-        n, d = rows.row_length, rows.tokens.shape[2]
+    def layout(self, model: nn.Module, rows: VisualRows, keep: Tensor, merged: Tensor | None = None) -> Layout:
+        """Per image: base row tokens (+ its merged tokens), then the unpadded tile grid row-major with a newline
+        per non-empty grid row, then the tiles' merged tokens in tile order."""
+        r, n, d = rows.tokens.shape
+        e = 0 if merged is None else merged.shape[1]
         newline = model.model.image_newline
         flat_keep = keep.reshape(-1)  # (R * N,)
-        ids, kept = [], []  # per image: flat token ids into (R * N), -1 for a newline; kept flags
+        merged_ids = torch.arange(r * n, r * n + r * e, device=keep.device).view(r, e)  # ids of merged tokens
+        ids, kept, images = [], [], []  # per image: ids into tokens ++ merged, -1 for a newline; kept flags
         start = 0
-        for crops, grid in zip(rows.extra["crops"], rows.extra["grids"]):
+        for image, (crops, grid) in enumerate(zip(rows.extra["crops"], rows.extra["grids"])):
             base = torch.arange(start * n, (start + 1) * n, device=keep.device)
             if grid is None:  # base only: its row, then one newline
                 cells = base.new_full((1, int(newline is not None)), -1)
@@ -84,12 +87,21 @@ class LlavaNextFamily(Family):
                 if newline is not None:
                     cells = torch.cat([cells, cells.new_full((cells.shape[0], 1), -1)], dim=1)
                     cells_kept = torch.cat([cells_kept, cells_kept.any(dim=1, keepdim=True)], dim=1)
-            ids += [base, cells.reshape(-1)]
-            kept += [flat_keep[base], cells_kept.reshape(-1)]
+            tile_merged = merged_ids[start + 1: start + crops].reshape(-1)
+            parts = [base, merged_ids[start], cells.reshape(-1), tile_merged]
+            ids += parts
+            kept += [flat_keep[base], torch.ones(e, dtype=torch.bool, device=keep.device), cells_kept.reshape(-1),
+                     torch.ones_like(tile_merged, dtype=torch.bool)]
+            images.append(torch.full((sum(p.shape[0] for p in parts),), image, device=keep.device))
             start += crops
-        ids_t = torch.cat(ids)  # (T,)
+        ids_t = torch.cat(ids)  # (T',)
+        pool = rows.tokens.reshape(-1, d)
+        if merged is not None:
+            pool = torch.cat([pool, merged.reshape(-1, d).to(pool.dtype)])
         mark, safe = ids_t < 0, ids_t.clamp(min=0)
-        tokens = rows.tokens.reshape(-1, d)[safe]  # (T, D)
+        tokens = pool[safe]  # (T', D)
         if newline is not None:
             tokens = torch.where(mark[:, None], newline.to(tokens.dtype), tokens)
-        return Layout(tokens, torch.cat(kept), torch.where(mark, LAYOUT_TOKEN, safe // n), torch.where(mark, -1, safe % n))
+        own = ~mark & (safe < r * n)  # a token of a row (not a newline, not merged)
+        return Layout(tokens, torch.cat(kept), torch.where(own, safe // n, LAYOUT_TOKEN),
+                      torch.where(own, safe % n, -1), torch.cat(images))

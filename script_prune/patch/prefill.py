@@ -34,7 +34,7 @@ from torch import Tensor, nn
 import script_prune as sp
 from script_prune.budget import keeps_all, resolve_budget
 
-from .family import Family, VisualRows
+from .family import Family, VisualRows, fit_layout
 from .relevance import Query, RelevanceSource, question_mask
 
 STATE_ATTR = "_script_prune_patch"
@@ -186,11 +186,13 @@ def decode_inputs(prompt: PromptState, call: dict[str, Any], past: int) -> None:
 
 # ------------------------------------------------------------------------------------------ prefill
 def select_rows(model: nn.Module, state: PatchState, rows: VisualRows, query: Query,
-                row_sample: Tensor) -> tuple[Tensor, list[Tensor]]:
+                row_sample: Tensor) -> tuple[Tensor, list[Tensor], Tensor | None]:
     """Which tokens of every row stay: ``script_prune.select`` on ``H_v`` with the resolved per-row budget.
 
-    Rows are selected together, split only by relevance group (query shape) and by row length
-    (``rows.lengths``, dynamic-resolution families). -> keep (R, N) bool, kept: R ascending int64 tensors.
+    Merging methods (TRIM) run ``script_prune.reduce`` on the vision features (the projector input) instead
+    and their merged tokens are projected like the others. Rows are processed together, split only by
+    relevance group (query shape) and row length (``rows.lengths``). -> keep (R, N) bool, kept: R ascending
+    int64 tensors, merged: (R, e, D) projected merged tokens or None.
     """
     cfg = state.config
     params = cfg.method_params()
@@ -202,20 +204,42 @@ def select_rows(model: nn.Module, state: PatchState, rows: VisualRows, query: Qu
         groups = [(torch.arange(r, device=device), None, None)]
     lengths = rows.lengths if rows.lengths is not None else torch.full((r,), n, device=device)
     keep = torch.zeros(r, n, dtype=torch.bool, device=device)
+    merged: list[tuple[Tensor, Tensor]] = []
     for row_ids, image_embeds, query_embeds in groups:  # one group per query shape, usually one
         for length in torch.unique(lengths[row_ids]).tolist():  # one length for fixed-resolution families
             sub = (lengths[row_ids] == length).nonzero().flatten()
             ids = row_ids[sub]
             k = resolve_budget(cfg.budget, length)
+            inputs = dict(image_embeds=None if image_embeds is None else image_embeds[sub, :length],
+                          query_embeds=None if query_embeds is None else query_embeds[sub])
             if keeps_all(k, length):
                 picked = torch.arange(length, device=device).expand(ids.shape[0], -1)
+            elif cfg.spec.merges:
+                reduction = sp.reduce(rows.vision_features[ids, :length], k, cfg.method, **inputs, **params)
+                picked = reduction.indices
+                if reduction.merged is not None:
+                    features = reduction.merged.to(rows.vision_features.dtype)  # (G, e, C)
+                    merged.append((ids, state.family.project(model, features)))
             else:
-                picked = sp.select(rows.tokens[ids, :length], k, cfg.method,
-                                   image_embeds=None if image_embeds is None else image_embeds[sub, :length],
-                                   query_embeds=None if query_embeds is None else query_embeds[sub], **params)
+                picked = sp.select(rows.tokens[ids, :length], k, cfg.method, **inputs, **params)
             keep[ids[:, None], picked] = True
     values = torch.arange(n, device=device).expand(r, -1)[keep]  # row-major, ascending within each row
-    return keep, list(torch.split(values, keep.sum(dim=1).tolist()))
+    return keep, list(torch.split(values, keep.sum(dim=1).tolist())), stack_merged(merged, r)
+
+
+def stack_merged(parts: list[tuple[Tensor, Tensor]], rows: int) -> Tensor | None:
+    """Merged tokens of the row groups -> (R, e, D); None when no group merged."""
+    if not parts:
+        return None
+    counts = {tokens.shape[1] for _, tokens in parts}
+    covered = sum(ids.shape[0] for ids, _ in parts)
+    if len(counts) != 1 or covered != rows:
+        raise ValueError("the merging method gave different numbers of merged tokens for the rows of one prefill")
+    ids, tokens = parts[0]
+    out = tokens.new_empty(rows, *tokens.shape[1:])
+    for ids, tokens in parts:
+        out[ids] = tokens
+    return out
 
 
 @dataclass
@@ -272,8 +296,8 @@ def prefill(model: nn.Module, state: PatchState, call: dict[str, Any]) -> Any:
 
         return in_llm_prefill(model, state, call, rows, prompt, k)
     query = Query(call["input_ids"], question_mask(call["input_ids"], prompt.real, prompt.placeholder), state.texts)
-    keep_rows, kept = select_rows(model, state, rows, query, prompt.row_sample)  # (R, N), R x (k,)
-    layout = family.layout(model, rows, keep_rows)
+    keep_rows, kept, merged = select_rows(model, state, rows, query, prompt.row_sample)  # (R, N), R x (k,)
+    layout = fit_layout(family.layout(model, rows, keep_rows, merged), rows.image_lengths)
     embeds = prompt.embeds.masked_scatter(prompt.placeholder[..., None], layout.tokens.to(prompt.embeds.dtype))
     keep = prompt.real & (~prompt.placeholder).masked_scatter(prompt.placeholder, layout.kept)  # (B, L)
     index, short_mask = pack(keep, prompt.left)  # (B, Ls)
