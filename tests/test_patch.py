@@ -416,6 +416,36 @@ def test_trim_merged_token_follows_the_kept_tokens_llava():
 
 
 @torch.no_grad()
+def test_visionzip_uses_eager_clip_attention_and_merges_after_the_kept_tokens():
+    model = build_llava()
+    attn = model.model.vision_tower.encoder.layers[0].self_attn
+    attn.q_proj.weight.mul_(6.0)  # a sharp [CLS] attention: its softmax ranks patches unlike its logits
+    attn.k_proj.weight.mul_(6.0)
+    ids, mask = prompts([16, 16])
+    pixels = torch.randn(2, 3, 32, 32)
+    sp.patch.apply(model, method="visionzip", budget=10, dominant=6, contextual=4)
+    out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    kept = torch.stack(sp.patch.kept(model))
+    sp.patch.remove(model)
+    tower = model.model.vision_tower
+    tower.set_attn_implementation("eager")
+    hidden = tower(pixels, output_hidden_states=True, output_attentions=True)
+    tower.set_attn_implementation("sdpa")
+    features = hidden.hidden_states[-2][:, 1:]  # (2, N, C): the output of layer L-2 (index 0 of 2 here)
+    cls_attention = hidden.attentions[0][:, :, 0, 1:].mean(dim=1)  # (2, N) eager softmax of that layer
+    layer = tower.encoder.layers[0]
+    heads = model.config.vision_config.num_attention_heads
+    keys = layer.self_attn.k_proj(layer.layer_norm1(hidden.hidden_states[0]))  # the layer's keys (2, 1 + N, C)
+    keys = keys.view(2, 17, heads, -1).mean(dim=2)[:, 1:]  # (2, N, hd) mean over heads
+    reduction = sp.reduce(features, 10, "visionzip", cls_attention=cls_attention, keys=keys, dominant=6, contextual=4)
+    assert torch.equal(kept, reduction.indices)
+    rows = model.model.multi_modal_projector(features)
+    merged = model.model.multi_modal_projector(reduction.merged)
+    ref, short, _ = reference_logits(model, ids, mask, [torch.cat([rows[b, kept[b]], merged[b]]) for b in range(2)])
+    torch.testing.assert_close(out.logits[short.bool()], ref[short.bool()], atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
 def test_trim_merged_tokens_in_the_next_layout():
     """NeXT: the base crop's merged token follows its kept tokens; the tiles' merged tokens follow the grid."""
     model = build_next()
@@ -535,7 +565,7 @@ def test_fastv_picks_eager_top_attention_and_decodes_like_masked_reference(arch)
 
 
 # ------------------------------------------------------------------------------------------ acceptance 3
-def test_errors_name_the_problem():
+def test_errors_name_the_problem(monkeypatch):
     model = build_llava()
     with pytest.raises(ValueError, match="LlamaForCausalLM.*LlavaForConditionalGeneration.*LlavaNext"):
         sp.patch.apply(LlamaForCausalLM(text_config()), method="gsp", budget=4)
@@ -548,6 +578,7 @@ def test_errors_name_the_problem():
         sp.patch.apply(model, method="gsp", budget=4, tua=0.3)
     with pytest.raises(ValueError, match="parameter 'tau' of method 'gsp' must be a finite number"):
         sp.patch.apply(model, method="gsp", budget=4, tau="high")
+    monkeypatch.setattr(type(sp.patch.family_of(model)), "provides", ())
     with pytest.raises(ValueError, match="visionzip.*needs inputs \\['cls_attention', 'keys'\\]"):
         sp.patch.apply(model, method="visionzip", budget=4)
     with pytest.raises(ValueError, match="trim_iqr.*data-dependent"):

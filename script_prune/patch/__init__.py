@@ -14,8 +14,8 @@ row, float in (0, 1) = fraction kept per row (``script_prune.resolve_budget``); 
 whole rows runs the stock forward unchanged. Any selection method of the registry
 (``script_prune.list_methods()``) with its parameters as keyword arguments, and FastV (in the LLM,
 ``layer=K``); merging methods run ``script_prune.reduce`` on the vision features and their merged
-tokens follow their row's kept tokens (TRIM; VisionZip needs vision-attention inputs the layer does not
-provide yet, TRIM-IQR a per-row count: both refused).
+tokens follow their row's kept tokens (TRIM, VisionZip with the vision tower's [CLS] attention and keys;
+TRIM-IQR, whose count differs per row, is refused).
 
 Applying twice is refused (``remove`` first); ``remove`` restores the exact stock forward.
 See prefill.py for the shortened prefill and docs/adding_a_family.md for new families.
@@ -109,7 +109,7 @@ def _config(model: nn.Module, family: Family, method: Any, budget: Any, relevanc
         layers = int(family.decoder(model).config.num_hidden_layers)
         params = {**params, "layer": check_layer(method, params.get("layer", spec.params["layer"]), layers)}
         return PatchConfig(method, budget, params, None)
-    other = sorted(set(spec.inputs) - set(RELEVANCE_INPUTS))
+    other = sorted(set(spec.inputs) - set(RELEVANCE_INPUTS) - set(family.provides))
     if other:
         raise ValueError(f"method {method!r} needs inputs {other}, which script_prune.patch cannot provide for {name}")
     source = resolve_source(relevance, family, name)

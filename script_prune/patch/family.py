@@ -42,6 +42,8 @@ class VisualRows:
     image_lengths: (I,) long, placeholder tokens of each image / video in the unpruned prompt.
     lengths: (R,) long valid tokens per row when rows differ in length (dynamic resolution; the
         rows are then right-padded to N and the budget resolves per length), None when all are N.
+    inputs: per-row method inputs the family provides on request (``Family.provides``), e.g.
+        VisionZip's ``cls_attention`` (R, N) and ``keys`` (R, N, hd).
     extra: family data the layout needs (e.g. NeXT grid shapes).
     """
 
@@ -50,6 +52,7 @@ class VisualRows:
     row_image: Tensor
     image_lengths: Tensor
     lengths: Tensor | None = None
+    inputs: dict[str, Tensor] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -173,6 +176,8 @@ class Family:
     #: relevance source used when ``apply`` gets none (None: the family has none; methods needing
     #: relevance then ask for one).
     default_relevance: ClassVar[str | None] = None
+    #: method inputs (beyond relevance) ``encode`` can provide, e.g. VisionZip's ("cls_attention", "keys").
+    provides: ClassVar[tuple[str, ...]] = ()
     #: forward arguments whose presence on an empty cache makes a prefill "visual" (video: add
     #: ``pixel_values_videos``).
     visual_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
@@ -180,7 +185,8 @@ class Family:
     visual_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "image_sizes")
 
     # -- vision side ---------------------------------------------------------------------------
-    def encode(self, model: nn.Module, call: dict[str, Any]) -> VisualRows:
+    def encode(self, model: nn.Module, call: dict[str, Any], needs: frozenset[str] = frozenset()) -> VisualRows:
+        """The visual rows of a call; ``needs``: the method inputs of ``provides`` to fill in ``VisualRows.inputs``."""
         raise NotImplementedError
 
     def layout(self, model: nn.Module, rows: VisualRows, keep: Tensor, merged: Tensor | None = None) -> Layout:

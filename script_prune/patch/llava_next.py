@@ -19,8 +19,8 @@ from transformers.models.llava_next.modeling_llava_next import (
     unpad_image,
 )
 
-from .family import LAYOUT_TOKEN, Family, Layout, VisualRows
-from .llava import projected_rows, tokens_per_crop
+from .family import LAYOUT_TOKEN, Layout, VisualRows
+from .llava import LlavaFamily, projected_rows
 
 
 def tile_grid(model: nn.Module, image_size: Tensor, n: int, device: torch.device) -> Tensor:
@@ -34,12 +34,11 @@ def tile_grid(model: nn.Module, image_size: Tensor, n: int, device: torch.device
     return unpad_image(grid, size)[0]
 
 
-class LlavaNextFamily(Family):
+class LlavaNextFamily(LlavaFamily):
+    """LLaVA's vision side and projector (inherited) with anyres crops as rows and NeXT's layout."""
+
     name = "llava_next"
     class_names = ("LlavaNextForConditionalGeneration",)
-
-    def row_length(self, model: nn.Module) -> int:
-        return tokens_per_crop(model)
 
     def crops(self, model: nn.Module, call: dict[str, Any]) -> tuple[Tensor, list[int]]:
         """Image sizes (I, 2) (height, width) on the CPU and the crops (base + tiles) of every image."""
@@ -54,16 +53,16 @@ class LlavaNextFamily(Family):
     def num_rows(self, model: nn.Module, call: dict[str, Any]) -> int:
         return sum(self.crops(model, call)[1])
 
-    def encode(self, model: nn.Module, call: dict[str, Any]) -> VisualRows:
+    def encode(self, model: nn.Module, call: dict[str, Any], needs: frozenset[str] = frozenset()) -> VisualRows:
         sizes, crops = self.crops(model, call)
-        features, tokens = projected_rows(model, call)  # (R, N, C), (R, N, D) over all crops of all images
+        features, tokens, inputs = projected_rows(model, call, needs)  # (R, N, C), (R, N, D) over all crops
         n = tokens.shape[1]
         grids = [tile_grid(model, s, n, tokens.device) if c > 1 else None for s, c in zip(sizes, crops)]
         newline = int(model.model.image_newline is not None)
         lengths = [n + (newline if g is None else g.shape[0] * (g.shape[1] + newline)) for g in grids]
         device = tokens.device
         row_image = torch.repeat_interleave(torch.arange(len(crops)), torch.tensor(crops)).to(device)
-        return VisualRows(tokens, features, row_image, torch.tensor(lengths, device=device),
+        return VisualRows(tokens, features, row_image, torch.tensor(lengths, device=device), inputs=inputs,
                           extra={"crops": crops, "grids": grids})
 
     def layout(self, model: nn.Module, rows: VisualRows, keep: Tensor, merged: Tensor | None = None) -> Layout:

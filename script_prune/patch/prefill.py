@@ -212,6 +212,7 @@ def select_rows(model: nn.Module, state: PatchState, rows: VisualRows, query: Qu
             k = resolve_budget(cfg.budget, length)
             inputs = dict(image_embeds=None if image_embeds is None else image_embeds[sub, :length],
                           query_embeds=None if query_embeds is None else query_embeds[sub])
+            inputs.update({name: value[ids, :length] for name, value in rows.inputs.items()})
             if keeps_all(k, length):
                 picked = torch.arange(length, device=device).expand(ids.shape[0], -1)
             elif cfg.spec.merges:
@@ -289,7 +290,7 @@ def prefill(model: nn.Module, state: PatchState, call: dict[str, Any]) -> Any:
         output = state.stock_forward(**call)
         state.kept = [torch.arange(n, device=call["input_ids"].device)] * family.num_rows(model, call)
         return output
-    rows = family.encode(model, call)
+    rows = family.encode(model, call, frozenset(cfg.spec.inputs))
     prompt = locate_rows(model, state, call, rows)
     if cfg.spec.stage == "llm":
         from .in_llm import in_llm_prefill
