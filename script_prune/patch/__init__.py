@@ -27,7 +27,6 @@ import functools
 import inspect
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 import script_prune as sp
