@@ -91,6 +91,12 @@ def prompts(counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     return left_padded([before + [IMAGE] * n + after for (before, after), n in zip(texts, counts)])
 
 
+def cache_length(output) -> int:
+    """Tokens in an output's KV cache (``cache`` from transformers 5.24, ``past_key_values`` before)."""
+    cache = output.cache if "cache" in type(output).__dataclass_fields__ else output.past_key_values
+    return cache.get_seq_length()
+
+
 # ------------------------------------------------------------------------------------------ stock pieces
 def projected_rows(model, pixels: torch.Tensor) -> torch.Tensor:
     """The stock tower's layer -2 patch features through the stock projector. (R, 3, S, S) -> (R, N, D)"""
@@ -207,7 +213,7 @@ def test_llava_logits_equal_stock_model_on_hand_shortened_prompt(image_size, bud
     real = short.bool()
     torch.testing.assert_close(out.logits[real], ref[real], atol=1e-4, rtol=0)
     # the cache holds text + kept tokens only
-    assert out.past_key_values.get_seq_length() == int(short.sum(1).max())
+    assert cache_length(out) == int(short.sum(1).max())
 
 
 @torch.no_grad()
@@ -275,7 +281,7 @@ def test_llava_next_logits_equal_stock_model_on_hand_shortened_prompt(sizes, bud
     ref, short, _ = reference_logits(model, ids, mask, image_tokens)
     assert out.logits.shape == ref.shape
     torch.testing.assert_close(out.logits[short.bool()], ref[short.bool()], atol=1e-4, rtol=0)
-    assert out.past_key_values.get_seq_length() == int(short.sum(1).max())
+    assert cache_length(out) == int(short.sum(1).max())
 
 
 @pytest.mark.parametrize("arch", ["llava", "next"])
@@ -545,7 +551,7 @@ def test_fastv_picks_eager_top_attention_and_decodes_like_masked_reference(arch)
             assert kept[row].tolist() == sorted(i for _, i in ranked[:k])
             for pos, _ in ranked[k:]:
                 dropped[b, pos] = True
-    assert out.past_key_values.get_seq_length() == int((mask.bool() & ~dropped).sum(1).max())
+    assert cache_length(out) == int((mask.bool() & ~dropped).sum(1).max())
     # greedy decoding, recomputed from scratch every step
     tokens = torch.empty(2, 0, dtype=torch.long)
     length = ids.shape[1]

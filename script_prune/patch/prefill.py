@@ -142,7 +142,10 @@ def call_cache(call: dict[str, Any]) -> Any:
 
 
 def output_cache(output: Any) -> Any:
-    return first_given(getattr(output, "cache", None), getattr(output, "past_key_values", None))
+    """The KV cache of a model output, read under the field name this transformers version uses (reading
+    the other name would trigger its deprecation warning)."""
+    fields = getattr(type(output), "__dataclass_fields__", {})
+    return getattr(output, "cache" if "cache" in fields else "past_key_values", None)
 
 
 def patched_forward(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
