@@ -250,8 +250,17 @@ def test_several_images_per_prompt_are_rows_in_sequence_order():
     rows = projected_rows(model, pixels)
     query = question_mean(model, ids, mask)[[0, 0, 1]][:, None]  # each image's own prompt
     assert torch.equal(torch.stack(kept), sp.select(rows, 3, "script", image_embeds=rows, query_embeds=query))
-    ref, short, _ = reference_logits(model, ids, mask, [[rows[0, kept[0]], rows[1, kept[1]]], rows[2, kept[2]]])
+    ref, short, embeds = reference_logits(model, ids, mask, [[rows[0, kept[0]], rows[1, kept[1]]], rows[2, kept[2]]])
     torch.testing.assert_close(out.logits[short.bool()], ref[short.bool()], atol=1e-4, rtol=0)
+    # beams: generate() repeats each prompt with ITS images (prompt 0 holds two)
+    sp.patch.apply(model, method="script", budget=3, relevance="llm_text")
+    beams = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=4, num_beams=2,
+                           num_return_sequences=2, do_sample=False)
+    assert [k.tolist() for k in sp.patch.kept(model)] == [k.tolist() for k in [kept[0], kept[1]] * 2 + [kept[2]] * 2]
+    sp.patch.remove(model)
+    reference = model.generate(inputs_embeds=embeds, attention_mask=short, max_new_tokens=4, num_beams=2,
+                               num_return_sequences=2, do_sample=False)
+    assert torch.equal(beams[:, ids.shape[1]:], reference)
 
 
 NEXT_SIZES = [[(20, 50), (64, 30)], [(40, 40), (90, 33)], [(33, 33), (50, 20)]]
@@ -303,7 +312,7 @@ def test_full_budget_and_remove_are_bit_identical(arch):
     sp.patch.apply(model, method="gsp", budget=3)
     model(**inputs)
     sp.patch.remove(model)
-    assert "forward" not in model.__dict__
+    assert "forward" not in model.__dict__ and "_expand_inputs_for_generation" not in model.__dict__
     assert torch.equal(model(**inputs).logits, stock)
     assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), stock_gen)
 

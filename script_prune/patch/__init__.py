@@ -17,7 +17,8 @@ whole rows runs the stock forward unchanged. Any selection method of the registr
 tokens follow their row's kept tokens (TRIM, VisionZip with the vision tower's [CLS] attention and keys;
 TRIM-IQR, whose count differs per row, is refused).
 
-Applying twice is refused (``remove`` first); ``remove`` restores the exact stock forward.
+Applying twice is refused (``remove`` first); ``remove`` restores the exact stock forward (and
+generate()'s input expansion, patched so that several images per prompt repeat per prompt).
 See prefill.py for the shortened prefill and docs/adding_a_family.md for new families.
 """
 
@@ -36,7 +37,10 @@ from script_prune.registry import RELEVANCE_INPUTS
 from .family import DecoderAccess, Family, Layout, VisualRows, cache_keyword
 from .llava import LlavaFamily
 from .llava_next import LlavaNextFamily
-from .prefill import STATE_ATTR, PatchConfig, PatchState, patched_forward
+from .prefill import STATE_ATTR, PatchConfig, PatchState, expand_for_generation, patched_forward
+
+#: generate()'s input expansion, patched so per-image inputs repeat per prompt (see expand_for_generation)
+EXPAND = "_expand_inputs_for_generation"
 from .relevance import ClipText, LLMText, RelevanceSource, resolve_source
 
 __all__ = [
@@ -140,7 +144,8 @@ def apply(model: nn.Module, method: str = "script", budget: int | float = 64, re
     config = _config(model, family, method, budget, relevance, params)
     previous = model.__dict__.get("forward")
     stock = model.forward
-    state = PatchState(family, config, stock, previous, inspect.signature(stock))
+    stock_expand = model._expand_inputs_for_generation
+    state = PatchState(family, config, stock, previous, model.__dict__.get(EXPAND), inspect.signature(stock))
     if config.spec.stage == "llm":  # how this transformers version hands decoder layers the cache, decided once
         state.extra["layer_cache_keyword"] = cache_keyword(type(family.decoder(model).layers[0]).forward)
 
@@ -154,16 +159,18 @@ def apply(model: nn.Module, method: str = "script", budget: int | float = 64, re
         parameters=[p for name, p in state.signature.parameters.items() if name != "mm_encoder_outputs"])
     model.__dict__[STATE_ATTR] = state
     model.forward = forward
+    setattr(model, EXPAND, functools.partial(expand_for_generation, model, stock_expand))
     return model
 
 
 def remove(model: nn.Module) -> nn.Module:
     """Undo :func:`apply`: the model's forward is the one it had before; returns ``model``."""
     state = _state(model)
-    if state.previous_forward is None:
-        del model.forward
-    else:
-        model.forward = state.previous_forward
+    for name, previous in (("forward", state.previous_forward), (EXPAND, state.previous_expand)):
+        if previous is None:
+            delattr(model, name)
+        else:
+            setattr(model, name, previous)
     del model.__dict__[STATE_ATTR]
     return model
 

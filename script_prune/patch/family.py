@@ -206,6 +206,14 @@ class Family:
         """Visual rows of a call, without running the vision tower (for ``kept`` of an unpruned prefill)."""
         raise NotImplementedError
 
+    def images_per_prompt(self, model: nn.Module, input_ids: Tensor) -> Tensor:
+        """(B,) images of every prompt: its placeholder runs (each image is one contiguous run). Used to
+        repeat per-image inputs by prompt when generate() expands prompts (beams, num_return_sequences)."""
+        placeholder = self.placeholder_mask(model, input_ids)
+        starts = placeholder.clone()
+        starts[:, 1:] &= ~placeholder[:, :-1]
+        return starts.sum(dim=1)
+
     def placeholder_mask(self, model: nn.Module, input_ids: Tensor) -> Tensor:
         """(B, L) bool: the placeholder positions the rows' layout fills, in scatter order (images and,
         for video families, video placeholders)."""

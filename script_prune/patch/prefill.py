@@ -85,6 +85,7 @@ class PatchState:
     config: PatchConfig
     stock_forward: Callable[..., Any]
     previous_forward: Any  # the instance attribute ``forward`` before patching (accelerate hooks), or None
+    previous_expand: Any  # the instance attribute ``_expand_inputs_for_generation`` before patching, or None
     signature: inspect.Signature
     kept: list[Tensor] | None = None
     prompt: PromptState | None = None
@@ -185,6 +186,28 @@ def decode_inputs(prompt: PromptState, call: dict[str, Any], past: int) -> None:
         )
     if call.get("position_ids") is not None:
         call["position_ids"] = call["position_ids"] - prompt.position_shift.to(call["position_ids"].device)
+
+
+def expand_for_generation(model: nn.Module, stock_expand: Callable[..., Any], expand_size: int = 1,
+                          is_encoder_decoder: bool = False, input_ids: Tensor | None = None,
+                          **model_kwargs: Any) -> tuple[Any, dict[str, Any]]:
+    """generate()'s input expansion (beams, num_return_sequences) with per-image inputs repeated per PROMPT.
+
+    The stock expansion repeats every tensor's rows, which for ``pixel_values`` / ``image_sizes`` (one row
+    per image) is right only when every prompt holds one image: prompt b's images are repeated as a block.
+    """
+    state: PatchState = model.__dict__[STATE_ATTR]
+    visual = {key: model_kwargs.pop(key) for key in state.family.visual_keys
+              if isinstance(model_kwargs.get(key), Tensor)}
+    input_ids_out, model_kwargs = stock_expand(expand_size=expand_size, is_encoder_decoder=is_encoder_decoder,
+                                               input_ids=input_ids, **model_kwargs)
+    if visual and expand_size > 1 and input_ids is not None:
+        counts = state.family.images_per_prompt(model, input_ids).tolist()  # (B,) one host sync per generate
+        starts = [sum(counts[:b]) for b in range(len(counts))]
+        order = [i for b, c in enumerate(counts) for _ in range(expand_size) for i in range(starts[b], starts[b] + c)]
+        visual = {key: value.index_select(0, torch.tensor(order, device=value.device)) for key, value in visual.items()}
+    model_kwargs.update(visual)
+    return input_ids_out, model_kwargs
 
 
 # ------------------------------------------------------------------------------------------ prefill
