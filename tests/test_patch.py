@@ -608,6 +608,10 @@ def test_errors_name_the_problem(monkeypatch):
     sp.patch.apply(model, method="gsp", budget=4)
     with pytest.raises(ValueError, match="no prefill"):
         sp.patch.kept(model)
+    ids, mask = prompts([16, 16])
+    with pytest.raises(ValueError, match="2-D .* attention mask.*static"):
+        model.generate(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 32, 32), max_new_tokens=2,
+                       cache_implementation="static")
     with pytest.raises(ValueError, match="already patched.*remove"):
         sp.patch.apply(model, method="gsp", budget=4)
     sp.patch.remove(model)

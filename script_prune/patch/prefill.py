@@ -309,6 +309,11 @@ def prefill(model: nn.Module, state: PatchState, call: dict[str, Any]) -> Any:
     if call.get("input_ids") is None:
         raise ValueError("script_prune.patch needs input_ids (with the image placeholders) on a prefill with "
                          f"{' / '.join(family.visual_inputs)}; inputs_embeds alone do not say where the images are")
+    mask = call.get("attention_mask")
+    if mask is not None and mask.dim() != 2:
+        raise ValueError(f"script_prune.patch needs a 2-D (B, L) attention mask on a prefill with images, got shape "
+                         f"{tuple(mask.shape)} (static / compiled caches, whose masks generate() builds in 4-D, are "
+                         "not supported yet)")
     n = family.row_length(model)
     k = resolve_budget(cfg.budget, n)
     state.prompt = None
