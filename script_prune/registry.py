@@ -15,10 +15,12 @@ import torch
 from torch import Tensor
 
 from . import core
+from .budget import keeps_all
 
 __all__ = [
     "MethodSpec",
     "Reduction",
+    "check_params",
     "register_method",
     "get_method",
     "list_methods",
@@ -50,6 +52,15 @@ class MethodSpec:
     merges: bool = False
     paper: str = ""
     description: str = ""
+
+    @property
+    def needs_relevance(self) -> bool:
+        """True when the method reads query relevance inputs (``image_embeds`` / ``query_embeds``, Eq. 3-4)."""
+        return any(name in RELEVANCE_INPUTS for name in self.inputs)
+
+
+#: The tensor inputs that carry query relevance (paper Eq. 3-4): image and query embeddings.
+RELEVANCE_INPUTS = ("image_embeds", "query_embeds")
 
 
 @dataclass(frozen=True)
@@ -212,6 +223,16 @@ def _param(method: str, name: str, value: Any, default: Any) -> Any:
     return value
 
 
+def check_params(method: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` checked against ``method``'s parameters (names and the defaults' types), without its
+    defaults filled in: ValueError naming the unknown or mistyped parameter."""
+    spec = get_method(method)
+    unknown = sorted(set(params) - set(spec.params))
+    if unknown:
+        raise ValueError(f"parameters {unknown} are not parameters of method {method!r}; it accepts {sorted(spec.params)}")
+    return {name: _param(method, name, value, spec.params[name]) for name, value in params.items()}
+
+
 def _split_kwargs(spec: MethodSpec, given: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split keyword arguments into the method's tensor inputs and its parameters."""
     inputs, params = {}, dict(spec.params)
@@ -275,7 +296,7 @@ def _run(
     budget = _budget(budget)
     inputs = _prepared_inputs(spec, raw_inputs, x, batched)
     b, n, _ = x.shape
-    if budget >= n or b == 0:
+    if keeps_all(budget, n) or b == 0:
         kept = torch.arange(min(budget, n), device=x.device).expand(b, -1).clone()
         return Reduction(indices=kept, merged=None), batched
     out = spec.fn(x, budget, **inputs, **params)

@@ -22,7 +22,6 @@ import torch
 
 import script_prune as sp
 
-RELEVANCE_INPUTS = ("image_embeds", "query_embeds")
 ATTENTION_INPUTS = ("cls_attention", "keys")
 
 
@@ -60,7 +59,7 @@ class PruningConfig:
     @property
     def needs_relevance(self) -> bool:
         """True when the method reads CLIP image/query embeddings (then the text tower is loaded)."""
-        return any(name in self.spec.inputs for name in RELEVANCE_INPUTS)
+        return self.spec.needs_relevance
 
     @property
     def needs_attention(self) -> bool:
@@ -81,7 +80,7 @@ class PruningConfig:
 
     def is_noop_for(self, tokens_per_row: int) -> bool:
         """A budget >= the row length keeps every token: skip pruning (exactly unpruned)."""
-        return self.visual_token_num >= tokens_per_row
+        return sp.keeps_all(self.visual_token_num, tokens_per_row)
 
 
 def as_pruning_config(pruning: PruningConfig | dict | None) -> PruningConfig | None:
