@@ -8,73 +8,21 @@ The tiny checkpoint's weights are converted into ``transformers.LlavaForConditio
 
 import pytest
 import torch
-from transformers import (
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaImageProcessorPil,
-    LlavaNextConfig,
-    LlavaNextForConditionalGeneration,
-    LlavaNextImageProcessorPil,
-)
+from transformers import LlavaImageProcessorPil, LlavaNextImageProcessorPil
 
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.mm_utils import process_images
 from llava.model.builder import load_pretrained_model
+from llava.model.convert import convert_state_dict, hf_pinpoints, load_checkpoint
 from tests.helpers import prompt_ids, random_image
 
-OURS_TO_HF_PREFIX = [
-    ("model.vision_tower.vision_tower.vision_model.", "model.vision_tower."),
-    ("model.mm_projector.0.", "model.multi_modal_projector.linear_1."),
-    ("model.mm_projector.2.", "model.multi_modal_projector.linear_2."),
-    ("model.image_newline", "model.image_newline"),
-    ("model.", "model.language_model."),
-    ("lm_head.", "lm_head."),
-]
 
-
-def convert_state_dict(state: dict) -> dict:
-    """Our parameter names (LLaVA's checkpoint layout) -> transformers' LLaVA layout."""
-    out = {}
-    for key, value in state.items():
-        for ours, theirs in OURS_TO_HF_PREFIX:
-            if key.startswith(ours):
-                out[theirs + key[len(ours):]] = value
-                break
-    return out
-
-
-def hf_configs(model, image_token_id: int) -> dict:
-    cfg = model.config
-    text = LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, rms_norm_eps=cfg.rms_norm_eps,
-        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=False,
-    )
-    vision = CLIPVisionConfig(**model.get_vision_tower().config.to_dict())
-    return dict(text_config=text, vision_config=vision, image_token_index=image_token_id,
-                vision_feature_layer=cfg.mm_vision_select_layer, vision_feature_select_strategy="default",
-                projector_hidden_act="gelu", multimodal_projector_bias=True)
-
-
-def hf_pinpoints(model) -> list:
-    """LLaVA's image_grid_pinpoints are (width, height) pairs, transformers' are (height, width): swap them
-    so both pick the same grid (it matters on ties, e.g. a square image between 1x2 and 2x1)."""
-    return [[h, w] for w, h in model.config.image_grid_pinpoints]
-
-
-def build_reference(model, image_token_id: int, next_arch: bool):
-    kwargs = hf_configs(model, image_token_id)
-    if next_arch:
-        ref = LlavaNextForConditionalGeneration(LlavaNextConfig(image_grid_pinpoints=hf_pinpoints(model), **kwargs))
-    else:
-        ref = LlavaForConditionalGeneration(LlavaConfig(**kwargs))
-    missing, unexpected = ref.load_state_dict(convert_state_dict(model.state_dict()), strict=False)
+def build_reference(path: str):
+    """transformers' own class holding the checkpoint, through llava.model.convert (the key / config remap)."""
+    ref, config, unexpected = load_checkpoint(path)
     assert not unexpected, unexpected
-    assert [k for k in missing if not k.endswith("position_ids")] == []
-    return ref.eval().float()
+    assert not ref.training
+    return ref
 
 
 def expand_image_token(ids: torch.Tensor, count: int, image_token_id: int) -> torch.Tensor:
@@ -82,11 +30,6 @@ def expand_image_token(ids: torch.Tensor, count: int, image_token_id: int) -> to
     row = ids[0].tolist()
     at = row.index(IMAGE_TOKEN_INDEX)
     return torch.tensor([row[:at] + [image_token_id] * count + row[at + 1:]])
-
-
-def unused_token_id(tokenizer, ids: torch.Tensor) -> int:
-    used = set(ids[0].tolist())
-    return next(i for i in range(len(tokenizer) - 1, 0, -1) if i not in used)
 
 
 @pytest.fixture(scope="module")
@@ -100,21 +43,23 @@ def llava_next(tiny_llava_next_path):
 
 
 @pytest.fixture(scope="module")
-def reference15(llava15):
+def reference15(llava15, tiny_llava15_path):
     """(prompt ids, image token id, transformers LlavaForConditionalGeneration) for the 1.5 tests."""
     tokenizer, model, _, _ = llava15
     ids = prompt_ids(tokenizer, "What is in the picture?")[None]
-    token_id = unused_token_id(tokenizer, ids)
-    return ids, token_id, build_reference(model, token_id, next_arch=False)
+    ref = build_reference(tiny_llava15_path)
+    assert type(ref).__name__ == "LlavaForConditionalGeneration"
+    return ids, ref.config.image_token_id, ref
 
 
 @pytest.fixture(scope="module")
-def reference_next(llava_next):
+def reference_next(llava_next, tiny_llava_next_path):
     """(prompt ids, image token id, transformers LlavaNextForConditionalGeneration) for the NeXT tests."""
     tokenizer, model, _, _ = llava_next
     ids = prompt_ids(tokenizer, "Describe the image.")[None]
-    token_id = unused_token_id(tokenizer, ids)
-    return ids, token_id, build_reference(model, token_id, next_arch=True)
+    ref = build_reference(tiny_llava_next_path)
+    assert type(ref).__name__ == "LlavaNextForConditionalGeneration"
+    return ids, ref.config.image_token_id, ref
 
 
 @pytest.mark.parametrize("width,height", [(56, 56), (90, 40), (33, 77), (120, 121)])
@@ -144,7 +89,7 @@ def test_llava_next_logits_match_transformers(llava_next, reference_next, width,
     hf_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": processor.size["shortest_edge"]}, crop_size=processor.crop_size,
         image_mean=processor.image_mean, image_std=processor.image_std,
-        image_grid_pinpoints=hf_pinpoints(model),
+        image_grid_pinpoints=hf_pinpoints(model.config.to_dict()),
     )
     hf_inputs = hf_processor(images=[image], return_tensors="pt")
     assert hf_inputs["image_sizes"].tolist() == [[height, width]]
@@ -192,3 +137,81 @@ def test_mistral_architecture_matches_llama_on_the_same_weights(llava15, tiny_ll
     with torch.no_grad():
         torch.testing.assert_close(mistral(ids, images=pixels).logits, model(ids, images=pixels).logits,
                                    atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------ llava.model.convert (the key / config remap)
+def test_convert_state_dict_maps_the_original_names_onto_transformers_names():
+    state = {name: torch.zeros(1) for name in (
+        "model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.norm.weight", "lm_head.weight",
+        "model.mm_projector.0.weight", "model.mm_projector.2.bias", "model.image_newline",
+        "model.vision_tower.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight", "something.else")}
+    assert sorted(convert_state_dict(state)) == sorted([
+        "model.language_model.embed_tokens.weight", "model.language_model.layers.0.self_attn.q_proj.weight",
+        "model.language_model.norm.weight", "lm_head.weight", "model.multi_modal_projector.linear_1.weight",
+        "model.multi_modal_projector.linear_2.bias", "model.image_newline",
+        "model.vision_tower.encoder.layers.0.mlp.fc1.weight"])
+
+
+def test_hf_pinpoints_swap_width_height():
+    assert hf_pinpoints({"image_grid_pinpoints": [[56, 112], [168, 56]]}) == [[112, 56], [56, 168]]
+
+
+def test_converted_next_holds_the_shipped_tower_and_15_the_clip_folders(reference_next, reference15,
+                                                                        tiny_llava_next_path, tiny_llava15_path):
+    from safetensors.torch import load_file
+
+    key = "encoder.layers.0.mlp.fc1.weight"
+    shipped = load_file(f"{tiny_llava_next_path}/model.safetensors")[f"model.vision_tower.vision_tower.vision_model.{key}"]
+    torch.testing.assert_close(reference_next[2].model.vision_tower.state_dict()[key], shipped, atol=0, rtol=0)
+    clip = load_file(f"{tiny_llava15_path}/clip/model.safetensors")[f"vision_model.{key}"]
+    torch.testing.assert_close(reference15[2].model.vision_tower.state_dict()[key], clip, atol=0, rtol=0)
+
+
+def test_converted_image_token_is_outside_the_vocabulary(reference15, tiny_llava15_path):
+    import json
+
+    vocab = json.loads(open(f"{tiny_llava15_path}/config.json").read())["vocab_size"]
+    ref = reference15[2]
+    assert ref.config.image_token_id == vocab
+    assert ref.get_input_embeddings().weight.shape[0] == vocab + 1
+    assert torch.count_nonzero(ref.get_input_embeddings().weight[vocab]) == 0
+    assert ref.lm_head.weight.shape[0] == vocab  # logits keep the original vocabulary
+
+
+def test_toy_checkpoint_converts(tmp_path):
+    ref, config, unexpected = load_checkpoint("llava/toy/checkpoint")
+    assert type(ref).__name__ == "LlavaForConditionalGeneration" and unexpected == []
+    assert ref.config.vision_feature_layer == config["mm_vision_select_layer"]
+
+
+def _copy_checkpoint(src: str, dest, edit_state=None, edit_config=None) -> str:
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dest)
+    if edit_state is not None:
+        state = load_file(f"{dest}/model.safetensors")
+        edit_state(state)
+        save_file(state, f"{dest}/model.safetensors")
+    if edit_config is not None:
+        cfg = json.loads((dest / "config.json").read_text())
+        edit_config(cfg)
+        (dest / "config.json").write_text(json.dumps(cfg))
+    return str(dest)
+
+
+def test_convert_refuses_missing_weights_a_partial_tower_and_other_projectors(tiny_llava15_path,
+                                                                              tiny_llava_next_path, tmp_path):
+    path = _copy_checkpoint(tiny_llava15_path, tmp_path / "a", edit_state=lambda s: s.pop("model.norm.weight"))
+    with pytest.raises(ValueError, match="missing weights.*model.language_model.norm.weight"):
+        load_checkpoint(path)
+    tower_key = "model.vision_tower.vision_tower.vision_model.post_layernorm.weight"
+    path = _copy_checkpoint(tiny_llava_next_path, tmp_path / "b", edit_state=lambda s: s.pop(tower_key))
+    with pytest.raises(ValueError, match="partial vision tower.*post_layernorm.weight"):
+        load_checkpoint(path)
+    path = _copy_checkpoint(tiny_llava15_path, tmp_path / "c",
+                            edit_config=lambda c: c.update(mm_projector_type="linear"))
+    with pytest.raises(ValueError, match="mm_projector_type 'linear'"):
+        load_checkpoint(path)
