@@ -58,6 +58,7 @@ __all__ = [
     "remove",
     "set_query",
     "supported_classes",
+    "visual_tokens",
 ]
 
 #: Merging methods whose kept count differs between rows of one batch (not supported by the layer yet).
@@ -186,6 +187,15 @@ def kept(model: nn.Module) -> list[Tensor]:
     if state.kept is None:
         raise ValueError("no prefill with pixel_values has run since script_prune.patch.apply")
     return list(state.kept)
+
+
+def visual_tokens(model: nn.Module) -> list[int]:
+    """Visual tokens of every sample that reached the LLM at the last prefill with pixels (kept tokens, merged
+    tokens and layout tokens such as NeXT newlines; for in-LLM methods those left after layer K). One host sync."""
+    state = _state(model)
+    if state.visual_counts is None:
+        raise ValueError("no prefill with pixel_values has run since script_prune.patch.apply")
+    return state.visual_counts.tolist()
 
 
 def set_query(model: nn.Module, texts: list[str] | None) -> None:

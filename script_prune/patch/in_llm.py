@@ -129,6 +129,7 @@ def fastv_language_forward(access: DecoderAccess, state: PatchState, prompt: Pro
 
     num_rows, row_length = shape
     keep, chosen, slots = row_top_k(scores, row_of, prompt.real, k, num_rows, state.config.method, layer_k)
+    state.visual_counts = (keep & prompt.placeholder).sum(dim=1)  # after layer K
     index, short_mask = pack(keep, prompt.left)  # (B, Ls)
     hidden = gather_tokens(hidden, index)
     short_positions = positions.expand(hidden.shape[0], -1).gather(1, index)

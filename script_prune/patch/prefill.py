@@ -88,6 +88,7 @@ class PatchState:
     previous_expand: Any  # the instance attribute ``_expand_inputs_for_generation`` before patching, or None
     signature: inspect.Signature
     kept: list[Tensor] | None = None
+    visual_counts: Tensor | None = None  # (B,) visual tokens per sample that reached the LLM (see visual_tokens)
     prompt: PromptState | None = None
     texts: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -316,10 +317,12 @@ def prefill(model: nn.Module, state: PatchState, call: dict[str, Any]) -> Any:
                          "not supported yet)")
     n = family.row_length(model)
     k = resolve_budget(cfg.budget, n)
-    state.prompt = None
+    state.prompt = state.visual_counts = None
     if keeps_all(k, n):
         output = state.stock_forward(**call)
         state.kept = [torch.arange(n, device=call["input_ids"].device)] * family.num_rows(model, call)
+        placeholder = family.placeholder_mask(model, call["input_ids"])
+        state.visual_counts = (placeholder if mask is None else placeholder & mask.bool()).sum(dim=1)
         return output
     rows = family.encode(model, call, frozenset(cfg.spec.inputs))
     prompt = locate_rows(model, state, call, rows)
@@ -343,6 +346,7 @@ def prefill(model: nn.Module, state: PatchState, call: dict[str, Any]) -> Any:
     shift = family.decode_shift(model, prompt.real, short_mask)  # (B, 1)
     remember_prompt(state, call, output, call["input_ids"].shape[1], short_mask, shift)
     state.kept = kept
+    state.visual_counts = (keep & prompt.placeholder).sum(dim=1)
     return output
 
 
