@@ -78,8 +78,8 @@ def test_set_pruning_none_restores_the_stock_model_and_refusals_keep_the_setting
     arch, (tokenizer, _, processor, _), (_, adapted, _, _) = pair
     adapted.set_pruning(PruningConfig(method="script", visual_token_num=3))
     assert sp.patch.is_patched(adapted.hf) and adapted.pruning.method == "script"
-    with pytest.raises(ValueError, match="trim_iqr"):
-        adapted.set_pruning(PruningConfig(method="trim_iqr", visual_token_num=3))
+    with pytest.raises(ValueError, match="'layer'"):
+        adapted.set_pruning(PruningConfig(method="fastv", visual_token_num=3, params={"layer": 7}))
     adapted.set_pruning(None)
     assert not sp.patch.is_patched(adapted.hf) and adapted.pruning is None
     assert "forward" not in adapted.hf.__dict__

@@ -431,6 +431,39 @@ def test_trim_merged_token_follows_the_kept_tokens_llava():
 
 
 @torch.no_grad()
+def test_trim_iqr_keeps_a_different_count_per_row_equal_to_reduce_row_by_row():
+    """TRIM-IQR's kept count is data dependent: each row is reduced on its own (script_prune.reduce with a
+    batch of one), rows of one batch keep different counts, and the logits equal the hand-shortened prompt."""
+    for seed in range(30):
+        model = build_llava(seed=seed)
+        ids, mask = prompts([16, 16])
+        torch.manual_seed(seed)
+        pixels = torch.randn(2, 3, 32, 32)
+        sp.patch.apply(model, method="trim_iqr", budget=12, relevance="llm_text")
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        kept = sp.patch.kept(model)
+        counts = sp.patch.visual_tokens(model)
+        sp.patch.remove(model)
+        if kept[0].numel() != kept[1].numel():
+            break
+    else:
+        pytest.fail("no seed gave rows with different TRIM-IQR counts")
+    features = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]  # (2, N, C)
+    rows = model.model.multi_modal_projector(features)
+    query = question_mean(model, ids, mask)[:, None]
+    tokens = []
+    for b in range(2):
+        reduction = sp.reduce(features[b:b + 1], 12, "trim_iqr", image_embeds=rows[b:b + 1], query_embeds=query[b:b + 1])
+        assert torch.equal(kept[b], reduction.indices[0])
+        tokens.append(torch.cat([rows[b, kept[b]], model.model.multi_modal_projector(reduction.merged)[0]]))
+    assert counts == [t.shape[0] for t in tokens]
+    with pytest.raises(ValueError, match="differ across the batch"):  # why the layer goes row by row
+        sp.reduce(features, 12, "trim_iqr", image_embeds=rows, query_embeds=query)
+    ref, short, _ = reference_logits(model, ids, mask, tokens)
+    torch.testing.assert_close(out.logits[short.bool()], ref[short.bool()], atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
 def test_visionzip_uses_eager_clip_attention_and_merges_after_the_kept_tokens():
     model = build_llava()
     attn = model.model.vision_tower.encoder.layers[0].self_attn
@@ -596,8 +629,6 @@ def test_errors_name_the_problem(monkeypatch):
     monkeypatch.setattr(type(sp.patch.family_of(model)), "provides", ())
     with pytest.raises(ValueError, match="visionzip.*needs inputs \\['cls_attention', 'keys'\\]"):
         sp.patch.apply(model, method="visionzip", budget=4)
-    with pytest.raises(ValueError, match="trim_iqr.*data-dependent"):
-        sp.patch.apply(model, method="trim_iqr", budget=4, relevance="llm_text")
     with pytest.raises(ValueError, match="needs query relevance.*no relevance source.*llm_text"):
         sp.patch.apply(model, method="script", budget=4)
     with pytest.raises(ValueError, match="clip_text.*text tower"):

@@ -15,7 +15,7 @@ whole rows runs the stock forward unchanged. Any selection method of the registr
 (``script_prune.list_methods()``) with its parameters as keyword arguments, and FastV (in the LLM,
 ``layer=K``); merging methods run ``script_prune.reduce`` on the vision features and their merged
 tokens follow their row's kept tokens (TRIM, VisionZip with the vision tower's [CLS] attention and keys;
-TRIM-IQR, whose count differs per row, is refused).
+TRIM-IQR, whose kept count differs per row, reduces one row at a time).
 
 Applying twice is refused (``remove`` first); ``remove`` restores the exact stock forward (and
 generate()'s input expansion, patched so that several images per prompt repeat per prompt).
@@ -61,9 +61,6 @@ __all__ = [
     "visual_tokens",
 ]
 
-#: Merging methods whose kept count differs between rows of one batch (not supported by the layer yet).
-DATA_DEPENDENT_COUNTS = ("trim_iqr",)
-
 #: The families, one file each; a new family is one more entry here.
 FAMILIES: tuple[Family, ...] = (LlavaFamily(), LlavaNextFamily())
 
@@ -99,9 +96,6 @@ def _config(model: nn.Module, family: Family, method: Any, budget: Any, relevanc
         raise ValueError(f"method must be one of {sp.list_methods()}, got {method!r}")
     spec = sp.get_method(method)
     budget = check_budget(budget)
-    if method in DATA_DEPENDENT_COUNTS:
-        raise ValueError(f"method {method!r} keeps a data-dependent number of tokens per row, which "
-                         "script_prune.patch does not batch yet (use script_prune.reduce row by row)")
     params = sp.check_params(method, params)
     name = type(model).__name__
     if spec.stage == "llm":

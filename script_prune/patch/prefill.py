@@ -38,6 +38,8 @@ from .family import Family, VisualRows, fit_layout
 from .relevance import Query, RelevanceSource, question_mask
 
 STATE_ATTR = "_script_prune_patch"
+#: Merging methods whose kept count is data dependent (differs between rows): reduced one row at a time.
+ROW_BY_ROW = ("trim_iqr",)
 
 
 @dataclass(frozen=True)
@@ -218,7 +220,8 @@ def select_rows(model: nn.Module, state: PatchState, rows: VisualRows, query: Qu
 
     Merging methods (TRIM) run ``script_prune.reduce`` on the vision features (the projector input) instead
     and their merged tokens are projected like the others. Rows are processed together, split only by
-    relevance group (query shape) and row length (``rows.lengths``). -> keep (R, N) bool, kept: R ascending
+    relevance group (query shape) and row length (``rows.lengths``); TRIM-IQR, whose kept count differs per
+    row, one row at a time. -> keep (R, N) bool, kept: R ascending
     int64 tensors, merged: (R, e, D) projected merged tokens or None.
     """
     cfg = state.config
@@ -242,6 +245,16 @@ def select_rows(model: nn.Module, state: PatchState, rows: VisualRows, query: Qu
             inputs.update({name: value[ids, :length] for name, value in rows.inputs.items()})
             if keeps_all(k, length):
                 picked = torch.arange(length, device=device).expand(ids.shape[0], -1)
+            elif cfg.spec.merges and cfg.method in ROW_BY_ROW:  # kept count differs per row: one call per row
+                for j, row in enumerate(ids.tolist()):
+                    reduction = sp.reduce(rows.vision_features[row:row + 1, :length], k, cfg.method,
+                                          **{name: None if v is None else v[j:j + 1] for name, v in inputs.items()},
+                                          **params)
+                    keep[row, reduction.indices[0]] = True
+                    if reduction.merged is not None:
+                        features = reduction.merged.to(rows.vision_features.dtype)  # (1, e, C)
+                        merged.append((ids[j:j + 1], state.family.project(model, features)))
+                continue
             elif cfg.spec.merges:
                 reduction = sp.reduce(rows.vision_features[ids, :length], k, cfg.method, **inputs, **params)
                 picked = reduction.indices
