@@ -139,6 +139,14 @@ def build_hf_model(config: dict, clip_path: str | os.PathLike, dtype: torch.dtyp
     return model.to(dtype)
 
 
+def original_name(key: str, tower: str = "model.vision_tower.") -> str:
+    """transformers' LLaVA name -> the original checkpoint's name (for messages about missing weights)."""
+    for ours, theirs in ((p, t.replace("model.vision_tower.", tower)) for p, t in CHECKPOINT_TO_HF_PREFIX):
+        if key.startswith(theirs):
+            return ours + key[len(theirs):]
+    return key
+
+
 def vision_prefix(model: nn.Module) -> str:
     """Prefix of the vision tower's weights in ``model``'s state dict (``model.vision_tower.`` in transformers 5.24)."""
     suffix = "embeddings.patch_embedding.weight"
@@ -166,14 +174,14 @@ def load_converted(config: dict, state: dict[str, torch.Tensor], vision_state: d
     if not shipped and vision_state is not None:
         converted.update({tower + k: v for k, v in vision_state.items()})
     elif shipped and len(shipped) < len([k for k in vision_keys if not k.endswith("position_ids")]):
-        missing = sorted(set(vision_keys) - set(shipped))
+        missing = sorted(original_name(k, tower) for k in set(vision_keys) - set(shipped) if not k.endswith("position_ids"))
         raise ValueError(f"checkpoint has a partial vision tower; missing: {missing}")
     embed_key = "model.language_model.embed_tokens.weight"
     if embed_key in converted:  # the image token's row (never produced by the tokenizer) stays zero
         weight = converted[embed_key]
         converted[embed_key] = torch.cat([weight, weight.new_zeros(1, weight.shape[1])])
     missing, extra = model.load_state_dict(converted, strict=False)
-    missing = [k for k in missing if not k.endswith("position_ids")]
+    missing = [original_name(k, tower) for k in missing if not k.endswith("position_ids")]
     if missing:
         raise ValueError(f"checkpoint is missing weights: {missing}")
     return model.to(dtype).eval(), sorted(unexpected + list(extra))
