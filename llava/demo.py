@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,30 +67,6 @@ def build_input_ids(question: str, tokenizer, model_config, conv_mode: str) -> t
     return tokenizer_image_token(conv.get_prompt(), tokenizer, return_tensors="pt")[None]
 
 
-@contextmanager
-def recording_kept_indices(model):
-    """Record the kept token indices of the image rows during a forward (list of (R, k) tensors).
-
-    The model keeps them internally only (no public accessor yet); this wraps its row-pruning step
-    (``_rows_per_image``) for the duration of the block and restores it afterwards."""
-    record: list[torch.Tensor] = []
-    name = "_rows_per_image"
-    if not hasattr(model, name):
-        raise ValueError(f"this model has no {name}(); cannot record the kept tokens for the picture")
-    original = getattr(model, name)
-
-    def wrapped(*args, **kwargs):
-        rows = original(*args, **kwargs)
-        record.extend(r.kept_indices.detach().cpu() for r in rows)
-        return rows
-
-    setattr(model, name, wrapped)
-    try:
-        yield record
-    finally:
-        delattr(model, name)   # back to the class method
-
-
 def answer(model, tokenizer, image_processor, item: DemoItem, image, conv_mode: str,
            max_new_tokens: int) -> tuple[str, int, float, torch.Tensor | None]:
     """(answer text, visual tokens, seconds, kept indices of the first row or None)."""
@@ -102,7 +77,7 @@ def answer(model, tokenizer, image_processor, item: DemoItem, image, conv_mode: 
     input_ids = build_input_ids(item.question, tokenizer, model.config, conv_mode).to(device)
     pixels = process_images([image], image_processor, model.config)
     pixels = pixels.to(device=device, dtype=dtype) if torch.is_tensor(pixels) else [p.to(device, dtype) for p in pixels]
-    with torch.inference_mode(), recording_kept_indices(model) as kept:
+    with torch.inference_mode():
         t0 = time.perf_counter()
         out = model.generate(input_ids, images=pixels, image_sizes=[image.size],
                              texts=[strip_short_answer_prompt(item.question)], do_sample=False,
@@ -114,7 +89,8 @@ def answer(model, tokenizer, image_processor, item: DemoItem, image, conv_mode: 
         out = out[:, input_ids.shape[1]:]         # some generate paths echo the prompt
     text = tokenizer.batch_decode(out, skip_special_tokens=True)[0].strip()
     counts = model.last_visual_token_counts
-    return text, int(counts[0]) if counts else 0, seconds, (kept[0][0] if kept else None)
+    kept = model.kept_tokens()  # the pruning layer's public record (script_prune.patch.kept); None unpruned
+    return text, int(counts[0]) if counts else 0, seconds, (kept[0].cpu() if kept else None)
 
 
 def parse_budgets(text: str) -> list[int]:
@@ -146,7 +122,7 @@ def run_demo(model_path: str, items: list[DemoItem], method: str, budgets: list[
 
     t0 = time.perf_counter()
     tokenizer, model, image_processor, _ = load_pretrained_model(model_path, device=device)
-    grid_side = model.get_vision_tower().num_patches_per_side
+    grid_side = model.num_patches_per_side
     log(f"loaded {model_path} on {device} in {time.perf_counter() - t0:.1f}s; "
         f"{grid_side * grid_side} visual tokens per image; method {method}")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -78,10 +78,10 @@ def test_generation_and_query_decoding_with_the_sentencepiece_tokenizer(tiny_lla
     assert isinstance(tokenizer, LlamaSentencePieceTokenizer)
     assert len(tokenizer) <= model.config.vocab_size
     question = "what is in the picture"
-    encoder = model.relevance_encoder()
+    source = model.relevance_source()  # the layer's clip_text source
     queries = []
-    embed_query = encoder.embed_query
-    monkeypatch.setattr(encoder, "embed_query", lambda text: queries.append(text) or embed_query(text))
+    segments = source.segments
+    monkeypatch.setattr(source, "segments", lambda text: queries.append(text) or segments(text))
     conv = conv_templates["vicuna_v1"].copy()
     conv.append_message(conv.roles[0], "<image>\n" + question)
     conv.append_message(conv.roles[1], None)

@@ -152,7 +152,7 @@ def test_quick_training_writes_a_loadable_checkpoint(tmp_path):
     metrics = T.train(tmp_path / "ck", T.quick_config(), log=lambda m: None)
     assert set(metrics["val_first_token_accuracy"]) <= {"random", "popular", "adversarial", "color", "count", "relation"}
     tok, model, proc, _ = load_pretrained_model(str(tmp_path / "ck"), device="cpu")
-    assert model.get_vision_tower().num_patches_per_side == 12
+    assert model.num_patches_per_side == 12
 
 
 def test_question_objects_and_asked_objects_hand_computed():
@@ -360,21 +360,19 @@ def test_committed_clip_points_questions_at_their_objects(loaded):
     from llava.model.pruning import PruningConfig
 
     _, model, processor, _ = loaded
-    encoder = model._relevance_encoder()
-    post_ln = model.get_vision_tower().vision_tower.vision_model.post_layernorm
     cfg = T.ToyTrainConfig()
     hits = []
     for i in range(12):
         scene = make_scene(0, "test", i)
         labels = T.labels_of([scene], cfg)[0]
         pixels = T.pixel_values([scene.image], processor)
-        with torch.no_grad():
-            image_embeds = encoder.embed_image(model.get_vision_tower()(pixels).features, post_ln)   # (1, N, P)
+        features = model.visual_rows(pixels).vision_features  # (1, N, C), the pruning layer's view
         for qa in scene.qas:
             classes = sorted({c for side in T.asked_objects(qa, scene.objects) for c in side})
             if not classes:
                 continue
-            relevance = script_prune.query_relevance(image_embeds, encoder.embed_query(qa.question)[None],
+            embeds = model.clip_embeddings(features, qa.question)  # the clip_text source
+            relevance = script_prune.query_relevance(embeds["image_embeds"], embeds["query_embeds"][None],
                                                      negate=PruningConfig.__dataclass_fields__["negate_relevance"].default)
             hits.append(bool(torch.isin(labels[relevance[0].argmax()], torch.tensor(classes))))
     assert len(hits) >= 30 and np.mean(hits) >= 0.8, (len(hits), np.mean(hits))

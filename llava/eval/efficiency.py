@@ -13,7 +13,7 @@ times each stage separately (warm-up runs first, then the median over ``--repeat
    attention and keys of the selected layer for VisionZip (``inputs_ms``);
 3. selection: the ``script_prune`` call alone (``select_ms``), plus the projector (``projector_ms``);
    selection methods select on the projected tokens, merging methods reduce the pre-projector
-   features and project what is kept, as ``llava.model.pruning.prune_rows`` does;
+   features and project what is kept, as the pruning layer (``script_prune.patch``) does;
 4. LLM prefill over ``inputs_embeds`` = text prefix + kept visual tokens + text suffix
    (``--text-tokens`` in all), logits for the last position only (``prefill_ms``);
 5. greedy decoding of ``--decode-tokens`` tokens with the KV cache (``decode_ms_per_token``).
@@ -235,48 +235,45 @@ def random_pipeline(shape_name: str, layers: int | None = None, *, device: str |
 
 def checkpoint_pipeline(model_path: str, *, device: str = "cpu", dtype: torch.dtype | None = None,
                         query: str = "Is there a person in the image?") -> Pipeline:
-    """The stages of a LLaVA checkpoint loaded with ``llava.model.builder.load_pretrained_model``: its
-    vision tower (which captures VisionZip's [CLS] attention during the forward), its CLIP relevance
-    encoder (query ``query``), its projector and its language model."""
+    """The stages of a LLaVA checkpoint loaded with ``llava.model.builder.load_pretrained_model`` (transformers'
+    own LLaVA class): its vision tower (VisionZip's [CLS] attention recomputed from the selected layer's input,
+    as in random-weights mode), the pruning layer's CLIP relevance source (query ``query``), its projector and
+    its language model."""
     if not os.path.isdir(model_path):
         raise FileNotFoundError(f"model_path {model_path!r} is not a directory")
     from llava.model.builder import load_pretrained_model
 
     _, model, _, _ = load_pretrained_model(model_path, device=device, torch_dtype=dtype)
     model.eval()
-    tower = model.get_vision_tower()
-    clip = tower.vision_tower.vision_model
-    cfg = model.config
+    hf = model.hf  # transformers' own LlavaForConditionalGeneration / LlavaNextForConditionalGeneration
+    tower = hf.model.vision_tower
+    clip = getattr(tower, "vision_model", tower)
+    select = hf.config.vision_feature_layer
+    cfg = hf.config.text_config
     llm_shape = F.LLMShape(hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, layers=cfg.num_hidden_layers,
                            heads=cfg.num_attention_heads,
                            kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
                            vocab=cfg.vocab_size)
-    vcfg = clip.config
+    vcfg = hf.config.vision_config
     vshape = F.VisionShape(hidden=vcfg.hidden_size, intermediate=vcfg.intermediate_size,
                            layers=vcfg.num_hidden_layers, heads=vcfg.num_attention_heads,
                            image_size=vcfg.image_size, patch_size=vcfg.patch_size,
                            projection_dim=getattr(vcfg, "projection_dim", 768))
-    projector = model.get_model().mm_projector
+    projector = hf.model.multi_modal_projector
     widths = tuple(m.out_features for m in projector.modules() if isinstance(m, torch.nn.Linear))[:-1]
-    is_next = "anyres" in str(getattr(cfg, "image_aspect_ratio", ""))
     shape = F.ModelShape(os.path.basename(os.path.normpath(model_path)), llm_shape, vshape,
-                         crops=5 if is_next else 1, projector_hidden=widths)
+                         crops=5 if model.next_layout else 1, projector_hidden=widths)
 
     def vision_fn(pixels: torch.Tensor, with_attention: bool) -> VisionOutputs:
-        out = tower(pixels, with_attention=with_attention)
-        return VisionOutputs(features=out.features, cls_attention=out.cls_attention, keys=out.keys)
+        return clip_vision_outputs(clip, pixels, select)
 
     def relevance_fn(vis: VisionOutputs) -> dict[str, torch.Tensor]:
-        encoder = model._relevance_encoder()
-        return {"image_embeds": encoder.embed_image(vis.features, clip.post_layernorm),
-                "query_embeds": encoder.embed_query(query)}
+        return model.clip_embeddings(vis.features, query)  # the clip_text source of the pruning layer
 
     def attention_fn(vis: VisionOutputs) -> dict[str, torch.Tensor]:
-        if vis.cls_attention is None:
-            raise ValueError("the vision tower ran without with_attention=True")
-        return {"cls_attention": vis.cls_attention, "keys": vis.keys}
+        return clip_attention_inputs(clip, vis, select)
 
-    return Pipeline(shape=shape, vision_fn=vision_fn, projector=projector, llm=model, relevance_fn=relevance_fn,
+    return Pipeline(shape=shape, vision_fn=vision_fn, projector=projector, llm=hf, relevance_fn=relevance_fn,
                     attention_fn=attention_fn, source=model_path)
 
 
@@ -384,7 +381,7 @@ class Selected:
 
 def run_selection(pipe: Pipeline, method: str, budget: int, features: torch.Tensor,
                   inputs: dict[str, torch.Tensor], params: dict[str, Any]) -> Selected:
-    """Projector + script_prune call, timed separately (same order as llava.model.pruning.prune_rows)."""
+    """Projector + script_prune call, timed separately (same order as script_prune.patch's prefill)."""
     dev = pipe.device
     n = features.shape[1]
     if method == BASELINE or budget >= n or sp.get_method(method).stage == "llm":
@@ -507,7 +504,7 @@ def measure_row(pipe: Pipeline, vis: VisionOutputs, vision_ms: float, method: st
                     f"layers); tflops use K={settings.fastv_k} on the full model")
     params: dict[str, Any] = {}
     if spec is not None and "negate" in spec.params:
-        params["negate"] = True  # LLaVA's convention (llava.model.pruning.PruningConfig.negate_relevance)
+        params["negate"] = True  # LLaVA's convention (the clip_text source's sign)
     gen = torch.Generator().manual_seed(settings.seed)
     samples: dict[str, list[float]] = {k: [] for k in ("inputs", "select", "proj", "prefill", "decode")}
     kind = _reset_peak(dev)

@@ -114,10 +114,10 @@ def run(args: argparse.Namespace) -> RunResult:
     conv.append_message(conv.roles[0], image_query(args.query, getattr(model.config, "mm_use_im_start_end", False)))
     conv.append_message(conv.roles[1], None)
     input_ids = tokenizer_image_token(conv.get_prompt(), tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")
-    device = model.get_model().embed_tokens.weight.device
+    device = model.device
     input_ids = input_ids.unsqueeze(0).to(device)
     pixels = process_images(images, image_processor, model.config)
-    dtype = model.get_model().embed_tokens.weight.dtype
+    dtype = model.dtype
     pixels = [p.to(device, dtype) for p in pixels] if isinstance(pixels, list) else pixels.to(device, dtype)
     timer = FirstTokenTimer()
     sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.temperature > 0 else dict(do_sample=False)

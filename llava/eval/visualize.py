@@ -11,8 +11,10 @@ pruning does), (b) the GSP redundancy map (``script_prune.redundancy_scores`` ov
 (c) the kept tokens of every method with the dropped patches dimmed. LLaVA-NeXT: the base crop on top,
 the anyres tiles mapped back onto the (resized and padded) image below.
 
-Selection runs exactly as in the model (``llava.model.pruning.prune_rows``): selection methods on the
-projected tokens, merging methods on the vision-tower features; LLaVA's ``negate`` convention.
+Selection runs as the model's pruning layer runs it (``script_prune.patch``: selection methods on the
+projected tokens, merging methods on the vision-tower features; LLaVA's ``negate`` convention); with
+``--model-path`` the tensors come from the layer's own view of the image (``model.visual_rows``, the
+``clip_text`` source's ``model.clip_embeddings``).
 
 Features file (``torch.save`` of a dict): ``features`` (R, N, C) selected-layer patch features, ``tokens``
 (R, N, D) projected tokens (optional: default ``features``), optional ``image_embeds`` (R, N, E),
@@ -147,39 +149,29 @@ def inputs_from_model(model_path: str, image_file: str, query: str, methods: Seq
                       device: str = "cpu") -> VisualInputs:
     """Run the checkpoint's vision side on one image: features, projected tokens, relevance and attention inputs."""
     from llava.mm_utils import (expand2square, get_anyres_image_grid_shape, load_image, mean_color,
-                                parse_grid_pinpoints, process_images, resize_and_pad_image,
+                                parse_grid_pinpoints, process_images, processor_input_size, resize_and_pad_image,
                                 select_best_resolution, strip_short_answer_prompt)
     from llava.model.builder import load_pretrained_model
 
     image = load_image(image_file)
     _, model, processor, _ = load_pretrained_model(model_path, device=device)
-    model.eval()
     cfg = model.config
-    tower = model.get_vision_tower()
     pixels = process_images([image], processor, cfg)
-    views = pixels[0] if isinstance(pixels, list) or pixels.dim() == 5 else pixels  # (R, 3, S, S)
-    needs_attention = any("cls_attention" in sp.get_method(m).inputs for m in methods)
-    vision = tower(views.to(device), with_attention=needs_attention)
-    projector = model.get_model().mm_projector
-    tokens = projector(vision.features.to(next(projector.parameters()).dtype))
+    needs = [name for m in methods for name in sp.get_method(m).inputs if name in ("cls_attention", "keys")]
+    rows = model.visual_rows(pixels, [image.size], needs)  # the layer's view of the image (Family.encode)
     clean_query = strip_short_answer_prompt(query)
-    extras: dict[str, torch.Tensor] = {}
     # the relevance panel is always drawn, so the CLIP text side is always loaded
-    encoder = model._relevance_encoder()
-    extras["image_embeds"] = encoder.embed_image(vision.features, tower.vision_tower.vision_model.post_layernorm)
-    extras["query_embeds"] = encoder.embed_query(clean_query)
-    if vision.cls_attention is not None:
-        extras.update(cls_attention=vision.cls_attention, keys=vision.keys)
+    extras: dict[str, torch.Tensor] = {**model.clip_embeddings(rows.vision_features, clean_query), **rows.inputs}
     aspect = getattr(cfg, "image_aspect_ratio", None)
     shown, tile_grid, tiles_image = image, None, None
     if aspect == "pad":
         shown = expand2square(image, mean_color(processor))
     elif aspect == "anyres":
-        size = tower.config.image_size
+        size = processor_input_size(processor)  # the side the vision tower sees
         tile_grid = get_anyres_image_grid_shape(image.size, cfg.image_grid_pinpoints, size)
         best = select_best_resolution(image.size, parse_grid_pinpoints(cfg.image_grid_pinpoints))
         tiles_image = resize_and_pad_image(image, best)
-    return VisualInputs(features=vision.features.float().cpu(), tokens=tokens.float().cpu(),
+    return VisualInputs(features=rows.vision_features.float().cpu(), tokens=rows.tokens.float().cpu(),
                         extras={k: v.float().cpu() for k, v in extras.items()}, query=clean_query,
                         image=np.asarray(shown.convert("RGB")), tile_grid=tile_grid,
                         tiles_image=None if tiles_image is None else np.asarray(tiles_image))

@@ -1,4 +1,4 @@
-"""LLaVA-1.5 / LLaVA-NeXT models in LLaVA's original layout, on current transformers."""
+"""LLaVA-1.5 / LLaVA-NeXT checkpoints in LLaVA's original layout, as transformers' own LLaVA classes."""
 
 from .language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 from .language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM

@@ -1,9 +1,10 @@
 """``load_pretrained_model``: LLaVA-1.5 / LLaVA-NeXT checkpoints in the original format on transformers 5.
 
-The checkpoints' config.json says ``"model_type": "llava"``, which transformers maps to its own,
-differently laid out LLaVA class. We therefore never go through ``AutoConfig``: config.json is read as a
-plain dict, the class is picked from ``architectures`` and the config built as our ``LlavaConfig``
-(model_type ``llava_llama`` / ``llava_mistral``).
+The checkpoints' config.json says ``"model_type": "llava"``, which transformers maps to its own LLaVA
+config with another layout. We therefore never go through ``AutoConfig``: config.json is read as a plain
+dict, checked against ``architectures`` and loaded into transformers' own ``LlavaForConditionalGeneration``
+/ ``LlavaNextForConditionalGeneration`` through the key / config remap of ``llava.model.convert``; the
+model returned is the ``llava_arch.LlavaAdapter`` around it (LLaVA's API).
 
 Vision tower weights: LLaVA-1.5 checkpoints do not contain them (they are read from ``mm_vision_tower``,
 the CLIP checkpoint); LLaVA-1.6 checkpoints ship a fine-tuned tower under ``model.vision_tower.*``,
@@ -23,7 +24,10 @@ import torch
 
 from .language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 from .language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
-from .multimodal_encoder.clip_encoder import quiet_loading, resolve_vision_tower_path
+from .convert import load_converted
+from .llava_arch import LlavaAdapter
+from .multimodal_encoder.clip_encoder import (load_clip_vision_state, quiet_loading, read_checkpoint_tensors,
+                                              resolve_vision_tower_path)
 from .pruning import PruningConfig
 
 ARCHITECTURES = {
@@ -85,12 +89,6 @@ def build_llava_config(config_dict: dict, model_path: str | os.PathLike):
     fields = {k: v for k, v in config_dict.items() if k not in ("model_type", "transformers_version")}
     fields["mm_vision_tower"] = resolve_vision_tower_path(fields["mm_vision_tower"], model_path)
     return model_cls, config_cls(**fields)
-
-
-def _split_missing(missing: list[str]) -> tuple[list[str], list[str]]:
-    """Missing checkpoint keys -> (vision tower keys, other keys)."""
-    vision = [k for k in missing if k.startswith(VISION_PREFIX)]
-    return vision, [k for k in missing if not k.startswith(VISION_PREFIX)]
 
 
 TOKENIZER_BACKENDS = ("auto", "sentencepiece", "transformers")
@@ -164,32 +162,26 @@ def load_pretrained_model(
     attn_implementation = check_attn_implementation(attn_implementation)
     dtype = resolve_dtype(torch_dtype, device if device_map is None else "cuda")
     model_cls, config = build_llava_config(read_config_dict(model_path), model_path)
-    config._attn_implementation = attn_implementation
-    load_kwargs: dict[str, Any] = dict(config=config, dtype=dtype, attn_implementation=attn_implementation,
-                                       output_loading_info=True)
-    if device_map is not None:
-        load_kwargs["device_map"] = device_map
     with quiet_loading():
-        model, info = model_cls.from_pretrained(model_path, **load_kwargs)
-    unexpected = sorted(info.get("unexpected_keys", []))
+        hf = model_cls(config, dtype)  # transformers' own LLaVA class, empty
+    state = read_checkpoint_tensors(str(model_path))
+    shipped = any(k.startswith(VISION_PREFIX) for k in state)
+    vision_state = None if shipped else load_clip_vision_state(config.mm_vision_tower)
+    hf, unexpected = load_converted(hf, state, vision_state, f"checkpoint {str(model_path)!r}")
     if unexpected:
         warnings.warn(f"checkpoint {str(model_path)!r} has weights this model does not use (ignored): {unexpected}")
-    vision_missing, other_missing = _split_missing(sorted(info.get("missing_keys", [])))
-    if other_missing:
-        raise ValueError(f"checkpoint {str(model_path)!r} is missing weights: {other_missing}")
-    tower = model.get_vision_tower()
-    vision_keys = [k for k in model.state_dict() if k.startswith(VISION_PREFIX)]
-    if vision_missing and len(vision_missing) != len(vision_keys):
-        raise ValueError(f"checkpoint {str(model_path)!r} has a partial vision tower; missing: {vision_missing}")
-    if vision_missing:
-        tower.load_pretrained_weights(dtype)
+    hf.set_attn_implementation(attn_implementation)
     if device_map is None:
-        model.to(device)
+        hf.to(device)
     else:
-        tower.to(model.get_model().embed_tokens.weight.device)
-    model.eval()
+        from accelerate import dispatch_model, infer_auto_device_map
+
+        hf = dispatch_model(hf, device_map=infer_auto_device_map(hf) if device_map == "auto" else device_map)
+    model = LlavaAdapter(hf, config, config.mm_vision_tower).eval()
     tokenizer = _load_tokenizer(model_path, config, tokenizer_backend)
-    image_processor = tower.load_image_processor()
+    from transformers import CLIPImageProcessorPil  # LLaVA's numbers come from the PIL path
+
+    image_processor = CLIPImageProcessorPil.from_pretrained(config.mm_vision_tower)
     model.set_query_tokenizer(tokenizer)
     model.set_pruning(pruning)
     context_len = int(getattr(config, "max_sequence_length", 2048))

@@ -93,7 +93,11 @@ def vision_config(clip_path: str | os.PathLike):
     else:
         from transformers.utils import cached_file
 
-        data = json.loads(Path(cached_file(str(clip_path), "config.json")).read_text())
+        try:
+            data = json.loads(Path(cached_file(str(clip_path), "config.json")).read_text())
+        except OSError as err:
+            raise FileNotFoundError(f"mm_vision_tower {str(clip_path)!r}: no CLIP folder with a config.json and no "
+                                    f"hub checkpoint of that name ({err})") from err
     vision = dict(data.get("vision_config", data))
     vision.pop("model_type", None)
     vision.pop("transformers_version", None)
@@ -154,15 +158,16 @@ def vision_prefix(model: nn.Module) -> str:
     return key[: -len(suffix)]
 
 
-def load_converted(config: dict, state: dict[str, torch.Tensor], vision_state: dict[str, torch.Tensor] | None,
-                   clip_path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, list[str]]:
-    """transformers model holding an original checkpoint's weights -> (model in eval mode, unexpected keys).
+def load_converted(model: nn.Module, state: dict[str, torch.Tensor], vision_state: dict[str, torch.Tensor] | None,
+                   source: str = "checkpoint") -> tuple[nn.Module, list[str]]:
+    """Load an original checkpoint's weights into ``model`` (from :func:`build_hf_model`) -> (model in eval
+    mode, unexpected checkpoint keys).
 
     state: the checkpoint's tensors under their original names; vision_state: CLIP vision weights named
     like ``CLIPVisionTransformer``'s (``embeddings.*``, ``encoder.*``, ...), used when the checkpoint ships no
-    vision tower.
-    Raises ValueError naming the weights the checkpoint lacks (a partial vision tower included)."""
-    model = build_hf_model(config, clip_path, dtype)
+    vision tower. Raises ValueError naming the weights the checkpoint lacks (a partial vision tower included);
+    ``source`` names the checkpoint in those messages."""
+    dtype = model.dtype
     converted = convert_state_dict(state)
     tower = vision_prefix(model)
     if tower != "model.vision_tower.":  # transformers releases that keep CLIPVisionModel's `vision_model.` level
@@ -175,7 +180,7 @@ def load_converted(config: dict, state: dict[str, torch.Tensor], vision_state: d
         converted.update({tower + k: v for k, v in vision_state.items()})
     elif shipped and len(shipped) < len([k for k in vision_keys if not k.endswith("position_ids")]):
         missing = sorted(original_name(k, tower) for k in set(vision_keys) - set(shipped) if not k.endswith("position_ids"))
-        raise ValueError(f"checkpoint has a partial vision tower; missing: {missing}")
+        raise ValueError(f"{source} has a partial vision tower; missing: {missing}")
     embed_key = "model.language_model.embed_tokens.weight"
     if embed_key in converted:  # the image token's row (never produced by the tokenizer) stays zero
         weight = converted[embed_key]
@@ -183,7 +188,7 @@ def load_converted(config: dict, state: dict[str, torch.Tensor], vision_state: d
     missing, extra = model.load_state_dict(converted, strict=False)
     missing = [original_name(k, tower) for k in missing if not k.endswith("position_ids")]
     if missing:
-        raise ValueError(f"checkpoint is missing weights: {missing}")
+        raise ValueError(f"{source} is missing weights: {missing}")
     return model.to(dtype).eval(), sorted(unexpected + list(extra))
 
 
@@ -199,5 +204,7 @@ def load_checkpoint(model_path: str | os.PathLike, dtype: torch.dtype = torch.fl
     config["mm_vision_tower"] = clip = resolve_vision_tower_path(config["mm_vision_tower"], model_path)
     state = read_checkpoint_tensors(str(model_path))
     shipped = any(k.startswith("model.vision_tower.") for k in state)
-    model, unexpected = load_converted(config, state, None if shipped else load_clip_vision_state(clip), clip, dtype)
+    model = build_hf_model(config, clip, dtype)
+    model, unexpected = load_converted(model, state, None if shipped else load_clip_vision_state(clip),
+                                       f"checkpoint {str(model_path)!r}")
     return model, config, unexpected

@@ -1,5 +1,9 @@
 """FastV inside the LLM: prune image tokens after decoder layer K, for the rest of the prefill and for decoding.
 
+Transitional: the LLaVA models prune with ``script_prune.patch.in_llm`` now; only the efficiency tool's
+stage-by-stage timing (``llava.eval.efficiency.llm_stage_prefill``: a bare decoder fed ``inputs_embeds``)
+still calls this module. It goes once that tool times FastV through the layer.
+
 FastV (Chen et al., ECCV 2024) keeps the image tokens that receive the most attention from the last prompt
 token at layer K and drops the others from every later layer. Here:
 

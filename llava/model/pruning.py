@@ -1,4 +1,5 @@
-"""The pruning setting of a LLaVA model and the per-image-row call into ``script_prune``.
+"""The pruning setting of a LLaVA model: ``model.set_pruning(PruningConfig(...))`` is
+``script_prune.patch.apply(model.hf, method, budget=visual_token_num, relevance=ClipText(...), **method_params())``.
 
 Budget semantics: ``visual_token_num`` tokens are kept per image ROW — one row per LLaVA-1.5 image,
 one row per LLaVA-NeXT crop (the base image and every anyres tile each keep ``visual_token_num``;
@@ -90,51 +91,3 @@ def as_pruning_config(pruning: PruningConfig | dict | None) -> PruningConfig | N
     if isinstance(pruning, dict):
         return PruningConfig(**pruning)
     raise ValueError(f"pruning must be a PruningConfig, a dict or None, got {type(pruning).__name__}")
-
-
-@dataclass
-class PrunedRows:
-    """Result of pruning R image rows of N tokens each.
-
-    kept_indices: (R, k) int64 ascending positions within each row of the tokens kept in place.
-    tokens: (R, k + e, D) projected tokens for the LLM: the kept ones in index order, then e merged
-            tokens (e = 0 for selection methods).
-    """
-
-    kept_indices: torch.Tensor
-    tokens: torch.Tensor
-
-    @property
-    def merged_count(self) -> int:
-        return self.tokens.shape[1] - self.kept_indices.shape[1]
-
-
-def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """x (R, N, D), indices (R, k) -> (R, k, D)."""
-    return torch.gather(x, 1, indices.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-def prune_rows(
-    cfg: PruningConfig,
-    features: torch.Tensor,
-    projector: torch.nn.Module,
-    method_inputs: dict[str, torch.Tensor],
-) -> PrunedRows:
-    """Prune R rows of vision-tower features (pre-projector) and return what the LLM receives.
-
-    features: (R, N, C) selected-layer patch features; projector maps C -> D.
-    Selection methods run ``sp.select`` on the projected tokens H_v (R, N, D) (the paper's Sec. 4 works
-    on the projector outputs); merging methods (MethodSpec.merges) run ``sp.reduce`` on the pre-projector
-    features and the kept + merged tokens are projected afterwards.
-    """
-    spec = cfg.spec
-    params = cfg.method_params()
-    if spec.merges:
-        reduction = sp.reduce(features, cfg.visual_token_num, cfg.method, **method_inputs, **params)
-        kept = gather_rows(features, reduction.indices)  # (R, k, C)
-        if reduction.merged is not None:
-            kept = torch.cat([kept, reduction.merged.to(features.dtype)], dim=1)  # (R, k + e, C)
-        return PrunedRows(kept_indices=reduction.indices, tokens=projector(kept))
-    projected = projector(features)  # (R, N, D) = H_v
-    indices = sp.select(projected, cfg.visual_token_num, cfg.method, **method_inputs, **params)  # (R, k)
-    return PrunedRows(kept_indices=indices, tokens=gather_rows(projected, indices))

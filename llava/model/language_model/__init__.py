@@ -1,11 +1,4 @@
-from .llava_llama import LlavaConfig, LlavaLlamaForCausalLM, LlavaLlamaModel
-from .llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM, LlavaMistralModel
+from .llava_llama import LlavaConfig, LlavaLlamaForCausalLM
+from .llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
 
-__all__ = [
-    "LlavaConfig",
-    "LlavaLlamaForCausalLM",
-    "LlavaLlamaModel",
-    "LlavaMistralConfig",
-    "LlavaMistralForCausalLM",
-    "LlavaMistralModel",
-]
+__all__ = ["LlavaConfig", "LlavaLlamaForCausalLM", "LlavaMistralConfig", "LlavaMistralForCausalLM"]

@@ -1,30 +1,21 @@
-"""LLaVA on Llama/Vicuna: ``LlavaLlamaForCausalLM`` (checkpoint architecture name of LLaVA-1.5 / 1.6-vicuna)."""
+"""``LlavaLlamaForCausalLM`` (the architecture name of LLaVA-1.5 / 1.6-vicuna checkpoints): transformers' own
+``LlavaForConditionalGeneration`` / ``LlavaNextForConditionalGeneration`` with a Llama LLM (``llava.model.convert``)."""
 
 from __future__ import annotations
 
-from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
-from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
+import torch
+from transformers import PretrainedConfig
 
-from ..llava_arch import LlavaCausalLMMixin, LlavaMetaForCausalLM, LlavaMetaModel
+from ..convert import build_hf_model
 
 
-class LlavaConfig(LlamaConfig):
-    """LlamaConfig + LLaVA's ``mm_*`` keys. Its own model_type avoids transformers' (different) "llava" type."""
+class LlavaConfig(PretrainedConfig):
+    """config.json of an original LLaVA checkpoint (the LLM's keys + LLaVA's ``mm_*`` keys), as attributes.
+    Its own model_type keeps it apart from transformers' (differently laid out) "llava"."""
 
     model_type = "llava_llama"
 
 
-class LlavaLlamaModel(LlavaMetaModel, LlamaModel):
-    config_class = LlavaConfig
-
-
-class LlavaLlamaForCausalLM(LlavaCausalLMMixin, LlamaForCausalLM, LlavaMetaForCausalLM):
-    config_class = LlavaConfig
-
-    def __init__(self, config: LlavaConfig) -> None:
-        LlamaPreTrainedModel.__init__(self, config)
-        self.model = LlavaLlamaModel(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
+def LlavaLlamaForCausalLM(config: LlavaConfig, dtype: torch.dtype = torch.float32):  # noqa: N802 (LLaVA's class name)
+    """An empty transformers LLaVA model for ``config`` (weights: ``llava.model.convert.load_converted``)."""
+    return build_hf_model({**config.to_dict(), "architectures": ["LlavaLlamaForCausalLM"]}, config.mm_vision_tower, dtype)

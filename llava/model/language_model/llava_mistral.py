@@ -1,30 +1,18 @@
-"""LLaVA on Mistral/Mistral-Instruct: ``LlavaMistralForCausalLM`` (LLaVA-1.6-mistral)."""
+"""``LlavaMistralForCausalLM`` (LLaVA-1.6-mistral): transformers' own LLaVA classes with a Mistral LLM."""
 
 from __future__ import annotations
 
-from torch import nn
-from transformers import MistralConfig, MistralForCausalLM, MistralModel
-from transformers.models.mistral.modeling_mistral import MistralPreTrainedModel
+import torch
 
-from ..llava_arch import LlavaCausalLMMixin, LlavaMetaForCausalLM, LlavaMetaModel
+from ..convert import build_hf_model
+from .llava_llama import LlavaConfig
 
 
-class LlavaMistralConfig(MistralConfig):
-    """MistralConfig + LLaVA's ``mm_*`` keys. Its own model_type avoids transformers' (different) "llava" type."""
-
+class LlavaMistralConfig(LlavaConfig):
     model_type = "llava_mistral"
 
 
-class LlavaMistralModel(LlavaMetaModel, MistralModel):
-    config_class = LlavaMistralConfig
-
-
-class LlavaMistralForCausalLM(LlavaCausalLMMixin, MistralForCausalLM, LlavaMetaForCausalLM):
-    config_class = LlavaMistralConfig
-
-    def __init__(self, config: LlavaMistralConfig) -> None:
-        MistralPreTrainedModel.__init__(self, config)
-        self.model = LlavaMistralModel(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
+def LlavaMistralForCausalLM(config: LlavaMistralConfig, dtype: torch.dtype = torch.float32):  # noqa: N802
+    """An empty transformers LLaVA model with a MistralConfig LLM for ``config``."""
+    return build_hf_model({**config.to_dict(), "architectures": ["LlavaMistralForCausalLM"]}, config.mm_vision_tower,
+                          dtype)
