@@ -463,6 +463,23 @@ def test_trim_iqr_keeps_a_different_count_per_row_equal_to_reduce_row_by_row():
     torch.testing.assert_close(out.logits[short.bool()], ref[short.bool()], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("method", ["script", "trim", "divprune"])
+def test_autograd_forward_prunes_like_no_grad_and_gradients_reach_the_projector(method):
+    """With autograd on (a user's own forward), selection sees detached tensors: same logits as under no_grad,
+    and the loss's gradients flow through the kept tokens into the projector."""
+    model = build_llava()
+    ids, mask = prompts([16, 16])
+    pixels = torch.randn(2, 3, 32, 32)
+    sp.patch.apply(model, method=method, budget=5, relevance="llm_text")
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    torch.testing.assert_close(out.logits.detach(), expected, atol=0, rtol=0)
+    out.logits.sum().backward()
+    assert model.model.multi_modal_projector.linear_1.weight.grad is not None
+    sp.patch.remove(model)
+
+
 @torch.no_grad()
 def test_visionzip_uses_eager_clip_attention_and_merges_after_the_kept_tokens():
     model = build_llava()

@@ -243,11 +243,14 @@ def select_rows(model: nn.Module, state: PatchState, rows: VisualRows, query: Qu
             inputs = dict(image_embeds=None if image_embeds is None else image_embeds[sub, :length],
                           query_embeds=None if query_embeds is None else query_embeds[sub])
             inputs.update({name: value[ids, :length] for name, value in rows.inputs.items()})
+            # the choice of tokens is not differentiable: methods see detached tensors, so a forward with autograd
+            # on works (some kernels refuse grad-carrying inputs) and gradients flow through the kept tokens
+            inputs = {name: None if v is None else v.detach() for name, v in inputs.items()}
             if keeps_all(k, length):
                 picked = torch.arange(length, device=device).expand(ids.shape[0], -1)
             elif cfg.spec.merges and cfg.method in ROW_BY_ROW:  # kept count differs per row: one call per row
                 for j, row in enumerate(ids.tolist()):
-                    reduction = sp.reduce(rows.vision_features[row:row + 1, :length], k, cfg.method,
+                    reduction = sp.reduce(rows.vision_features[row:row + 1, :length].detach(), k, cfg.method,
                                           **{name: None if v is None else v[j:j + 1] for name, v in inputs.items()},
                                           **params)
                     keep[row, reduction.indices[0]] = True
@@ -256,13 +259,13 @@ def select_rows(model: nn.Module, state: PatchState, rows: VisualRows, query: Qu
                         merged.append((ids[j:j + 1], state.family.project(model, features)))
                 continue
             elif cfg.spec.merges:
-                reduction = sp.reduce(rows.vision_features[ids, :length], k, cfg.method, **inputs, **params)
+                reduction = sp.reduce(rows.vision_features[ids, :length].detach(), k, cfg.method, **inputs, **params)
                 picked = reduction.indices
                 if reduction.merged is not None:
                     features = reduction.merged.to(rows.vision_features.dtype)  # (G, e, C)
                     merged.append((ids, state.family.project(model, features)))
             else:
-                picked = sp.select(rows.tokens[ids, :length], k, cfg.method, **inputs, **params)
+                picked = sp.select(rows.tokens[ids, :length].detach(), k, cfg.method, **inputs, **params)
             keep[ids[:, None], picked] = True
     values = torch.arange(n, device=device).expand(r, -1)[keep]  # row-major, ascending within each row
     return keep, list(torch.split(values, keep.sum(dim=1).tolist())), stack_merged(merged, r)
