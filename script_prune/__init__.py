@@ -11,6 +11,7 @@ See docs/algorithm.md for the exact semantics.
 from .registry import (
     MethodSpec,
     Reduction,
+    check_params,
     dpp_greedy,
     get_method,
     list_methods,
@@ -26,6 +27,7 @@ from . import baselines  # noqa: E402,F401  registers the baselines (after regis
 __all__ = [
     "MethodSpec",
     "Reduction",
+    "check_params",
     "dpp_greedy",
     "get_method",
     "list_methods",

@@ -20,6 +20,7 @@ __all__ = [
     "MethodSpec",
     "Reduction",
     "register_method",
+    "check_params",
     "get_method",
     "list_methods",
     "select",
@@ -39,7 +40,8 @@ class MethodSpec:
     ``inputs``: tensor inputs the method needs, by keyword (e.g. ``("image_embeds",
     "query_embeds")``); ``params``: accepted parameter names with their defaults;
     ``stage``: ``"vision"`` (acts on the projected visual tokens) or ``"llm"`` (inside the
-    LLM); ``merges``: returns extra merged tokens (use :func:`reduce`).
+    LLM); ``merges``: returns extra merged tokens (use :func:`reduce`); ``check``: optional
+    ``check(params)`` raising ValueError for values out of range (see :func:`check_params`).
     """
 
     name: str
@@ -50,6 +52,7 @@ class MethodSpec:
     merges: bool = False
     paper: str = ""
     description: str = ""
+    check: Callable[[dict[str, Any]], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,13 @@ def register_method(
     merges: bool = False,
     paper: str = "",
     description: str = "",
+    check: Callable[[dict[str, Any]], None] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator registering ``fn(features (B,N,D), budget, **inputs, **params)`` under ``name``."""
+    """Decorator registering ``fn(features (B,N,D), budget, **inputs, **params)`` under ``name``.
+
+    ``check(params)``, when given, receives the full parameters (defaults filled in, types checked) and
+    raises ValueError for a value out of range; :func:`check_params` runs it.
+    """
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string, got {name!r}")
     if stage not in STAGES:
@@ -94,7 +102,7 @@ def register_method(
             raise ValueError(f"method {name!r} is already registered")
         _REGISTRY[name] = MethodSpec(
             name=name, fn=fn, inputs=inputs, params=params, stage=stage,
-            merges=bool(merges), paper=paper, description=description,
+            merges=bool(merges), paper=paper, description=description, check=check,
         )
         return fn
 
@@ -210,6 +218,24 @@ def _param(method: str, name: str, value: Any, default: Any) -> Any:
             raise ValueError(f"parameter {name!r} of method {method!r} must be a finite number, got {value!r}")
         value = float(value)
     return value
+
+
+def check_params(method: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The full parameters of ``method`` (defaults filled in), checked without running it.
+
+    Unknown names, values whose type differs from the default's and values out of the method's range
+    raise ValueError naming the parameter.
+    """
+    spec = get_method(method)
+    unknown = sorted(set(params) - set(spec.params))
+    if unknown:
+        raise ValueError(f"params {unknown} are not parameters of method {method!r}; it accepts {sorted(spec.params)}")
+    full = dict(spec.params)
+    for key, value in params.items():
+        full[key] = _param(method, key, value, spec.params[key])
+    if spec.check is not None:
+        spec.check(full)
+    return full
 
 
 def _split_kwargs(spec: MethodSpec, given: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -193,16 +193,29 @@ def resolve_device_dtype(device: str | None, dtype: str | None):
     return torch.device(device), getattr(torch, dtype)
 
 
+def pruning_config_from_flags(method: str, visual_token_num: int, param_items: Sequence[str] | None,
+                              no_negate_relevance: bool):
+    """PruningConfig of the CLI flags (checked here, before any model loads).
+
+    `--pruning-param negate=true` together with `--no-negate-relevance` is a contradiction, refused.
+    """
+    from llava.model.pruning import PruningConfig
+
+    params = parse_pruning_params(param_items)
+    if no_negate_relevance and params.get("negate") is True:
+        raise ValueError("--pruning-param negate=true contradicts --no-negate-relevance; give only one of them")
+    return PruningConfig(method=method, visual_token_num=visual_token_num, params=params,
+                         negate_relevance=not no_negate_relevance)
+
+
 def build_pruning_config(args: argparse.Namespace):
     """PruningConfig from the flags, or None for --pruning-method none."""
     if args.pruning_method == "none":
         if args.pruning_param:
             raise ValueError("--pruning-param: not allowed with --pruning-method none")
         return None
-    from llava.model.pruning import PruningConfig
-
-    return PruningConfig(method=args.pruning_method, visual_token_num=args.visual_token_num,
-                         params=parse_pruning_params(args.pruning_param), negate_relevance=args.negate_relevance)
+    return pruning_config_from_flags(args.pruning_method, args.visual_token_num, args.pruning_param,
+                                     not args.negate_relevance)
 
 
 # ----------------------------------------------------------------------------- samples and prompts
