@@ -125,12 +125,15 @@ def prune_rows(
     """
     spec = cfg.spec
     params = cfg.method_params()
+    # the choice of tokens is not differentiable: methods see detached tensors, so a forward with autograd on
+    # works and its gradients flow through the kept tokens (merged tokens are computed without gradients)
+    detached = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in method_inputs.items()}
     if spec.merges:
-        reduction = sp.reduce(features, cfg.visual_token_num, cfg.method, **method_inputs, **params)
+        reduction = sp.reduce(features.detach(), cfg.visual_token_num, cfg.method, **detached, **params)
         kept = gather_rows(features, reduction.indices)  # (R, k, C)
         if reduction.merged is not None:
             kept = torch.cat([kept, reduction.merged.to(features.dtype)], dim=1)  # (R, k + e, C)
         return PrunedRows(kept_indices=reduction.indices, tokens=projector(kept))
     projected = projector(features)  # (R, N, D) = H_v
-    indices = sp.select(projected, cfg.visual_token_num, cfg.method, **method_inputs, **params)  # (R, k)
+    indices = sp.select(projected.detach(), cfg.visual_token_num, cfg.method, **detached, **params)  # (R, k)
     return PrunedRows(kept_indices=indices, tokens=gather_rows(projected, indices))
