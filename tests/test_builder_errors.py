@@ -186,3 +186,13 @@ def test_pruned_forward_with_autograd_enabled(tiny_llava15_path):
     torch.testing.assert_close(out.logits.detach(), expected)
     out.logits.sum().backward()                                     # gradients flow through the kept tokens
     assert model.get_model().mm_projector[0].weight.grad is not None
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "tokenizer.json"])
+def test_corrupt_checkpoint_file_is_named(tiny_llava15_path, tmp_path, name):
+    """Issue 13: safetensors' "header too large" and json errors named no file."""
+    ckpt = tmp_path / "ck"
+    shutil.copytree(tiny_llava15_path, ckpt)
+    (ckpt / name).write_bytes(b"\x00garbage{")
+    with pytest.raises(ValueError, match=f"{ckpt / name}.*corrupt"):
+        load_pretrained_model(str(ckpt))
