@@ -12,6 +12,7 @@ which is then used. Any other missing weight is an error that lists the keys.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -56,6 +57,39 @@ def read_config_dict(model_path: str | os.PathLike) -> dict:
     if not isinstance(config, dict):
         raise ValueError(f"checkpoint file {local}: expected a JSON object, got {type(config).__name__}")
     return config
+
+
+def checkpoint_file(model_path: str | os.PathLike, name: str) -> Path | None:
+    """``name`` inside a local checkpoint folder or the hub cache of ``model_path``; None when it has no such file."""
+    if os.path.isdir(model_path):
+        p = Path(model_path) / name
+        return p if p.is_file() else None
+    from transformers.utils import cached_file
+
+    try:
+        found = cached_file(str(model_path), name, _raise_exceptions_for_missing_entries=False)
+    except OSError:
+        return None
+    return Path(found) if found else None
+
+
+WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def checkpoint_digest(model_path: str | os.PathLike) -> str:
+    """Short sha256 of what identifies a checkpoint without reading its weights: config.json (as parsed), the
+    weights index when sharded, and the name and size of every weight file of a local folder."""
+    h = hashlib.sha256(json.dumps(read_config_dict(model_path), sort_keys=True).encode())
+    for name in WEIGHT_INDEX_FILES:
+        index = checkpoint_file(model_path, name)
+        if index is not None:
+            h.update(name.encode() + b"\0" + index.read_bytes())
+    if os.path.isdir(model_path):
+        for f in sorted(Path(model_path).iterdir()):
+            if f.suffix in WEIGHT_SUFFIXES and f.is_file():
+                h.update(f"{f.name}:{f.stat().st_size}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def unreadable_checkpoint_file(folder: str | os.PathLike) -> tuple[Path, str] | None:

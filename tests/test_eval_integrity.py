@@ -1,0 +1,293 @@
+"""Issue 13: answer files and benchmark numbers that cannot be silently wrong.
+
+Each numbered case of the issue (and each of its weaker items) is reproduced here against the tiny random
+LLaVA-1.5 checkpoint on CPU: the run fingerprint and what resume refuses (1), one writer per answers file
+(3), duplicate question keys (4), a question file edited between resumed runs and the merge (6), a corrupt
+middle line (7), unreadable images, parameter checks before the model loads, a partly filled summary.csv,
+pruning with autograd on, corrupt checkpoint files and contradicting negate flags.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llava.eval import common, model_vqa_loader, summarize
+from llava.eval.io_utils import FileLock, FileLockedError
+from tests.eval_fixtures import make_pope
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny15(request, tmp_path_factory):
+    try:
+        return str(request.getfixturevalue("tiny_llava15_path"))
+    except pytest.FixtureLookupError:
+        from llava.model.tiny import make_tiny_checkpoint
+
+        return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny15")), arch="llava-1.5")
+
+
+def _pope_args(ckpt, data: Path, answers: Path, *extra: str) -> list[str]:
+    return ["--model-path", ckpt, "--question-file", str(data / "pope/llava_pope_test.jsonl"),
+            "--image-folder", str(data / "pope/val2014"), "--answers-file", str(answers),
+            "--visual-token-num", "4", "--device", "cpu", "--dtype", "float32", "--max_new_tokens", "3",
+            "--num-workers", "0", *extra]
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _env(**extra) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    for name in (common.CRASH_ENV, common.DRIVER_ENV, "CUDA_VISIBLE_DEVICES", "CHUNKS", "RUN_TAG"):
+        env.pop(name, None)
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def answered(tiny15, tmp_path_factory):
+    """One finished loader run on the 4 POPE questions: (data root, answers file)."""
+    root = tmp_path_factory.mktemp("answered")
+    make_pope(root)
+    answers = root / "out" / "a.jsonl"
+    assert model_vqa_loader.main(_pope_args(tiny15, root, answers)) == 4
+    return root, answers
+
+
+# ----------------------------------------------------------------------------- 1. run fingerprint
+def test_every_answer_carries_the_run_fingerprint(tiny15, answered):
+    root, answers = answered
+    rows = _lines(answers)
+    assert len(rows) == 4
+    run = rows[0]["metadata"]["run"]
+    question_file = root / "pope/llava_pope_test.jsonl"
+    assert run["model_path"] == os.path.abspath(tiny15)
+    assert run["method"] == "script" and run["budget"] == 4 and run["params"] == {}
+    assert run["negate"] is True                                   # the default negated relevance
+    assert run["conv_mode"] == "vicuna_v1"
+    assert run["decoding"] == {"max_new_tokens": 3, "num_beams": 1, "do_sample": False}
+    assert run["dtype"] == "float32" and run["attn_implementation"] == "sdpa"
+    assert run["question_file_sha256"] == hashlib.sha256(question_file.read_bytes()).hexdigest()
+    assert run["versions"]["script-prune"] and run["versions"]["torch"] and run["versions"]["transformers"]
+    assert len(run["model_sha256"]) == 16
+    fid = hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:16]
+    assert {r["metadata"]["fingerprint"] for r in rows} == {fid}
+    assert all(r["metadata"]["run"] == run for r in rows)
+
+
+@pytest.mark.parametrize("extra, field", [
+    (["--no-negate-relevance"], "negate: true in the file, false in this run"),
+    (["--max_new_tokens", "5"], "decoding.max_new_tokens: 3 in the file, 5 in this run"),
+    (["--conv-mode", "llava_v1"], 'conv_mode: "vicuna_v1" in the file, "llava_v1" in this run'),
+    (["--temperature", "0.7"], "decoding.do_sample: false in the file, true in this run"),
+    (["--num_beams", "2"], "decoding.num_beams: 1 in the file, 2 in this run"),
+    (["--dtype", "bfloat16"], 'dtype: "float32" in the file, "bfloat16" in this run'),
+    (["--attn-implementation", "eager"], 'attn_implementation: "sdpa" in the file, "eager" in this run'),
+    (["--pruning-param", "tau=0.3"], 'params: {} in the file, {"tau": 0.3} in this run'),
+    (["--visual-token-num", "3"], "budget: 4 in the file, 3 in this run"),
+])
+def test_resume_refuses_any_other_setting_naming_the_field(tiny15, answered, extra, field):
+    root, answers = answered
+    before = answers.read_text()
+    with pytest.raises(ValueError) as e:
+        model_vqa_loader.main(_pope_args(tiny15, root, answers) + extra)
+    assert "holds answers of another run" in str(e.value) and field in str(e.value)
+    assert answers.read_text() == before
+
+
+def test_resume_refuses_another_checkpoint_and_a_changed_config(tiny15, answered, tmp_path):
+    root, answers = answered
+    other = tmp_path / "copy"
+    shutil.copytree(tiny15, other)
+    with pytest.raises(ValueError, match="model_path: "):
+        model_vqa_loader.main(_pope_args(str(other), root, answers))
+    config = json.loads((other / "config.json").read_text())
+    config["mm_projector_type"] = config.get("mm_projector_type", "mlp2x_gelu") + "_edited"
+    (other / "config.json").write_text(json.dumps(config))
+    from llava.model.builder import checkpoint_digest
+
+    assert checkpoint_digest(str(other)) != checkpoint_digest(tiny15)
+
+
+def test_same_settings_resume_without_loading_the_model(tiny15, answered):
+    root, answers = answered
+    before = answers.read_text()
+    assert model_vqa_loader.main(_pope_args(tiny15, root, answers)) == 0
+    assert answers.read_text() == before
+
+
+# ----------------------------------------------------------------------------- 3. one writer per answers file
+def test_second_writer_is_refused_naming_the_holder(tmp_path):
+    path = tmp_path / "a.jsonl"
+    first = common.ResumableJsonlWriter(path)
+    try:
+        with pytest.raises(FileLockedError) as e:
+            common.ResumableJsonlWriter(path)
+        msg = str(e.value)
+        assert f"pid {os.getpid()}" in msg and "on host" in msg and "since" in msg and str(path) in msg
+    finally:
+        first.close()
+    common.ResumableJsonlWriter(path).close()      # released: the next writer gets it
+
+
+def test_run_refuses_while_another_process_writes_the_file(tiny15, tmp_path):
+    make_pope(tmp_path)
+    answers = tmp_path / "a.jsonl"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from llava.eval.common import ResumableJsonlWriter as W; "
+         f"w = W({str(answers)!r}); print('ready', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(FileLockedError, match=f"pid {holder.pid} on host"):
+            model_vqa_loader.main(_pope_args(tiny15, tmp_path, answers))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert answers.read_text() == ""
+
+
+# ----------------------------------------------------------------------------- 4. duplicate question keys
+def test_duplicate_question_key_is_an_error_naming_key_and_line(tiny15, tmp_path):
+    make_pope(tmp_path)
+    qfile = tmp_path / "pope/llava_pope_test.jsonl"
+    rows = _lines(qfile)
+    rows.append({**rows[0], "image": rows[1]["image"]})        # same (question_id, prompt), another image
+    qfile.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    answers = tmp_path / "a.jsonl"
+    with pytest.raises(ValueError) as e:
+        model_vqa_loader.main(_pope_args(tiny15, tmp_path, answers))
+    msg = str(e.value)
+    assert "line 5 repeats the question key" in msg and "of line 1" in msg and str(qfile) in msg
+    assert '[1, 0, "Is there a dog in the image?' in msg
+    assert not answers.exists()
+
+
+# ----------------------------------------------------------------------------- 6. edited question file / merge
+def test_resume_refuses_a_question_file_edited_in_between(tiny15, tmp_path):
+    make_pope(tmp_path)
+    answers = tmp_path / "a.jsonl"
+    crashed = subprocess.run([sys.executable, "-m", "llava.eval.model_vqa_loader",    # killed after 2 answers
+                              *_pope_args(tiny15, tmp_path, answers)], env=_env(**{common.CRASH_ENV: "2"}),
+                             capture_output=True, text=True, timeout=240)
+    assert crashed.returncode == common.CRASH_EXIT_CODE, crashed.stderr[-2000:]
+    qfile = tmp_path / "pope/llava_pope_test.jsonl"
+    rows = _lines(qfile)
+    rows.insert(0, {**rows[0], "question_id": 5, "text": "Is there a cow in the image?"})
+    qfile.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError) as e:
+        model_vqa_loader.main(_pope_args(tiny15, tmp_path, answers))
+    assert "question_file_sha256" in str(e.value) and "questions_sha256" in str(e.value)
+
+
+def _chunk_rows(samples, fp, order):
+    return [{"question_id": samples[i].question_id, "prompt": samples[i].prompt_field, "text": f"a{i}",
+             "metadata": {"fingerprint": common.fingerprint_id(fp), "run": fp}} for i in order]
+
+
+def _write(path: Path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_merge_writes_question_order_and_exactly_the_question_set(tmp_path):
+    samples = [common.EvalSample(question_id=i, question=f"q{i}", prompt_field=f"q{i}", load_image=None, query="")
+               for i in range(4)]
+    fp = {"method": "script", "budget": 4}
+    a = _write(tmp_path / "2_0.jsonl", _chunk_rows(samples, fp, [1, 0]))
+    b = _write(tmp_path / "2_1.jsonl", _chunk_rows(samples, fp, [3, 2]))
+    merged = tmp_path / "merge.jsonl"
+    assert common.merge_answers([b, a], str(merged), samples, fp) == 4
+    assert [r["text"] for r in _lines(merged)] == ["a0", "a1", "a2", "a3"]
+    # an answer to a question not in the file (the edited-question-file case): refused, merge untouched
+    before = merged.read_text()
+    extra = _chunk_rows(samples, fp, [2, 3]) + [{**_chunk_rows(samples, fp, [0])[0], "question_id": 99}]
+    c = _write(tmp_path / "c.jsonl", extra)
+    with pytest.raises(ValueError, match=r"1 answers are to questions not in the question file \(first: \[99, 0"):
+        common.merge_answers([a, c], str(merged), samples, fp)
+    with pytest.raises(ValueError, match=r"2 of 4 questions have no answer \(first: \[2, 0, \"q2\"\]"):
+        common.merge_answers([a], str(merged), samples, fp)
+    with pytest.raises(ValueError, match="answered twice"):
+        common.merge_answers([a, b, _write(tmp_path / "d.jsonl", _chunk_rows(samples, fp, [0]))], str(merged),
+                             samples, fp)
+    with pytest.raises(ValueError, match="budget: 4 in the file, 8 in this run"):
+        common.merge_answers([a, b], str(merged), samples, {"method": "script", "budget": 8})
+    assert merged.read_text() == before
+
+
+# ----------------------------------------------------------------------------- 7. corrupt middle line
+def test_corrupt_middle_line_is_an_error_not_a_truncation(tmp_path):
+    path = tmp_path / "a.jsonl"
+    good = [{"question_id": i, "prompt": "p", "text": "x"} for i in (1, 3, 4)]
+    text = json.dumps(good[0]) + "\n" + '{"question_id": 2, "pro\n' + "".join(json.dumps(r) + "\n" for r in good[1:])
+    path.write_text(text)
+    with pytest.raises(ValueError) as e:
+        common.ResumableJsonlWriter(path)
+    assert f"{path} line 2 is not valid JSON" in str(e.value) and "partial" not in str(e.value)
+    assert path.read_text() == text                        # nothing dropped
+    # only a last line without its newline (a kill mid-write) is cut off, the answers before it kept
+    path.write_text("".join(json.dumps(r) + "\n" for r in good) + '{"question_id": 5, "pro')
+    with common.ResumableJsonlWriter(path) as w:
+        assert w.repaired and len(w.done) == 3
+    assert path.read_text() == "".join(json.dumps(r) + "\n" for r in good)
+    # a valid JSON line that is not an answer, and a repeated answer, are errors too
+    path.write_text(json.dumps(good[0]) + "\n[1, 2]\n")
+    with pytest.raises(ValueError, match="line 2 is not an answer line"):
+        common.ResumableJsonlWriter(path)
+    path.write_text(json.dumps(good[0]) + "\n" + json.dumps(good[0]) + "\n")
+    with pytest.raises(ValueError, match="line 2 repeats the answer of line 1"):
+        common.ResumableJsonlWriter(path)
+
+
+# ----------------------------------------------------------------------------- weaker items
+def _break_image(root: Path, qid: int) -> Path:
+    image = root / "pope/val2014" / f"COCO_val2014_{qid:012d}.jpg"
+    image.write_bytes(b"not an image at all")
+    return image
+
+
+def test_unreadable_image_stops_naming_it_and_keeps_the_answers_before(tiny15, tmp_path):
+    make_pope(tmp_path)
+    bad = _break_image(tmp_path, 3)
+    answers = tmp_path / "a.jsonl"
+    with pytest.raises(RuntimeError) as e:
+        model_vqa_loader.main(_pope_args(tiny15, tmp_path, answers))
+    assert str(bad) in str(e.value) and "--on-image-error record" in str(e.value)
+    assert [r["question_id"] for r in _lines(answers)] == [1, 2]
+
+
+def test_unreadable_image_recorded_as_a_failed_answer_and_listed_in_the_summary(tiny15, tmp_path):
+    make_pope(tmp_path)
+    bad = _break_image(tmp_path, 3)
+    answers = tmp_path / "a.jsonl"
+    assert model_vqa_loader.main(_pope_args(tiny15, tmp_path, answers, "--on-image-error", "record")) == 4
+    rows = _lines(answers)
+    assert [r["question_id"] for r in rows] == [1, 2, 3, 4]
+    failed = [r for r in rows if "error" in r]
+    assert len(failed) == 1 and failed[0]["question_id"] == 3 and failed[0]["text"] == ""
+    assert str(bad) in failed[0]["error"] and failed[0]["metadata"]["visual_tokens"] == 0
+    csv_path = tmp_path / "summary.csv"
+    summarize.main(["add", "--csv", str(csv_path), "--benchmark", "pope", "--checkpoint", "ck", "--method", "script",
+                    "--budget", "4", "--metric", "average_f1", "--value", "50.0", "--answers-file", str(answers)])
+    table = summarize.main(["--csv", str(csv_path)])
+    assert table[1][table[0].index("POPE")] == "50.00!"
+    assert summarize.read_marks(str(csv_path)) == {summarize.RowKey("ck", "script", 4): {"pope": summarize.Mark("", 1)}}
+
+
+def test_lock_file_records_and_clears_its_holder(tmp_path):
+    target = tmp_path / "x.csv"
+    lock = FileLock(target, "results summary").acquire()
+    info = json.loads((tmp_path / "x.csv.lock").read_text())
+    assert info["pid"] == os.getpid() and {"host", "started", "command"} <= set(info)
+    lock.release()
+    assert (tmp_path / "x.csv.lock").read_text() == ""
