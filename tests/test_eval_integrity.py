@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,70 @@ def test_run_refuses_while_another_process_writes_the_file(tiny15, tmp_path):
     assert answers.read_text() == ""
 
 
+def test_killing_only_the_bash_driver_stops_its_workers(tiny15, tmp_path):
+    """SIGKILL to the driver of pope.sh: the Python worker must stop instead of writing on as an orphan."""
+    ckpt = Path(tiny15)
+    data = tmp_path / "data"
+    make_pope(data)
+    qfile = data / "pope/llava_pope_test.jsonl"
+    base = _lines(qfile)
+    many = [{**q, "question_id": 1000 * k + q["question_id"]} for k in range(60) for q in base]   # 240 questions
+    qfile.write_text("".join(json.dumps(q) + "\n" for q in many))
+    env = _env(PYTHON=sys.executable, CKPT_DIR=str(ckpt.parent), CKPT=ckpt.name, DATA_DIR=str(data),
+               RESULTS_DIR=str(tmp_path / "results"), CHUNKS="1")
+    driver = subprocess.Popen(["bash", str(REPO / "scripts/v1_5/eval/pope.sh"), "4", "--device", "cpu",
+                               "--dtype", "float32", "--max_new_tokens", "3"], env=env, cwd=str(tmp_path),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    answers = data / "pope/answers" / ckpt.name / "script_4" / "1_0.jsonl"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (answers.exists() and answers.read_text().count("\n") >= 2):
+            time.sleep(0.2)
+        assert answers.read_text().count("\n") >= 2, "the worker never started answering"
+        workers = _children(driver.pid)
+        assert len(workers) == 1, workers
+        worker = workers[0]
+        driver.kill()                                    # only the driver, as some schedulers do
+        driver.wait()
+        deadline = time.time() + 10
+        while time.time() < deadline and _alive(worker):
+            time.sleep(0.2)
+        assert not _alive(worker), "the worker kept running after its driver died"
+        n = answers.read_text().count("\n")
+        assert n < len(many)
+        time.sleep(1.0)
+        assert answers.read_text().count("\n") == n        # nobody writes any more
+    finally:
+        try:
+            os.killpg(driver.pid, 9)
+        except ProcessLookupError:
+            pass
+
+
+def _children(pid: int) -> list[int]:
+    """Pids of the live processes whose parent is `pid` (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped) is not running
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 # ----------------------------------------------------------------------------- 4. duplicate question keys
 def test_duplicate_question_key_is_an_error_naming_key_and_line(tiny15, tmp_path):
     make_pope(tmp_path)
@@ -291,3 +356,54 @@ def test_lock_file_records_and_clears_its_holder(tmp_path):
     assert info["pid"] == os.getpid() and {"host", "started", "command"} <= set(info)
     lock.release()
     assert (tmp_path / "x.csv.lock").read_text() == ""
+
+
+# ----------------------------------------------------------------------------- 1 and 6 through the scripts
+def test_pope_script_reruns_refusals_and_summary_rows(tiny15, tmp_path):
+    """pope.sh: a rerun with --no-negate-relevance is refused (no second summary row); the same run again
+    replaces its row; RUN_TAG gives the other setting its own row; an edited question file is refused."""
+    ckpt = Path(tiny15)
+    data = tmp_path / "data"
+    make_pope(data)
+    env = _env(PYTHON=sys.executable, CKPT_DIR=str(ckpt.parent), CKPT=ckpt.name, DATA_DIR=str(data),
+               RESULTS_DIR=str(tmp_path / "results"), CHUNKS="2")
+    gen = ["--device", "cpu", "--dtype", "float32", "--max_new_tokens", "3"]
+
+    def pope(*extra, **more_env):
+        return subprocess.run(["bash", str(REPO / "scripts/v1_5/eval/pope.sh"), "4", *gen, *extra],
+                              env={**env, **more_env}, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+
+    def summary_rows():
+        return summarize._read_rows(tmp_path / "results" / "summary.csv")
+
+    first = pope()
+    assert first.returncode == 0, first.stderr[-3000:]
+    merged = data / "pope/answers" / ckpt.name / "script_4" / "merge.jsonl"
+    answers = merged.read_text()
+    assert [r["question_id"] for r in _lines(merged)] == [1, 2, 3, 4]
+    rows = summary_rows()
+    assert len(rows) == 1 and rows[0]["fingerprint"] == _lines(merged)[0]["metadata"]["fingerprint"]
+
+    other = pope("--no-negate-relevance")
+    assert other.returncode != 0 and "negate: true in the file, false in this run" in other.stderr
+    assert len(summary_rows()) == 1 and merged.read_text() == answers
+
+    again = pope()
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [(r["value"], r["fingerprint"]) for r in summary_rows()] == [(rows[0]["value"], rows[0]["fingerprint"])]
+
+    tagged = pope("--no-negate-relevance", RUN_TAG="nonegate")
+    assert tagged.returncode == 0, tagged.stderr[-3000:]
+    assert [r["run"] for r in summary_rows()] == ["", "nonegate"]
+    nonegate = _lines(data / "pope/answers" / ckpt.name / "nonegate" / "merge.jsonl")
+    assert {r["metadata"]["run"]["negate"] for r in nonegate} == {False}
+    table = summarize.main(["--csv", str(tmp_path / "results" / "summary.csv")])
+    assert [r[1] for r in table[1:]] == ["script", "script (nonegate)"]
+
+    qfile = data / "pope/llava_pope_test.jsonl"
+    questions = _lines(qfile)
+    questions = questions[::-1] + [{**questions[0], "question_id": 5, "text": "Is there a cow in the image?"}]
+    qfile.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    edited = pope()
+    assert edited.returncode != 0 and "question_file_sha256" in edited.stderr
+    assert merged.read_text() == answers and len(summary_rows()) == 2
