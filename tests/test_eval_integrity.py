@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -27,13 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny15(request, tmp_path_factory):
-    try:
-        return str(request.getfixturevalue("tiny_llava15_path"))
-    except pytest.FixtureLookupError:
-        from llava.model.tiny import make_tiny_checkpoint
-
-        return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny15")), arch="llava-1.5")
+def tiny15(tiny_llava15_path):
+    return str(tiny_llava15_path)
 
 
 def _pope_args(ckpt, data: Path, answers: Path, *extra: str) -> list[str]:
@@ -158,8 +154,10 @@ def test_run_refuses_while_another_process_writes_the_file(tiny15, tmp_path):
     assert answers.read_text() == ""
 
 
-def test_killing_only_the_bash_driver_stops_its_workers(tiny15, tmp_path):
-    """SIGKILL to the driver of pope.sh: the Python worker must stop instead of writing on as an orphan."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killing_only_the_bash_driver_stops_its_workers(tiny15, tmp_path, sig):
+    """A signal to the driver of pope.sh only: the Python worker must stop instead of writing on as an orphan
+    (SIGKILL: the worker notices that the driver is gone; SIGTERM: the driver's trap stops it first)."""
     ckpt = Path(tiny15)
     data = tmp_path / "data"
     make_pope(data)
@@ -169,9 +167,10 @@ def test_killing_only_the_bash_driver_stops_its_workers(tiny15, tmp_path):
     qfile.write_text("".join(json.dumps(q) + "\n" for q in many))
     env = _env(PYTHON=sys.executable, CKPT_DIR=str(ckpt.parent), CKPT=ckpt.name, DATA_DIR=str(data),
                RESULTS_DIR=str(tmp_path / "results"), CHUNKS="1")
+    err_file = open(tmp_path / "driver.err", "w")
     driver = subprocess.Popen(["bash", str(REPO / "scripts/v1_5/eval/pope.sh"), "4", "--device", "cpu",
                                "--dtype", "float32", "--max_new_tokens", "3"], env=env, cwd=str(tmp_path),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                              stdout=subprocess.DEVNULL, stderr=err_file, start_new_session=True)
     answers = data / "pope/answers" / ckpt.name / "script_4" / "1_0.jsonl"
     try:
         deadline = time.time() + 120
@@ -181,8 +180,11 @@ def test_killing_only_the_bash_driver_stops_its_workers(tiny15, tmp_path):
         workers = _children(driver.pid)
         assert len(workers) == 1, workers
         worker = workers[0]
-        driver.kill()                                    # only the driver, as some schedulers do
-        driver.wait()
+        driver.send_signal(sig)                          # only the driver, as some schedulers do
+        driver.wait(timeout=30)
+        if sig == signal.SIGTERM:
+            err = (tmp_path / "driver.err").read_text()
+            assert driver.returncode == 143 and "interrupted: stopped 1 answer generator(s)" in err
         deadline = time.time() + 10
         while time.time() < deadline and _alive(worker):
             time.sleep(0.2)
@@ -192,8 +194,9 @@ def test_killing_only_the_bash_driver_stops_its_workers(tiny15, tmp_path):
         time.sleep(1.0)
         assert answers.read_text().count("\n") == n        # nobody writes any more
     finally:
+        err_file.close()
         try:
-            os.killpg(driver.pid, 9)
+            os.killpg(driver.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
 
