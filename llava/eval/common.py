@@ -127,7 +127,8 @@ class ResumableJsonlWriter:
 
     Opening takes an exclusive lock on `<path>.lock` (FileLockedError naming the holder when another process
     writes the file), then repairs the file: a truncated last line (a run killed mid-write) is cut off; a
-    corrupt line anywhere else is an error. `answers` maps the keys already present to (line, row).
+    corrupt line anywhere else is an error. `answers` maps the keys already present to their line (-1 for
+    lines of this session); `runs` is `answer_runs` of the lines read (the rows themselves are not kept).
     """
 
     def __init__(self, path: str | os.PathLike, key: Callable[[dict], str] = answer_key):
@@ -137,7 +138,9 @@ class ResumableJsonlWriter:
         self._lock = FileLock(self.path, "answers file").acquire()
         try:
             lines = scan_answers(self.path)
-            self.answers = index_answers(lines, key)
+            index = index_answers(lines, key)
+            self.runs = answer_runs(index.values())
+            self.answers = {k: lineno for k, (lineno, _) in index.items()}
             self.repaired = lines.truncated_at is not None
             if self.repaired:
                 with open(self.path, "r+b") as f:
@@ -161,7 +164,7 @@ class ResumableJsonlWriter:
             return
         self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
         self._f.flush()
-        self.answers[k] = (-1, row)
+        self.answers[k] = -1
 
     def write_partial_and_die(self, row: dict) -> None:
         """Testing hook: write half of `row`'s line and exit at once (like a kill mid-write)."""
@@ -254,18 +257,29 @@ def fingerprint_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def check_same_run(path: Path, answers: dict[str, tuple[int, dict]], fingerprint: dict) -> None:
-    """Every answer of `path` must carry `fingerprint`; else a ValueError listing the differing fields."""
-    fid = fingerprint_id(fingerprint)
-    for lineno, row in sorted(answers.values(), key=lambda v: v[0]):
+def answer_runs(rows) -> dict[str | None, tuple[int, dict | None]]:
+    """Fingerprint id -> (first line, run fields) over (line, answer row) pairs; id None: no fingerprint."""
+    runs: dict[str | None, tuple[int, dict | None]] = {}
+    for lineno, row in rows:
         meta = row.get("metadata") or {}
-        if meta.get("fingerprint") == fid:
+        fid = meta.get("fingerprint") if "run" in meta else None
+        if fid not in runs or lineno < runs[fid][0]:
+            runs[fid] = (lineno, meta.get("run"))
+    return runs
+
+
+def check_same_run(path: Path, runs: dict[str | None, tuple[int, dict | None]], fingerprint: dict) -> None:
+    """Every answer of `path` (its `answer_runs`) must carry `fingerprint`; else a ValueError listing the
+    differing fields."""
+    fid = fingerprint_id(fingerprint)
+    for other, (lineno, run) in sorted(runs.items(), key=lambda item: item[1][0]):
+        if other == fid:
             continue
-        if "run" not in meta:
+        if run is None:
             raise ValueError(
                 f"{path} line {lineno} has no run fingerprint (written by an older version of this harness), so "
                 "its settings cannot be checked against this run; delete or move the file to start over")
-        diff = fingerprint_diff(meta["run"], fingerprint) or [f"fingerprint: {meta.get('fingerprint')} != {fid}"]
+        diff = fingerprint_diff(run, fingerprint) or [f"fingerprint: {other} != {fid}"]
         raise ValueError(
             f"{path} holds answers of another run (line {lineno}); differing settings:\n  " + "\n  ".join(diff)
             + "\nWrite to another file (scripts: set RUN_TAG) or delete this one; a resumed file never mixes settings")
@@ -612,7 +626,7 @@ def merge_answers(chunk_files: Sequence[str], merged_file: str, samples: Sequenc
             raise ValueError(f"chunk answers file {path} ends with a truncated line: its run did not finish "
                              "(rerun to resume)")
         index = index_answers(lines)
-        check_same_run(Path(path), index, fingerprint)
+        check_same_run(Path(path), answer_runs(index.values()), fingerprint)
         for k, (lineno, row) in index.items():
             if k in answers:
                 raise ValueError(f"question key {k} is answered twice: {answers[k][0]} line {answers[k][1]} and "
@@ -656,7 +670,7 @@ def run_generation(args: argparse.Namespace, samples: list[EvalSample]) -> int:
     chunk = get_chunk(samples, args.num_chunks, args.chunk_idx)
     writer = ResumableJsonlWriter(answers_file)
     try:
-        check_same_run(writer.path, writer.answers, fingerprint)
+        check_same_run(writer.path, writer.runs, fingerprint)
         chunk_keys = {s.key for s in chunk}
         foreign = [k for k in writer.answers if k not in chunk_keys]
         if foreign:
