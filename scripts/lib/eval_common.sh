@@ -10,8 +10,11 @@
 #   CHUNKS (number of shards; default: one per GPU in CUDA_VISIBLE_DEVICES, else 1)
 #   RESULTS_DIR (default ./results; rows go to RESULTS_DIR/summary.csv)  PYTHON (default python)
 #   CONV_MODE (default vicuna_v1)
-#   RUN_TAG (results folder name; default METHOD_NOMINAL; set it when you change --pruning-param values)
-# See EVAL.md for the data layout.
+#   RUN_TAG (results folder name; default METHOD_NOMINAL; set it when you change any other setting, e.g.
+#            --pruning-param, --no-negate-relevance, --max_new_tokens: an answers file holds one run, resuming it
+#            with other settings is refused; a set RUN_TAG also gets its own row in the summarize table)
+# Extra args reach the generator, e.g. --on-image-error record. See EVAL.md for the data layout, the run
+# fingerprint, the lock and the merge.
 
 set -euo pipefail
 
