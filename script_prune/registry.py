@@ -241,7 +241,7 @@ def check_params(method: str, params: Mapping[str, Any]) -> dict[str, Any]:
     spec = get_method(method)
     unknown = sorted(set(params) - set(spec.params))
     if unknown:
-        raise ValueError(f"params {unknown} are not parameters of method {method!r}; it accepts {sorted(spec.params)}")
+        raise ValueError(f"parameters {unknown} are not parameters of method {method!r}; it accepts {sorted(spec.params)}")
     checked = {name: _param(method, name, value, spec.params[name]) for name, value in params.items()}
     if spec.check is not None:
         spec.check({**spec.params, **checked})
