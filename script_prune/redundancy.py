@@ -26,7 +26,6 @@ import math
 from fractions import Fraction
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import core
@@ -119,20 +118,30 @@ def grid_neighbour_similarity(features: Tensor, grid_hw: tuple[int, int]) -> tup
 
     features ``# (B, N, D)`` with ``N = h * w``. Returns ``sims # (B, N, 8)`` float32 in the order of
     :data:`NEIGHBOUR_OFFSETS` (0 where the neighbour lies outside the grid) and ``valid # (N, 8)`` bool
-    (the neighbour exists). ``8 N`` dot products: one shifted copy of the grid per offset.
+    (the neighbour exists). About ``4 N`` dot products: each unordered neighbour pair once.
     """
     x = core.l2_normalize(_check_features(features))
     b, n, d = x.shape
     h, w = _check_grid(n, grid_hw)
-    grid = x.view(b, h, w, d)  # (B, h, w, D)
-    padded = F.pad(grid, (0, 0, 1, 1, 1, 1))  # (B, h + 2, w + 2, D), zero rows/cols outside
-    inside = F.pad(torch.ones(h, w, dtype=torch.bool, device=x.device), (1, 1, 1, 1))  # (h + 2, w + 2)
-    sims, valid = [], []
-    for dy, dx in NEIGHBOUR_OFFSETS:  # 8 offsets, not samples
-        shifted = padded[:, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]  # (B, h, w, D)
-        sims.append((grid * shifted).sum(dim=-1))  # (B, h, w)
-        valid.append(inside[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w])  # (h, w)
-    return torch.stack(sims, dim=-1).view(b, n, 8), torch.stack(valid, dim=-1).view(n, 8)
+    rows = torch.arange(n, device=x.device) // w  # (N,) grid row of each token
+    cols = torch.arange(n, device=x.device) % w  # (N,) grid column
+    sims = x.new_zeros(b, n, 8)  # (B, N, 8)
+    valid = torch.zeros(n, 8, dtype=torch.bool, device=x.device)  # (N, 8)
+    # S is symmetric: the 4 "forward" offsets give all 8 (offset k mirrors offset 7 - k). Offset (dy, dx)
+    # is the flat shift s = dy * w + dx, so each is one dot product of two contiguous slices of x.
+    for k in range(4, 8):  # offsets, not samples
+        dy, dx = NEIGHBOUR_OFFSETS[k]
+        shift = dy * w + dx
+        if shift >= n:
+            continue  # no token has this neighbour (a single grid row)
+        dot = torch.einsum("bnd,bnd->bn", x[:, : n - shift], x[:, shift:])  # (B, N - s): <x_i, x_(i+s)>
+        exists = (rows[: n - shift] + dy < h) & (cols[: n - shift] + dx >= 0) & (cols[: n - shift] + dx < w)
+        dot = torch.where(exists, dot, 0.0)  # flat neighbours that wrap around a row are no neighbours
+        sims[:, : n - shift, k] = dot
+        sims[:, shift:, 7 - k] = dot
+        valid[: n - shift, k] = exists
+        valid[shift:, 7 - k] = exists
+    return sims, valid
 
 
 def local_window_scores(features: Tensor, grid_hw: tuple[int, int], tau: float = 0.2,
