@@ -29,7 +29,6 @@ Columns (one row per estimator; "Exhaustive" = the full graph):
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -42,6 +41,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from llava.eval.io_utils import atomic_write_json
 from script_prune import redundancy as R
 
 ROW_NAMES = {"full": "Exhaustive", "local": "Local window", "bipartite": "Bipartite", "random": "Random"}
@@ -228,14 +228,6 @@ def parse_answers(items: Sequence[str], estimators: Sequence[str]) -> dict[str, 
     return out
 
 
-def write_json_atomic(path: str, data: Any) -> None:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, out)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llava.eval.redundancy_study", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group()
@@ -311,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "feature_source": args.source}
     result["answers"] = answers
     result["table"] = format_table(result)
-    write_json_atomic(args.out, result)
+    atomic_write_json(args.out, result)
     print(result["table"])
     print(f"wrote {args.out}", file=sys.stderr)
     return result

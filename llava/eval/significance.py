@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,6 +43,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from llava.eval.io_utils import atomic_write_json, read_jsonl
 
 DEFAULT_REFERENCE = "script"
 
@@ -63,17 +64,6 @@ class Scores:
 
 
 # --------------------------------------------------------------------------------------------- reading
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from err
-    return rows
-
-
 def _number(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{where}: expected a finite number, got {value!r}")
@@ -92,7 +82,7 @@ def answer_correct(text: str, truth: str) -> bool:
 
 def read_truth(path: str) -> dict[str, str]:
     """``question_id`` -> ``answer`` from a ground-truth jsonl."""
-    rows = _read_jsonl(Path(path))
+    rows = read_jsonl(path, "--truth")
     out = {}
     for r in rows:
         if "question_id" not in r or "answer" not in r:
@@ -103,7 +93,7 @@ def read_truth(path: str) -> dict[str, str]:
 
 def _answer_scores(path: Path, score_key: str, truth: dict[str, str] | None) -> tuple[list[str], list[float]]:
     ids, values = [], []
-    for n, r in enumerate(_read_jsonl(path), 1):
+    for n, r in enumerate(read_jsonl(path, "--scores answer file"), 1):
         if "question_id" not in r:
             raise ValueError(f"{path}:{n}: answer line without 'question_id'")
         qid = str(r["question_id"])
@@ -227,14 +217,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_json_atomic(path: str, data: Any) -> None:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, out)
-
-
 def parse_named(items: Sequence[str], flag: str) -> list[tuple[str, str]]:
     """["a=x", "b=y"] -> [("a", "x"), ("b", "y")], ValueError on a malformed item."""
     out = []
@@ -272,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         parser.error(str(err))
     print(format_table(rows))
     if args.out:
-        write_json_atomic(args.out, {"reference": args.reference, "alternative": "reference greater",
+        atomic_write_json(args.out, {"reference": args.reference, "alternative": "reference greater",
                                      "t_test": "scipy.stats.ttest_rel(alternative='greater')",
                                      "wilcoxon": "scipy.stats.wilcoxon(zero_method='wilcox', alternative='greater')",
                                      "rows": rows, "table": format_table(rows)})
