@@ -207,3 +207,35 @@ def test_cli_on_a_checkpoint_uses_encode_images(tiny_llava15_path, tmp_path):
     bip = R.kept_set(R.bipartite_scores(tokens.float()), k)
     assert data["rows"]["bipartite"]["iou_at_k"] == pytest.approx(float(R.iou(bip, full)[0]), abs=1e-6)
     assert json.loads(out.read_text())["rows"]["full"]["iou_at_k"] == 1.0
+
+
+def test_cli_acc_column_from_pope_answers(tmp_path, capsys):
+    """Acc. = mean over the three POPE categories of the accuracy, by LLaVA's POPE scorer."""
+    pope = tmp_path / "pope"
+    pope.mkdir()
+    questions, answers = [], []
+    # per category: 4 questions; the answers get 4/4 (adversarial), 3/4 (popular), 2/4 (random) right
+    right = {"adversarial": 4, "popular": 3, "random": 2}
+    qid = 0
+    for cat in ("adversarial", "popular", "random"):
+        labels = []
+        for j in range(4):
+            label = "yes" if j % 2 == 0 else "no"
+            q = {"question_id": qid, "image": f"{cat}{j}.jpg", "text": f"Is there a thing {j}?", "category": cat}
+            questions.append(q)
+            labels.append({"image": q["image"], "text": q["text"], "label": label})
+            wrong = {"yes": "no", "no": "yes"}[label]
+            answers.append({"question_id": qid, "text": (label if j < right[cat] else wrong).capitalize()})
+            qid += 1
+        (pope / f"coco_pope_{cat}.json").write_text("".join(json.dumps(r) + "\n" for r in labels))
+    qfile = tmp_path / "questions.jsonl"
+    qfile.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    afile = tmp_path / "bipartite.jsonl"
+    afile.write_text("".join(json.dumps(a) + "\n" for a in answers))
+    feats = tmp_path / "f.pt"
+    torch.save(planted_features(), feats)
+    data = R_study().main(["--features", str(feats), "--repeats", "1", "--warmup", "0", "--out", str(tmp_path / "o.json"),
+                           "--answers", f"bipartite={afile}", "--pope-dir", str(pope), "--question-file", str(qfile)])
+    assert data["rows"]["bipartite"]["acc"] == pytest.approx((100 + 75 + 50) / 3)
+    assert data["rows"]["full"]["acc"] is None
+    assert "75.00" in capsys.readouterr().out
