@@ -37,6 +37,7 @@ from script_prune.registry import RELEVANCE_INPUTS
 from .family import DecoderAccess, Family, Layout, VisualRows, cache_keyword
 from .llava import LlavaFamily
 from .llava_next import LlavaNextFamily
+from .qwen2_5_vl import Qwen2_5_VLFamily
 from .prefill import STATE_ATTR, PatchConfig, PatchState, expand_for_generation, patched_forward
 
 #: generate()'s input expansion, patched so per-image inputs repeat per prompt (see expand_for_generation)
@@ -64,7 +65,7 @@ __all__ = [
 DATA_DEPENDENT_COUNTS = ("trim_iqr",)
 
 #: The families, one file each; a new family is one more entry here.
-FAMILIES: tuple[Family, ...] = (LlavaFamily(), LlavaNextFamily())
+FAMILIES: tuple[Family, ...] = (LlavaFamily(), LlavaNextFamily(), Qwen2_5_VLFamily())
 
 
 def supported_classes() -> list[str]:
@@ -97,7 +98,10 @@ def _config(model: nn.Module, family: Family, method: Any, budget: Any, relevanc
     if not isinstance(method, str) or method not in sp.list_methods():
         raise ValueError(f"method must be one of {sp.list_methods()}, got {method!r}")
     spec = sp.get_method(method)
-    budget = check_budget(budget)
+    budget = check_budget(family.default_budget if budget is FAMILY_DEFAULT else budget)
+    if spec.merges and not family.merging:
+        raise ValueError(f"merging method {method!r} is not supported on {type(model).__name__}: merged tokens have no "
+                         "original position for its M-RoPE (use a selection method)")
     if method in DATA_DEPENDENT_COUNTS:
         raise ValueError(f"method {method!r} keeps a data-dependent number of tokens per row, which "
                          "script_prune.patch does not batch yet (use script_prune.reduce row by row)")
@@ -126,13 +130,24 @@ def _config(model: nn.Module, family: Family, method: Any, budget: Any, relevanc
     return config
 
 
-def apply(model: nn.Module, method: str = "script", budget: int | float = 64, relevance: Any = None,
+class _FamilyDefault:
+    """``apply``'s default budget: the family's ``default_budget`` (64 per row; a fraction for Qwen-VL)."""
+
+    def __repr__(self) -> str:
+        return "<family default>"
+
+
+FAMILY_DEFAULT: Any = _FamilyDefault()
+
+
+def apply(model: nn.Module, method: str = "script", budget: int | float = FAMILY_DEFAULT, relevance: Any = None,
           **params: Any) -> nn.Module:
     """Prune ``model``'s visual tokens with ``method`` at ``budget`` per visual row, in place; returns ``model``.
 
     relevance: None (the family's default source, if any), ``"llm_text"``, or a :class:`RelevanceSource`
     such as :class:`ClipText`; its sign becomes the method's ``negate`` unless ``negate`` is given.
-    ``params``: the method's parameters (``script_prune.get_method(method).params``).
+    ``params``: the method's parameters (``script_prune.get_method(method).params``). ``budget`` omitted:
+    the family's ``default_budget`` (64 tokens per row; 0.25 of each row for the Qwen-VL families).
     Refused: an unsupported class, a model already patched, a bad method / budget / parameter, a
     relevance method without a source.
     """

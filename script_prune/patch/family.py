@@ -183,6 +183,11 @@ class Family:
     visual_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
     #: forward arguments that carry visual inputs, dropped from the LLM call once spliced.
     visual_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "image_sizes")
+    #: budget ``apply`` uses when given none (an int per row; dynamic-resolution families: a fraction).
+    default_budget: ClassVar[int | float] = 64
+    #: False: merging methods (TRIM, VisionZip) are refused (a merged token has no original position,
+    #: which M-RoPE families need).
+    merging: ClassVar[bool] = True
 
     # -- vision side ---------------------------------------------------------------------------
     def encode(self, model: nn.Module, call: dict[str, Any], needs: frozenset[str] = frozenset()) -> VisualRows:
@@ -205,6 +210,11 @@ class Family:
     def num_rows(self, model: nn.Module, call: dict[str, Any]) -> int:
         """Visual rows of a call, without running the vision tower (for ``kept`` of an unpruned prefill)."""
         raise NotImplementedError
+
+    def row_lengths(self, model: nn.Module, call: dict[str, Any]) -> list[int]:
+        """Tokens of every row of a call in sequence order, without running the vision tower (the budget
+        keeps whole rows when it keeps the longest). Default: ``row_length`` for each of ``num_rows``."""
+        return [self.row_length(model)] * self.num_rows(model, call)
 
     def images_per_prompt(self, model: nn.Module, input_ids: Tensor) -> Tensor:
         """(B,) images of every prompt: its placeholder runs (each image is one contiguous run). Used to
@@ -248,8 +258,10 @@ class Family:
         (set in :meth:`positions`) return zeros."""
         return (real.sum(dim=1) - short_mask.sum(dim=1))[:, None]
 
-    def llm_inputs(self, model: nn.Module, rows: VisualRows, layout: Layout, index: Tensor) -> dict[str, Any]:
-        """Extra LLM inputs pruned with the same keep mask (DeepStack); none by default."""
+    def llm_inputs(self, model: nn.Module, rows: VisualRows, layout: Layout, index: Tensor,
+                   mask: Tensor) -> dict[str, Any]:
+        """Extra (or replacing) arguments of the short call, pruned with the same keep mask (DeepStack);
+        index / mask: (B, Ls) the short prompt's source positions and 0/1 mask. None by default."""
         return {}
 
 
