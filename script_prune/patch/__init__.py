@@ -38,6 +38,7 @@ from .family import DecoderAccess, Family, Layout, VisualRows, cache_keyword
 from .llava import LlavaFamily
 from .llava_next import LlavaNextFamily
 from .qwen2_5_vl import Qwen2_5_VLFamily
+from .qwen3_vl import Qwen3VLFamily
 from .prefill import STATE_ATTR, PatchConfig, PatchState, expand_for_generation, patched_forward
 
 #: generate()'s input expansion, patched so per-image inputs repeat per prompt (see expand_for_generation)
@@ -65,7 +66,7 @@ __all__ = [
 DATA_DEPENDENT_COUNTS = ("trim_iqr",)
 
 #: The families, one file each; a new family is one more entry here.
-FAMILIES: tuple[Family, ...] = (LlavaFamily(), LlavaNextFamily(), Qwen2_5_VLFamily())
+FAMILIES: tuple[Family, ...] = (LlavaFamily(), LlavaNextFamily(), Qwen2_5_VLFamily(), Qwen3VLFamily())
 
 
 def supported_classes() -> list[str]:

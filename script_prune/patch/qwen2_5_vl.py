@@ -91,25 +91,32 @@ class Qwen2_5_VLFamily(Family):
         """Rows in sequence order, right-padded to the longest: tokens (R, N, D), ``lengths`` (R,)."""
         items = self.items(model, call)
         outputs = {kind: self.features(model, call, kind) for kind in ("image", "video")}
-        pooled = {kind: [] if out is None else self.split_items(out.pooler_output, kind) for kind, out in outputs.items()}
+        video_grids = [] if call.get("video_grid_thw") is None else call["video_grid_thw"].tolist()
+        rows = self.item_rows(items, {kind: None if out is None else out.pooler_output for kind, out in outputs.items()},
+                              video_grids)
+        device = rows[0].device
+        lengths = torch.tensor([r.shape[0] for r in rows], device=device)
+        row_image = torch.repeat_interleave(torch.arange(len(items), device=device),
+                                            torch.tensor([grid[0] for _, grid in items], device=device))  # (R,)
+        tokens = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # (R, N, D)
+        image_lengths = torch.zeros(len(items), dtype=torch.long, device=device).index_add_(0, row_image, lengths)
+        extra = {"items": items, "outputs": outputs, "input_ids": call["input_ids"], "video_grids": video_grids}
+        return VisualRows(tokens, tokens, row_image, image_lengths, lengths=lengths, extra=extra)
+
+    def item_rows(self, items: list[tuple[str, list[int]]], per_kind: dict[str, Any],
+                  video_grids: list[list[int]]) -> list[Tensor]:
+        """Per-image / per-video tensors of the stock features -> one (n_r, D) tensor per row, sequence order."""
+        pooled = {kind: [] if value is None else self.split_items(value, kind, video_grids)
+                  for kind, value in per_kind.items()}
         taken = {"image": 0, "video": 0}
         rows: list[Tensor] = []
-        row_image: list[int] = []
-        for item, (kind, (t, h, w)) in enumerate(items):
+        for kind, (t, _, _) in items:
             tokens = pooled[kind][taken[kind]]  # (t * h * w / 4, D) raster order, frame-major
             taken[kind] += 1
             rows += list(tokens.view(t, -1, tokens.shape[-1]))
-            row_image += [item] * t
-        device = rows[0].device
-        lengths = torch.tensor([r.shape[0] for r in rows], device=device)
-        tokens = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # (R, N, D)
-        image_lengths = torch.zeros(len(items), dtype=torch.long, device=device).index_add_(
-            0, torch.tensor(row_image, device=device), lengths)
-        extra = {"items": items, "outputs": outputs, "input_ids": call["input_ids"]}
-        return VisualRows(tokens, tokens, torch.tensor(row_image, device=device), image_lengths, lengths=lengths,
-                          extra=extra)
+        return rows
 
-    def split_items(self, pooled: tuple[Tensor, ...], kind: str) -> list[Tensor]:
+    def split_items(self, pooled: tuple[Tensor, ...], kind: str, video_grids: list[list[int]]) -> list[Tensor]:
         """The stock per-image / per-video tokens -> per placeholder item (Qwen2.5-VL: unchanged)."""
         return list(pooled)
 
