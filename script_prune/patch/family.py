@@ -211,6 +211,11 @@ class Family:
         """Visual rows of a call, without running the vision tower (for ``kept`` of an unpruned prefill)."""
         raise NotImplementedError
 
+    def stock_layout(self, model: nn.Module) -> bool:
+        """True when the stock forward lays the rows out as :meth:`encode` does, so a budget that keeps whole
+        rows may run it unchanged (False: an option such as LLaVA-Video's average pooling changes the rows)."""
+        return True
+
     def row_lengths(self, model: nn.Module, call: dict[str, Any]) -> list[int]:
         """Tokens of every row of a call in sequence order, without running the vision tower (the budget
         keeps whole rows when it keeps the longest). Default: ``row_length`` for each of ``num_rows``."""

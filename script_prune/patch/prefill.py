@@ -318,7 +318,7 @@ def prefill(model: nn.Module, state: PatchState, call: dict[str, Any]) -> Any:
     n = max(lengths, default=family.row_length(model))
     k = resolve_budget(cfg.budget, n)
     state.prompt = None
-    if keeps_all(k, n):
+    if keeps_all(k, n) and family.stock_layout(model):
         output = state.stock_forward(**call)
         state.kept = [torch.arange(m, device=call["input_ids"].device) for m in lengths]
         return output
