@@ -37,6 +37,7 @@ from script_prune.registry import RELEVANCE_INPUTS
 from .family import DecoderAccess, Family, Layout, VisualRows, cache_keyword
 from .llava import LlavaFamily
 from .llava_next import LlavaNextFamily
+from .internvl import InternVLFamily
 from .llava_onevision import LlavaOnevisionFamily
 from .qwen2_5_vl import Qwen2_5_VLFamily
 from .qwen3_vl import Qwen3VLFamily
@@ -67,8 +68,8 @@ __all__ = [
 DATA_DEPENDENT_COUNTS = ("trim_iqr",)
 
 #: The families, one file each; a new family is one more entry here.
-FAMILIES: tuple[Family, ...] = (LlavaFamily(), LlavaNextFamily(), LlavaOnevisionFamily(), Qwen2_5_VLFamily(),
-                                Qwen3VLFamily())
+FAMILIES: tuple[Family, ...] = (LlavaFamily(), LlavaNextFamily(), LlavaOnevisionFamily(), InternVLFamily(),
+                                Qwen2_5_VLFamily(), Qwen3VLFamily())
 
 
 def supported_classes() -> list[str]:
