@@ -77,3 +77,25 @@ def test_whole_rows_remove_and_beams():
     model.generate(**inputs, max_new_tokens=2, num_beams=2, num_return_sequences=2, do_sample=False)
     assert [len(k) for k in sp.patch.kept(model)] == [4] * 10  # 5 tiles, each prompt's repeated twice
     sp.patch.remove(model)
+
+
+@torch.no_grad()
+def test_trim_merged_token_follows_each_tiles_kept_tokens():
+    """A merging method on the projector input (the pixel-shuffled features); each tile's merged token, through
+    the stock projector, follows that tile's kept tokens."""
+    model = build()
+    inputs = batch()
+    sp.patch.apply(model, method="trim", budget=5)
+    out = model(**inputs)
+    kept = torch.stack(sp.patch.kept(model))
+    sp.patch.remove(model)
+    hidden = model.model.vision_tower(pixel_values=inputs["pixel_values"]).last_hidden_state[:, 1:]  # (5, 64, C)
+    features = model.model.pixel_shuffle(hidden.reshape(5, 8, 8, -1), scale_factor=0.5).reshape(5, TILE, -1)
+    rows = model.model.multi_modal_projector(features)
+    query = question_mean(model, inputs["input_ids"], inputs["attention_mask"])[[0, 0, 0, 1, 1]][:, None]
+    reduction = sp.reduce(features, 5, "trim", image_embeds=rows, query_embeds=query)
+    assert torch.equal(kept, reduction.indices) and kept.shape == (5, 4)
+    merged = model.model.multi_modal_projector(reduction.merged)  # (5, 1, D)
+    runs = [torch.cat([torch.cat([rows[r, kept[r]], merged[r]]) for r in tiles]) for tiles in ((0, 1, 2), (3, 4))]
+    ref, short, _ = reference_logits(model, inputs["input_ids"], inputs["attention_mask"], runs)
+    torch.testing.assert_close(out.logits[short.bool()], ref[short.bool()], atol=1e-4, rtol=0)
