@@ -99,3 +99,15 @@ def test_trim_merged_token_follows_each_tiles_kept_tokens():
     runs = [torch.cat([torch.cat([rows[r, kept[r]], merged[r]]) for r in tiles]) for tiles in ((0, 1, 2), (3, 4))]
     ref, short, _ = reference_logits(model, inputs["input_ids"], inputs["attention_mask"], runs)
     torch.testing.assert_close(out.logits[short.bool()], ref[short.bool()], atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_fastv_keeps_k_per_tile_and_generates():
+    model = build()
+    inputs = batch()
+    sp.patch.apply(model, method="fastv", budget=4, layer=1)
+    out = model(**inputs, use_cache=True)
+    assert [len(k) for k in sp.patch.kept(model)] == [4] * 5
+    assert cache_length(out) == max(5 + 3 * 4 - 1 + 1, 4 + 2 * 4)  # text + kept of the longer prompt
+    assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape == (2, inputs["input_ids"].shape[1] + 3)
+    sp.patch.remove(model)

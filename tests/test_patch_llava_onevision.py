@@ -172,3 +172,18 @@ def test_whole_rows_and_remove_are_bit_identical_and_refusals():
     sp.patch.remove(model)
     with pytest.raises(ValueError, match="pooling must be one of"):
         set_video_pooling(model, "max")
+
+
+@torch.no_grad()
+def test_fastv_keeps_k_per_crop_and_frame():
+    model = build()
+    videos = torch.randn(1, 3, 3, SIZE, SIZE)
+    ids, mask = left_padded([[1, 5] + [IMAGE] * 26 + [6] + [IMAGE] * 26 + [VIDEO] * (3 * 9 + 1) + [8, 9]])
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 5, 3, SIZE, SIZE),
+                  image_sizes=torch.tensor([[40, 40], [40, 40]]), batch_num_images=torch.tensor([2]),
+                  pixel_values_videos=videos)
+    sp.patch.apply(model, method="fastv", budget=4, layer=1)
+    out = model(**inputs)
+    assert [len(k) for k in sp.patch.kept(model)] == [4] * 5  # two base crops, 3 frames
+    assert out.cache.get_seq_length() == 5 + 2 * (4 + 1) + 3 * 4 + 1  # text + kept + the three newlines
+    sp.patch.remove(model)

@@ -225,3 +225,61 @@ def test_defaults_and_refusals():
     with pytest.raises(ValueError, match="beam search"):
         model.generate(**inputs, max_new_tokens=2, num_beams=2, do_sample=False)
     sp.patch.remove(model)
+
+
+@torch.no_grad()
+def test_fastv_with_mrope_picks_eager_top_attention_and_decodes_like_masked_reference():
+    """FastV on the M-RoPE decoder: layer K-1's eager attention of the last token ranks each row's tokens; the
+    kept ones keep their 3-D positions. Reference: the stock decoder layers, cache-free, with explicit masks
+    (layers < K see every token, layers >= K and decoded tokens see text + kept tokens only)."""
+    K, k, steps = 2, 3, 5
+    model = build(seed=2, layers=4)
+    inputs = batch()
+    sp.patch.apply(model, method="fastv", budget=k, layer=K)
+    model(**inputs)
+    kept = sp.patch.kept(model)
+    generated = model.generate(**inputs, max_new_tokens=steps, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    sp.patch.remove(model)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    rows = stock_rows(model, inputs)
+    placeholder = (ids == IMAGE) | (ids == VIDEO)
+    embeds = model.get_input_embeddings()(ids).masked_scatter(placeholder[..., None], torch.cat(rows))
+    positions, _ = model.model.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
+                                              image_grid_thw=inputs["image_grid_thw"],
+                                              video_grid_thw=inputs["video_grid_thw"], attention_mask=mask)
+    model.set_attn_implementation("eager")
+    attentions = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                       output_attentions=True).attentions
+    model.set_attn_implementation("sdpa")
+    scores = attentions[K - 1][:, :, -1].mean(dim=1)  # (B, L)
+    dropped = torch.zeros_like(placeholder)
+    slots = placeholder.nonzero().tolist()  # (sample, position) in scatter order = rows in sequence order
+    start = 0
+    for r, row in enumerate(rows):
+        mine = slots[start:start + row.shape[0]]
+        ranked = sorted(range(len(mine)), key=lambda i: -float(scores[mine[i][0], mine[i][1]]))
+        assert kept[r].tolist() == sorted(ranked[:k])
+        for i in ranked[k:]:
+            dropped[mine[i][0], mine[i][1]] = True
+        start += row.shape[0]
+    lm = model.model.language_model
+    tokens = torch.empty(2, 0, dtype=torch.long)
+    length = ids.shape[1]
+    for _ in range(steps):
+        t = length + tokens.shape[1]
+        seq = torch.cat([embeds, model.get_input_embeddings()(tokens)], dim=1)
+        real = torch.cat([mask.bool(), torch.ones_like(tokens, dtype=torch.bool)], dim=1)  # (B, T)
+        step_pos = positions.amax(dim=2, keepdim=True) + 1 + torch.arange(tokens.shape[1])  # (3, B, t - L)
+        pos = torch.cat([positions, step_pos], dim=2)
+        gone = torch.cat([dropped, torch.zeros_like(tokens, dtype=torch.bool)], dim=1)
+        causal = (torch.ones(t, t, dtype=torch.bool).tril()[None] & real[:, None, :]) | torch.eye(t, dtype=torch.bool)
+        early = causal & ~(gone[:, None, :] & (torch.arange(t) >= length)[None, :, None])
+        late = causal & ~gone[:, None, :]
+        hidden, rope = seq, lm.rotary_emb(seq, position_ids=pos)
+        for i, layer in enumerate(lm.layers):
+            allowed = early if i < K else late
+            bias = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+            hidden = layer(hidden, attention_mask=bias, position_embeddings=rope)
+        logits = model.lm_head(lm.norm(hidden))
+        tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, tokens)

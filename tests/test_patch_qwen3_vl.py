@@ -178,3 +178,8 @@ def test_whole_rows_and_remove_are_bit_identical():
     sp.patch.remove(model)
     assert torch.equal(model(**inputs).logits, stock)
     assert "forward" not in model.__dict__
+
+
+def test_fastv_is_refused_with_deepstack():
+    with pytest.raises(ValueError, match="fastv.*not supported on Qwen3VLForConditionalGeneration.*inside the decoder"):
+        sp.patch.apply(build(), method="fastv", budget=4, layer=1)

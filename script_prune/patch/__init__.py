@@ -114,6 +114,9 @@ def _config(model: nn.Module, family: Family, method: Any, budget: Any, relevanc
     if spec.stage == "llm":
         from .in_llm import check_layer
 
+        if not family.in_llm:
+            raise ValueError(f"in-LLM method {method!r} is not supported on {name} yet (its LLM adds visual features "
+                             "inside the decoder, which the pruned decoder loop does not carry)")
         if set(spec.params) != {"layer"}:
             raise ValueError(f"in-LLM method {method!r} is not wired into script_prune.patch (only FastV-style "
                              "methods with one parameter 'layer')")

@@ -188,6 +188,8 @@ class Family:
     #: False: merging methods (TRIM, VisionZip) are refused (a merged token has no original position,
     #: which M-RoPE families need).
     merging: ClassVar[bool] = True
+    #: False: in-LLM methods (FastV) are refused (e.g. features injected inside the LLM, Qwen3-VL's DeepStack).
+    in_llm: ClassVar[bool] = True
 
     # -- vision side ---------------------------------------------------------------------------
     def encode(self, model: nn.Module, call: dict[str, Any], needs: frozenset[str] = frozenset()) -> VisualRows:
@@ -256,6 +258,10 @@ class Family:
         families gather their 3-D positions with ``index`` instead. -> (B, Ls) long.
         """
         return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+    def continue_from(self, model: nn.Module, positions: Tensor, mask: Tensor) -> None:
+        """Called with the short prompt's positions ((B, Ls), or (3, B, Ls) for M-RoPE) and 0/1 mask once an
+        in-LLM method pruned it; M-RoPE families set ``rope_deltas`` from them. Nothing by default."""
 
     def decode_shift(self, model: nn.Module, real: Tensor, short_mask: Tensor) -> Tensor:
         """(B, 1) to subtract from generate()'s decoding position ids (counted over the original

@@ -150,11 +150,10 @@ class Qwen2_5_VLFamily(Family):
         given = call.get("position_ids")
         full = given[-3:] if given is not None and given.dim() == 3 else self.rope_index(model, call)  # (3, B, L)
         short = full.to(index.device).gather(2, index[None].expand(3, -1, -1)) * mask[None]  # (3, B, Ls)
-        self.set_rope_deltas(model, short, mask)
+        self.continue_from(model, short, mask)
         return short
 
-    @staticmethod
-    def set_rope_deltas(model: nn.Module, positions: Tensor, mask: Tensor) -> None:
+    def continue_from(self, model: nn.Module, positions: Tensor, mask: Tensor) -> None:
         """``rope_deltas`` (B, 1) = last position + 1 - real tokens: decoding without position ids continues
         from the short prompt's last original position. positions (3, B, Ls), mask (B, Ls)."""
         last = positions.masked_fill(mask[None] == 0, -1).amax(dim=(0, 2))  # (B,)

@@ -23,6 +23,7 @@ class Qwen3VLFamily(Qwen2_5_VLFamily):
     name = "qwen3_vl"
     class_names = ("Qwen3VLForConditionalGeneration",)
     visual_keys = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "mm_token_type_ids")
+    in_llm = False  # FastV would need DeepStack's additions after layers 0..2 in the pruned decoder loop
 
     def video_items(self, grid: list[int]) -> list[list[int]]:
         """One item per temporal step: frames are separate runs, timestamps between them."""
