@@ -12,7 +12,8 @@ from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGener
 
 import script_prune as sp
 from script_prune.patch.llava_onevision import set_video_pooling
-from tests.test_patch import pruned_image_tokens, stock_layout_ids
+from tests import test_patch
+from tests.test_patch import left_padded, pruned_image_tokens, stock_layout_ids
 
 IMAGE, VIDEO = 99, 98
 SIZE, PATCH = 40, 8  # 5 x 5 = 25 tokens per crop; frames: 3 x 3 = 9 (bilinear) or 2 x 2 = 4 (average)
@@ -42,38 +43,10 @@ def projected(model, pixels):
     return model.model.multi_modal_projector(model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-1])
 
 
-def left_padded(rows):
-    length = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), length, dtype=torch.long)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, length - len(r):], mask[b, length - len(r):] = torch.tensor(r), 1
-    return ids, mask
-
-
 def reference_logits(model, ids, mask, runs):
-    """Unpatched model on the prompt with each placeholder run replaced by ``runs[b]``'s next tensor, left padded,
-    contiguous positions. -> logits (B, Ls, V), mask (B, Ls)"""
-    embed = model.get_input_embeddings()
-    seqs = []
-    for b in range(ids.shape[0]):
-        row, pieces, i, todo = ids[b][mask[b].bool()].tolist(), [], 0, list(runs[b])
-        while i < len(row):
-            if row[i] in (IMAGE, VIDEO):
-                kind = row[i]
-                pieces.append(todo.pop(0))
-                while i < len(row) and row[i] == kind:
-                    i += 1
-            else:
-                pieces.append(embed(torch.tensor([row[i]])))
-                i += 1
-        seqs.append(torch.cat(pieces))
-    length = max(s.shape[0] for s in seqs)
-    embeds = torch.zeros(len(seqs), length, seqs[0].shape[1])
-    short = torch.zeros(len(seqs), length, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        embeds[b, length - s.shape[0]:], short[b, length - s.shape[0]:] = s, 1
-    logits = model(inputs_embeds=embeds, attention_mask=short, position_ids=(short.cumsum(1) - 1).clamp(min=0)).logits
+    """tests/test_patch.py's reference (each placeholder run replaced by ``runs[b]``'s next tensor, contiguous
+    positions), with the video placeholders read as image ones (every run here is separated by text)."""
+    logits, short, _ = test_patch.reference_logits(model, ids.masked_fill(ids == VIDEO, IMAGE), mask, list(runs))
     return logits, short
 
 

@@ -11,6 +11,7 @@ import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 import script_prune as sp
+from tests.test_patch import cache_length, left_padded, masked_forward
 
 IMAGE, VIDEO, START, END = 97, 98, 95, 96
 PATCH, MERGE, TEMPORAL = 2, 2, 2
@@ -43,16 +44,6 @@ def pixels(grids: list[list[int]]) -> torch.Tensor:
 def tokens(grid) -> int:
     t, h, w = grid
     return t * h * w // (MERGE * MERGE)
-
-
-def left_padded(rows):
-    length = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), length, dtype=torch.long)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, length - len(r):] = torch.tensor(r)
-        mask[b, length - len(r):] = 1
-    return ids, mask
 
 
 IMAGES = [[1, 4, 6], [1, 8, 8]]  # sample 0: 6 tokens, sample 1: 16 tokens
@@ -113,9 +104,43 @@ def hand_shortened(model, inputs, rows, kept):
     return embeds, short, positions
 
 
-def cache_length(output) -> int:
-    cache = output.cache if "cache" in type(output).__dataclass_fields__ else output.past_key_values
-    return cache.get_seq_length()
+def pruned_forward(model, inputs, method, budget):
+    """The patched model's output and ``kept`` on ``inputs``; the model is stock again afterwards."""
+    sp.patch.apply(model, method=method, budget=budget)
+    out = model(**inputs)
+    kept = sp.patch.kept(model)
+    sp.patch.remove(model)
+    return out, kept
+
+
+def pruned_generate(model, inputs, method, budget, steps=8):
+    """Greedy tokens of the patched model (new tokens only) and ``kept``; the model is stock again afterwards."""
+    sp.patch.apply(model, method=method, budget=budget)
+    generated = model.generate(**inputs, max_new_tokens=steps, do_sample=False)
+    kept = sp.patch.kept(model)
+    sp.patch.remove(model)
+    return generated[:, inputs["input_ids"].shape[1]:], kept
+
+
+def check_kept(kept, rows, method, budget):
+    """Every row keeps its resolved budget, ascending int64; divprune's kept = script_prune.select on the row."""
+    assert [k.shape[0] for k in kept] == [min(sp.resolve_budget(budget, r.shape[0]), r.shape[0]) for r in rows]
+    assert all(k.dtype == torch.int64 and torch.equal(k, k.sort().values) for k in kept)
+    if method == "divprune":
+        assert all(torch.equal(k, sp.select(r[None], k.shape[0], method)[0].sort().values) for k, r in zip(kept, rows))
+
+
+def check_whole_rows_bit_identical(model, inputs, budget, lengths):
+    """A budget keeping the longest row whole runs the stock forward / generate; remove() restores stock."""
+    stock = model(**inputs).logits
+    stock_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    sp.patch.apply(model, method="divprune", budget=budget)
+    assert torch.equal(model(**inputs).logits, stock)
+    assert [k.tolist() for k in sp.patch.kept(model)] == [list(range(n)) for n in lengths]
+    assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), stock_gen)
+    sp.patch.remove(model)
+    assert torch.equal(model(**inputs).logits, stock)
+    assert "forward" not in model.__dict__
 
 
 @pytest.mark.parametrize("method,budget", [("divprune", 0.5), ("script", 3), ("gsp", 0.25)])
@@ -123,16 +148,9 @@ def cache_length(output) -> int:
 def test_logits_equal_stock_model_on_hand_shortened_prompt(method, budget):
     model = build()
     inputs = batch()
-    sp.patch.apply(model, method=method, budget=budget)
-    out = model(**inputs)
-    kept = sp.patch.kept(model)
-    sp.patch.remove(model)
+    out, kept = pruned_forward(model, inputs, method, budget)
     rows = stock_rows(model, inputs)
-    lengths = [r.shape[0] for r in rows]
-    assert [k.shape[0] for k in kept] == [min(sp.resolve_budget(budget, n), n) for n in lengths]
-    assert all(k.dtype == torch.int64 and torch.equal(k, k.sort().values) for k in kept)
-    if method == "divprune":  # kept = script_prune.select on the stock features, row by row
-        assert all(torch.equal(k, sp.select(r[None], k.shape[0], method)[0].sort().values) for k, r in zip(kept, rows))
+    check_kept(kept, rows, method, budget)
     embeds, short, positions = hand_shortened(model, inputs, rows, kept)
     ref = model(inputs_embeds=embeds, attention_mask=short, position_ids=positions)
     assert out.logits.shape == ref.logits.shape
@@ -161,14 +179,11 @@ def test_script_kept_equals_select_with_llm_text_relevance():
 def test_greedy_decoding_equals_reference():
     model = build()
     inputs = batch()
-    sp.patch.apply(model, method="divprune", budget=0.5)
-    generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    kept = sp.patch.kept(model)
-    sp.patch.remove(model)
+    generated, kept = pruned_generate(model, inputs, "divprune", 0.5)
     embeds, short, positions = hand_shortened(model, inputs, stock_rows(model, inputs), kept)
     reference = model.generate(inputs_embeds=embeds, attention_mask=short, position_ids=positions, max_new_tokens=8,
                                do_sample=False)
-    assert torch.equal(generated[:, inputs["input_ids"].shape[1]:], reference)
+    assert torch.equal(generated, reference)
 
 
 @torch.no_grad()
@@ -199,17 +214,7 @@ def test_decoding_without_position_ids_continues_from_rope_deltas():
 
 @torch.no_grad()
 def test_whole_rows_and_remove_are_bit_identical():
-    model = build()
-    inputs = batch()
-    stock = model(**inputs).logits
-    stock_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    sp.patch.apply(model, method="divprune", budget=16)  # the longest row holds 16 tokens
-    assert torch.equal(model(**inputs).logits, stock)
-    assert [k.tolist() for k in sp.patch.kept(model)] == [list(range(n)) for n in (6, 4, 4, 16)]
-    assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), stock_gen)
-    sp.patch.remove(model)
-    assert torch.equal(model(**inputs).logits, stock)
-    assert "forward" not in model.__dict__
+    check_whole_rows_bit_identical(build(), batch(), 16, (6, 4, 4, 16))  # the longest row holds 16 tokens
 
 
 def test_defaults_and_refusals():
@@ -275,11 +280,6 @@ def test_fastv_with_mrope_picks_eager_top_attention_and_decodes_like_masked_refe
         causal = (torch.ones(t, t, dtype=torch.bool).tril()[None] & real[:, None, :]) | torch.eye(t, dtype=torch.bool)
         early = causal & ~(gone[:, None, :] & (torch.arange(t) >= length)[None, :, None])
         late = causal & ~gone[:, None, :]
-        hidden, rope = seq, lm.rotary_emb(seq, position_ids=pos)
-        for i, layer in enumerate(lm.layers):
-            allowed = early if i < K else late
-            bias = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
-            hidden = layer(hidden, attention_mask=bias, position_embeddings=rope)
-        logits = model.lm_head(lm.norm(hidden))
+        logits = masked_forward(model, seq, pos, [early] * K + [late] * (len(lm.layers) - K))  # 3-D positions
         tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(generated, tokens)

@@ -12,6 +12,8 @@ import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 import script_prune as sp
+from tests.test_patch import left_padded
+from tests.test_patch_qwen2_5_vl import check_kept, check_whole_rows_bit_identical, pruned_forward, pruned_generate
 
 IMAGE, VIDEO, START, END = 97, 98, 95, 96
 PATCH, MERGE, TEMPORAL = 2, 2, 2
@@ -55,11 +57,7 @@ def batch():
     rows = [[1, 5, START] + [IMAGE] * tokens(IMAGES[0]) + [END, 6]
             + [40, START] + [VIDEO] * frame + [END, 41, START] + [VIDEO] * frame + [END, 7, 8, 9],
             [1, START] + [IMAGE] * tokens(IMAGES[1]) + [END, 10, 11]]
-    length = max(len(r) for r in rows)
-    ids = torch.zeros(2, length, dtype=torch.long)
-    mask = torch.zeros(2, length, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, length - len(r):], mask[b, length - len(r):] = torch.tensor(r), 1
+    ids, mask = left_padded(rows)
     types = ((ids == IMAGE) * 1 + (ids == VIDEO) * 2).int()
     return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels(IMAGES), image_grid_thw=torch.tensor(IMAGES),
                 pixel_values_videos=pixels(VIDEOS), video_grid_thw=torch.tensor(VIDEOS), mm_token_type_ids=types)
@@ -126,14 +124,9 @@ def reference_logits(model, inputs, rows, kept):
 def test_logits_equal_stock_model_with_deepstack_pruned_by_hand(method, budget):
     model = build()
     inputs = batch()
-    sp.patch.apply(model, method=method, budget=budget)
-    out = model(**inputs)
-    kept = sp.patch.kept(model)
-    sp.patch.remove(model)
+    out, kept = pruned_forward(model, inputs, method, budget)
     rows = stock_rows(model, inputs)
-    assert [k.shape[0] for k in kept] == [min(sp.resolve_budget(budget, r.shape[0]), r.shape[0]) for r, _ in rows]
-    if method == "divprune":
-        assert all(torch.equal(k, sp.select(r[None], k.shape[0], method)[0].sort().values) for k, (r, _) in zip(kept, rows))
+    check_kept(kept, [r for r, _ in rows], method, budget)
     ref, short, cache, _ = reference_logits(model, inputs, rows, kept)
     assert out.logits.shape == ref.shape
     torch.testing.assert_close(out.logits[short.bool()], ref[short.bool()], atol=1e-4, rtol=0)
@@ -148,10 +141,7 @@ def test_logits_equal_stock_model_with_deepstack_pruned_by_hand(method, budget):
 def test_greedy_decoding_equals_reference():
     model = build()
     inputs = batch()
-    sp.patch.apply(model, method="divprune", budget=0.5)
-    generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    kept = sp.patch.kept(model)
-    sp.patch.remove(model)
+    generated, kept = pruned_generate(model, inputs, "divprune", 0.5)
     logits, mask, cache, positions = reference_logits(model, inputs, stock_rows(model, inputs), kept)
     # greedy by hand with the stock language model, continuing from the last original position
     last, tokens, logits = positions.amax(dim=2, keepdim=True), [], logits[:, -1]  # (3, B, 1)
@@ -162,22 +152,12 @@ def test_greedy_decoding_equals_reference():
         step = model.model.language_model(inputs_embeds=model.get_input_embeddings()(token), attention_mask=mask,
                                           cache=cache, position_ids=last, use_cache=True)
         logits = model.lm_head(step.last_hidden_state)[:, -1]
-    assert torch.equal(generated[:, inputs["input_ids"].shape[1]:], torch.cat(tokens, dim=1))
+    assert torch.equal(generated, torch.cat(tokens, dim=1))
 
 
 @torch.no_grad()
 def test_whole_rows_and_remove_are_bit_identical():
-    model = build()
-    inputs = batch()
-    stock = model(**inputs).logits
-    stock_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    sp.patch.apply(model, method="divprune", budget=16)
-    assert torch.equal(model(**inputs).logits, stock)
-    assert [k.tolist() for k in sp.patch.kept(model)] == [list(range(n)) for n in (6, 4, 4, 16)]
-    assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), stock_gen)
-    sp.patch.remove(model)
-    assert torch.equal(model(**inputs).logits, stock)
-    assert "forward" not in model.__dict__
+    check_whole_rows_bit_identical(build(), batch(), 16, (6, 4, 4, 16))
 
 
 def test_fastv_is_refused_with_deepstack():

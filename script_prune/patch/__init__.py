@@ -8,8 +8,11 @@
     sp.patch.kept(model)    # one (k,) int64 tensor per visual row of the last prefill, ascending
     sp.patch.remove(model)  # the stock model again
 
-Supported classes: ``LlavaForConditionalGeneration`` (one row per image) and
-``LlavaNextForConditionalGeneration`` (one row per anyres crop). ``budget``: int = tokens kept per
+Supported classes: ``LlavaForConditionalGeneration`` (one row per image),
+``LlavaNextForConditionalGeneration`` (one row per anyres crop), ``LlavaOnevisionForConditionalGeneration``
+(crops and video frames), ``InternVLForConditionalGeneration`` (tiles and thumbnail),
+``Qwen2_5_VLForConditionalGeneration`` and ``Qwen3VLForConditionalGeneration`` (images and frames, 3-D M-RoPE
+positions kept; Qwen3-VL's DeepStack features pruned alike). ``budget``: int = tokens kept per
 row, float in (0, 1) = fraction kept per row (``script_prune.resolve_budget``); a budget that keeps
 whole rows runs the stock forward unchanged. Any selection method of the registry
 (``script_prune.list_methods()``) with its parameters as keyword arguments, and FastV (in the LLM,

@@ -233,8 +233,10 @@ class Family:
 
     def placeholder_mask(self, model: nn.Module, input_ids: Tensor) -> Tensor:
         """(B, L) bool: the placeholder positions the rows' layout fills, in scatter order (images and,
-        for video families, video placeholders)."""
-        return input_ids == int(model.config.image_token_id)
+        for video families, video placeholders: those of ``video_token_id`` when the config has one)."""
+        mask = input_ids == int(model.config.image_token_id)
+        video = getattr(model.config, "video_token_id", None)
+        return mask if video is None else mask | (input_ids == int(video))
 
     def embed_tokens(self, model: nn.Module) -> nn.Module:
         return model.get_input_embeddings()

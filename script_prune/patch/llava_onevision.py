@@ -65,10 +65,6 @@ class LlavaOnevisionFamily(LlavaNextFamily):
     def stock_layout(self, model: nn.Module) -> bool:
         return video_pooling(model) == "bilinear"
 
-    def placeholder_mask(self, model: nn.Module, input_ids: Tensor) -> Tensor:
-        config = model.config
-        return (input_ids == int(config.image_token_id)) | (input_ids == int(config.video_token_id))
-
     def images_per_prompt(self, model: nn.Module, input_ids: Tensor) -> Tensor:
         raise ValueError(f"{self.name}: beam search / num_return_sequences with pixels is not supported by "
                          "script_prune.patch yet (per-prompt inputs batch_num_images / videos)")

@@ -70,10 +70,6 @@ class Qwen2_5_VLFamily(Family):
     def num_rows(self, model: nn.Module, call: dict[str, Any]) -> int:
         return len(self.row_lengths(model, call))
 
-    def placeholder_mask(self, model: nn.Module, input_ids: Tensor) -> Tensor:
-        config = model.config
-        return (input_ids == int(config.image_token_id)) | (input_ids == int(config.video_token_id))
-
     def images_per_prompt(self, model: nn.Module, input_ids: Tensor) -> Tensor:
         raise ValueError(f"{self.name}: beam search / num_return_sequences with pixels is not supported by "
                          "script_prune.patch yet (its pixel_values are flattened patches, not one row per image)")
