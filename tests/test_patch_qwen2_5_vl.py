@@ -283,3 +283,11 @@ def test_fastv_with_mrope_picks_eager_top_attention_and_decodes_like_masked_refe
         logits = masked_forward(model, seq, pos, [early] * K + [late] * (len(lm.layers) - K))  # 3-D positions
         tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(generated, tokens)
+
+
+def test_clip_text_is_refused_clearly():
+    model = build()
+    sp.patch.apply(model, method="script", budget=0.5, relevance=sp.patch.ClipText(None, torch.nn.Linear(2, 2), None))
+    with pytest.raises(ValueError, match="clip_text.*post_layernorm.*qwen2_5_vl has none"):
+        model(**batch())
+    sp.patch.remove(model)

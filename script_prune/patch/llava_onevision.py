@@ -69,6 +69,9 @@ class LlavaOnevisionFamily(LlavaNextFamily):
         raise ValueError(f"{self.name}: beam search / num_return_sequences with pixels is not supported by "
                          "script_prune.patch yet (per-prompt inputs batch_num_images / videos)")
 
+    def vision_post_layernorm(self, model: nn.Module) -> nn.Module | None:
+        return None  # rows hold LLM-space tokens only: relevance 'clip_text' is refused
+
     def side(self, model: nn.Module) -> int:
         vision = model.config.vision_config
         return vision.image_size // vision.patch_size

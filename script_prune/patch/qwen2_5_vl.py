@@ -74,6 +74,9 @@ class Qwen2_5_VLFamily(Family):
         raise ValueError(f"{self.name}: beam search / num_return_sequences with pixels is not supported by "
                          "script_prune.patch yet (its pixel_values are flattened patches, not one row per image)")
 
+    def vision_post_layernorm(self, model: nn.Module) -> nn.Module | None:
+        return None  # rows hold LLM-space tokens only: relevance 'clip_text' is refused
+
     def features(self, model: nn.Module, call: dict[str, Any], kind: str) -> Any:
         """The stock image / video features of the call (``BaseModelOutputWithPooling``), or None."""
         pixels = call.get("pixel_values" if kind == "image" else "pixel_values_videos")
