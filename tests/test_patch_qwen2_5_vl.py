@@ -291,3 +291,21 @@ def test_clip_text_is_refused_clearly():
     with pytest.raises(ValueError, match="clip_text.*post_layernorm.*qwen2_5_vl has none"):
         model(**batch())
     sp.patch.remove(model)
+
+
+@torch.no_grad()
+def test_right_padding_gives_the_left_padded_logits():
+    model = build()
+    left = batch()
+    shift = (left["attention_mask"] == 0).sum(1)
+    right = dict(left)
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        right[key] = torch.stack([row.roll(-int(s)) for row, s in zip(left[key], shift)])
+    out_left, kept_left = pruned_forward(model, left, "divprune", 0.5)
+    out_right, kept_right = pruned_forward(model, right, "divprune", 0.5)
+    assert [k.tolist() for k in kept_left] == [k.tolist() for k in kept_right]
+    count = torch.tensor([10 + 3 + 2 + 2, 5 + 8])  # text + kept per prompt (rows 6 -> 3, 4 -> 2, 4 -> 2; 16 -> 8)
+    width = out_left.logits.shape[1]  # both padded to the longer short prompt
+    real_left = torch.arange(width)[None] >= (width - count)[:, None]
+    real_right = torch.arange(width)[None] < count[:, None]
+    torch.testing.assert_close(out_right.logits[real_right], out_left.logits[real_left], atol=1e-4, rtol=0)
