@@ -237,3 +237,24 @@ def greedy_walk(
             EXHAUSTED_RESIDUAL, HAS_SCALE=scale is not None, ALL_KEPT=all_kept, **config,
         )
     return out
+
+
+def compile_for_cuda(n: int, arch: int = 90, has_scale: bool = True, all_kept: bool = False) -> Any:
+    """Compile the walk for rows of ``n`` tokens for CUDA compute capability ``arch`` without a GPU
+    (Triton's front end, its MLIR lowering and ptxas; not in the interpreter). Returns Triton's compiled kernel
+    (``.asm["ptx"]``, ``.metadata``); raises if the kernel does not compile."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    jitted = _kernel()
+    if interpreted():
+        raise RuntimeError("compile_for_cuda needs Triton's compiler: unset TRITON_INTERPRET before triton is imported")
+    pointers = {"kernel_ptr": "*fp32", "scale_ptr": "*fp32", "keep_ptr": "*u8", "factor_ptr": "*fp32", "out_ptr": "*i64"}
+    scalars = {"n": "i32", "m": "i32", "max_steps": "i32", "stride_kernel": "i64", "stride_scale": "i32",
+               "stride_keep": "i32", "stride_factor": "i64", "stride_out": "i32", "exhausted_residual": "fp32"}
+    config = launch_config(n)
+    constants = {"HAS_SCALE": has_scale, "ALL_KEPT": all_kept, "BLOCK_N": config["BLOCK_N"], "BLOCK_T": config["BLOCK_T"]}
+    signature = {**pointers, **scalars, **{name: "constexpr" for name in constants}}
+    source = ASTSource(fn=jitted, signature=signature,
+                       constexprs={(jitted.arg_names.index(name),): value for name, value in constants.items()})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": config["num_warps"]})
