@@ -30,7 +30,7 @@ import contextlib
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -112,16 +112,23 @@ _active: list[OpCounts] = []
 
 
 @contextlib.contextmanager
+def scoped_setting(namespace: Any, name: str, value: Any) -> Iterator[None]:
+    """``namespace.name = value`` inside the block (e.g. on a ``threading.local``), the previous value (or None) after."""
+    previous = getattr(namespace, name, None)
+    setattr(namespace, name, value)
+    try:
+        yield
+    finally:
+        setattr(namespace, name, previous)
+
+
+@contextlib.contextmanager
 def fused_launch(name: str) -> Iterator[None]:
     """Mark a fused kernel launch: counts as one launch; ops run inside it are not counted."""
     for counts in _active:
         counts.launch_ops[f"triton:{name}"] += 1
-    previous = getattr(_local, "inside_fused", False)
-    _local.inside_fused = True
-    try:
+    with scoped_setting(_local, "inside_fused", True):
         yield
-    finally:
-        _local.inside_fused = previous
 
 
 def _patched(counts: OpCounts, name: str, original):

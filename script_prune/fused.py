@@ -99,12 +99,8 @@ def greedy_backend(backend: str) -> Iterator[None]:
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    previous = getattr(_state, "backend", None)
-    _state.backend = backend
-    try:
+    with counting.scoped_setting(_state, "backend", backend):
         yield
-    finally:
-        _state.backend = previous
 
 
 def use_fused(kernel: Tensor) -> bool:
