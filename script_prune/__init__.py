@@ -5,12 +5,18 @@ Usage::
     import script_prune as sp
     idx = sp.select(features, 64, image_embeds=image_embeds, query_embeds=query_embeds)  # (B, 64)
 
-See docs/algorithm.md for the exact semantics.
+See docs/algorithm.md for the exact semantics. ``script_prune.patch`` (imported on first
+access, the only part that imports transformers) prunes transformers' own VLM classes in place:
+``sp.patch.apply(model, method="script", budget=64)``.
 """
 
+import importlib as _importlib
+
+from .budget import check_budget, keeps_all, resolve_budget
 from .registry import (
     MethodSpec,
     Reduction,
+    check_params,
     dpp_greedy,
     get_method,
     list_methods,
@@ -25,6 +31,10 @@ from . import baselines  # noqa: E402,F401  registers the baselines (after regis
 
 __all__ = [
     "MethodSpec",
+    "check_budget",
+    "check_params",
+    "keeps_all",
+    "resolve_budget",
     "Reduction",
     "dpp_greedy",
     "get_method",
@@ -35,3 +45,10 @@ __all__ = [
     "register_method",
     "select",
 ]
+
+
+def __getattr__(name: str):
+    """``script_prune.patch`` on first access, so ``import script_prune`` never imports transformers."""
+    if name == "patch":
+        return _importlib.import_module(".patch", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,6 +21,10 @@ def _check_ratio(gsp_ratio: float) -> None:
         raise ValueError(f"gsp_ratio must be in [0, 1], got {gsp_ratio}")
 
 
+def _check_gsp_params(params: dict) -> None:
+    _check_ratio(params["gsp_ratio"])
+
+
 def _gsp_keep(similarity: Tensor, budget: int, tau: float, gamma: float, gsp_ratio: float) -> Tensor:
     """GSP survivors: the ``n - floor(rho (n - m))`` least redundant tokens. # (B, N, N) -> (B, N) bool"""
     n = similarity.shape[1]
@@ -37,6 +41,7 @@ def _walk_bound(n: int, budget: int, gsp_ratio: float) -> int:
     "script",
     inputs=QUERY_INPUTS,
     params={"tau": 0.2, "gamma": 1.0, "gsp_ratio": 0.5, "negate": False},
+    check=_check_gsp_params,
     paper=PAPER,
     description="GSP survivors walked in DPP greedy order of the query-conditioned kernel (Sec. 4.3)",
 )
@@ -95,6 +100,7 @@ def qcrs(features: Tensor, budget: int, image_embeds: Tensor, query_embeds: Tens
     "gsp_qcrs",
     inputs=QUERY_INPUTS,
     params={"tau": 0.2, "gamma": 1.0, "gsp_ratio": 0.5, "negate": False},
+    check=_check_gsp_params,
     paper=PAPER,
     description="GSP survivors taken in descending relevance order (no DPP)",
 )

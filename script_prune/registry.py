@@ -21,10 +21,12 @@ import torch
 from torch import Tensor
 
 from . import core
+from .budget import keeps_all
 
 __all__ = [
     "MethodSpec",
     "Reduction",
+    "check_params",
     "register_method",
     "get_method",
     "list_methods",
@@ -45,7 +47,8 @@ class MethodSpec:
     ``inputs``: tensor inputs the method needs, by keyword (e.g. ``("image_embeds",
     "query_embeds")``); ``params``: accepted parameter names with their defaults;
     ``stage``: ``"vision"`` (acts on the projected visual tokens) or ``"llm"`` (inside the
-    LLM); ``merges``: returns extra merged tokens (use :func:`reduce`).
+    LLM); ``merges``: returns extra merged tokens (use :func:`reduce`); ``check``: optional
+    ``check(params)`` raising ValueError for values out of range (see :func:`check_params`).
     """
 
     name: str
@@ -56,6 +59,16 @@ class MethodSpec:
     merges: bool = False
     paper: str = ""
     description: str = ""
+    check: Callable[[dict[str, Any]], None] | None = None
+
+    @property
+    def needs_relevance(self) -> bool:
+        """True when the method reads query relevance inputs (``image_embeds`` / ``query_embeds``, Eq. 3-4)."""
+        return any(name in RELEVANCE_INPUTS for name in self.inputs)
+
+
+#: The tensor inputs that carry query relevance (paper Eq. 3-4): image and query embeddings.
+RELEVANCE_INPUTS = ("image_embeds", "query_embeds")
 
 
 @dataclass(frozen=True)
@@ -81,8 +94,13 @@ def register_method(
     merges: bool = False,
     paper: str = "",
     description: str = "",
+    check: Callable[[dict[str, Any]], None] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator registering ``fn(features (B,N,D), budget, **inputs, **params)`` under ``name``."""
+    """Decorator registering ``fn(features (B,N,D), budget, **inputs, **params)`` under ``name``.
+
+    ``check(params)``, when given, receives the full parameters (defaults filled in, types checked) and
+    raises ValueError for a value out of range; :func:`check_params` runs it.
+    """
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string, got {name!r}")
     if stage not in STAGES:
@@ -100,7 +118,7 @@ def register_method(
             raise ValueError(f"method {name!r} is already registered")
         _REGISTRY[name] = MethodSpec(
             name=name, fn=fn, inputs=inputs, params=params, stage=stage,
-            merges=bool(merges), paper=paper, description=description,
+            merges=bool(merges), paper=paper, description=description, check=check,
         )
         return fn
 
@@ -262,6 +280,24 @@ def _param(method: str, name: str, value: Any, default: Any) -> Any:
     return value
 
 
+def check_params(method: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` checked against ``method``'s parameters without running it -> the given params, converted.
+
+    Unknown names, values whose type differs from the default's and values out of the method's range (its
+    ``check``, run with the defaults filled in) raise ValueError naming the parameter. Defaults are not added
+    to the result, so a caller can still fill a parameter from elsewhere (e.g. ``negate`` from a relevance
+    source in ``script_prune.patch``).
+    """
+    spec = get_method(method)
+    unknown = sorted(set(params) - set(spec.params))
+    if unknown:
+        raise ValueError(f"parameters {unknown} are not parameters of method {method!r}; it accepts {sorted(spec.params)}")
+    checked = {name: _param(method, name, value, spec.params[name]) for name, value in params.items()}
+    if spec.check is not None:
+        spec.check({**spec.params, **checked})
+    return checked
+
+
 def _split_kwargs(spec: MethodSpec, given: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split keyword arguments into the method's tensor inputs and its parameters."""
     inputs, params = {}, dict(spec.params)
@@ -351,7 +387,7 @@ def _run_method(
     budget = _budget(budget)
     inputs = _prepared_inputs(spec, raw_inputs, x, batched)
     b, n, _ = x.shape
-    if budget >= n or b == 0:
+    if keeps_all(budget, n) or b == 0:
         kept = torch.arange(min(budget, n), device=x.device).expand(b, -1).clone()
         return Reduction(indices=kept, merged=None), batched
     out = spec.fn(x, budget, **inputs, **params)

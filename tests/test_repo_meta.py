@@ -3,6 +3,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,9 +38,11 @@ def test_script_prune_never_imports_llava():
 
 
 def test_readme_library_snippet_runs(capsys):
-    """The README's first Python block (the script_prune API tour) runs and keeps 64 tokens per image."""
+    """The README's first Python block that calls ``sp.select`` (the script_prune API tour; the block before
+    it, the transformers-native patch API, needs a hub checkpoint) runs and keeps 64 tokens per image."""
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    assert blocks, "README.md has no python block"
+    blocks = [b for b in blocks if "sp.select(" in b]
+    assert blocks, "README.md has no python block calling sp.select"
     namespace: dict = {}
     exec(compile(blocks[0], "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
     keep = namespace["keep"]
@@ -64,12 +68,16 @@ def _lock_pins() -> dict[str, str]:
 def test_lock_pins_every_dependency_of_the_test_install_within_the_declared_ranges():
     """The lock is complete: the whole requirement tree of `script-prune[test]` (read from pyproject.toml and the
     installed packages' own metadata, markers evaluated for this Python) is pinned, and every pin of a direct
-    dependency satisfies the range pyproject.toml declares."""
+    dependency satisfies the range pyproject.toml declares.
+
+    The tree is read from what is installed, so it says something about the lock only where the install is the
+    lock's (as in CI); on another install (the newest or the lowest releases) the completeness half is skipped."""
     import tomllib
     from importlib import metadata
 
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
+    from packaging.version import Version
 
     pins = _lock_pins()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -79,7 +87,7 @@ def test_lock_pins_every_dependency_of_the_test_install_within_the_declared_rang
         assert name in pins, f"requirements/lock.txt does not pin {req.name}"
         assert req.specifier.contains(pins[name], prereleases=True), \
             f"requirements/lock.txt pins {req.name}=={pins[name]}, outside pyproject.toml's {req}"
-    missing, todo, seen = [], [(r, ()) for r in direct], set()
+    missing, drift, todo, seen = [], [], [(r, ()) for r in direct], set()
     while todo:
         req, extras = todo.pop()
         name = canonicalize_name(req.name)
@@ -89,10 +97,15 @@ def test_lock_pins_every_dependency_of_the_test_install_within_the_declared_rang
         if name not in pins:
             missing.append(req.name)
             continue
+        installed = Version(metadata.version(req.name)).public  # 2.13.0+cpu -> 2.13.0
+        if installed != Version(pins[name]).public:
+            drift.append(f"{req.name} {installed} (lock {pins[name]})")
         for sub in metadata.requires(req.name) or []:
             sub_req = Requirement(sub)
             if sub_req.marker is None or any(sub_req.marker.evaluate({"extra": e}) for e in (extras or ("",))):
                 todo.append((sub_req, tuple(sub_req.extras)))
+    if drift:
+        pytest.skip(f"this environment was not installed from requirements/lock.txt: {', '.join(sorted(drift)[:4])}")
     assert not missing, f"requirements/lock.txt misses dependencies of the test install: {sorted(missing)}"
 
 

@@ -12,6 +12,7 @@ which is then used. Any other missing weight is an error that lists the keys.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -39,16 +40,83 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
 def read_config_dict(model_path: str | os.PathLike) -> dict:
     """config.json of a local folder or hub id, as a dict (never through AutoConfig)."""
     local = Path(model_path) / "config.json"
-    if local.is_file():
-        return json.loads(local.read_text())
+    if not local.is_file():
+        if os.path.isdir(model_path):
+            raise FileNotFoundError(f"model_path {str(model_path)!r} has no config.json")
+        from transformers.utils import cached_file
+
+        try:
+            local = Path(cached_file(str(model_path), "config.json"))
+        except OSError as err:
+            raise FileNotFoundError(
+                f"model_path {str(model_path)!r}: no local folder and no hub config.json ({err})") from err
+    try:
+        config = json.loads(local.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"checkpoint file {local} is not valid JSON ({err}); the checkpoint is corrupt") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"checkpoint file {local}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def checkpoint_file(model_path: str | os.PathLike, name: str) -> Path | None:
+    """``name`` inside a local checkpoint folder or the hub cache of ``model_path``; None when it has no such file."""
     if os.path.isdir(model_path):
-        raise FileNotFoundError(f"model_path {str(model_path)!r} has no config.json")
+        p = Path(model_path) / name
+        return p if p.is_file() else None
     from transformers.utils import cached_file
 
     try:
-        return json.loads(Path(cached_file(str(model_path), "config.json")).read_text())
-    except OSError as err:
-        raise FileNotFoundError(f"model_path {str(model_path)!r}: no local folder and no hub config.json ({err})") from err
+        found = cached_file(str(model_path), name, _raise_exceptions_for_missing_entries=False)
+    except OSError:
+        return None
+    return Path(found) if found else None
+
+
+WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def checkpoint_digest(model_path: str | os.PathLike) -> str:
+    """Short sha256 of what identifies a checkpoint without reading its weights: config.json (as parsed), the
+    weights index when sharded, and the name and size of every weight file of a local folder."""
+    h = hashlib.sha256(json.dumps(read_config_dict(model_path), sort_keys=True).encode())
+    for name in WEIGHT_INDEX_FILES:
+        index = checkpoint_file(model_path, name)
+        if index is not None:
+            h.update(name.encode() + b"\0" + index.read_bytes())
+    if os.path.isdir(model_path):
+        for f in sorted(Path(model_path).iterdir()):
+            if f.suffix in WEIGHT_SUFFIXES and f.is_file():
+                h.update(f"{f.name}:{f.stat().st_size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def unreadable_checkpoint_file(folder: str | os.PathLike) -> tuple[Path, str] | None:
+    """The first JSON or safetensors file of a local checkpoint folder that does not parse, with the reason."""
+    if not os.path.isdir(folder):
+        return None
+    for f in sorted(Path(folder).iterdir()):
+        try:
+            if f.suffix == ".json":
+                json.loads(f.read_text(encoding="utf-8"))
+            elif f.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(f), framework="pt") as st:
+                    st.keys()
+        except Exception as err:  # noqa: BLE001 - any parse failure means the file is unreadable
+            return f, f"{type(err).__name__}: {err}"
+    return None
+
+
+def corrupt_file_error(folder: str | os.PathLike, what: str) -> ValueError | None:
+    """When loading ``what`` of ``folder`` failed: a ValueError naming its unreadable file, or None (then the
+    original error, e.g. our own clear FileNotFoundError, is the better message)."""
+    bad = unreadable_checkpoint_file(folder)
+    if bad is None:
+        return None
+    return ValueError(f"cannot load the {what} of {str(folder)!r}: file {bad[0]} is corrupt ({bad[1]})")
 
 
 def resolve_dtype(torch_dtype: Any, device: str | torch.device | None) -> torch.dtype:
@@ -169,8 +237,11 @@ def load_pretrained_model(
                                        output_loading_info=True)
     if device_map is not None:
         load_kwargs["device_map"] = device_map
-    with quiet_loading():
-        model, info = model_cls.from_pretrained(model_path, **load_kwargs)
+    try:
+        with quiet_loading():
+            model, info = model_cls.from_pretrained(model_path, **load_kwargs)
+    except Exception as err:  # noqa: BLE001 - e.g. safetensors' "header too large", which names no file
+        raise corrupt_file_error(model_path, "weights") or err
     unexpected = sorted(info.get("unexpected_keys", []))
     if unexpected:
         warnings.warn(f"checkpoint {str(model_path)!r} has weights this model does not use (ignored): {unexpected}")
@@ -182,14 +253,23 @@ def load_pretrained_model(
     if vision_missing and len(vision_missing) != len(vision_keys):
         raise ValueError(f"checkpoint {str(model_path)!r} has a partial vision tower; missing: {vision_missing}")
     if vision_missing:
-        tower.load_pretrained_weights(dtype)
+        try:
+            tower.load_pretrained_weights(dtype)
+        except Exception as err:  # noqa: BLE001
+            raise corrupt_file_error(tower.vision_tower_name, "vision tower weights") or err
     if device_map is None:
         model.to(device)
     else:
         tower.to(model.get_model().embed_tokens.weight.device)
     model.eval()
-    tokenizer = _load_tokenizer(model_path, config, tokenizer_backend)
-    image_processor = tower.load_image_processor()
+    try:
+        tokenizer = _load_tokenizer(model_path, config, tokenizer_backend)
+    except Exception as err:  # noqa: BLE001
+        raise corrupt_file_error(model_path, "tokenizer") or err
+    try:
+        image_processor = tower.load_image_processor()
+    except Exception as err:  # noqa: BLE001
+        raise corrupt_file_error(tower.vision_tower_name, "image processor") or err
     model.set_query_tokenizer(tokenizer)
     model.set_pruning(pruning)
     context_len = int(getattr(config, "max_sequence_length", 2048))

@@ -22,7 +22,6 @@ import torch
 
 import script_prune as sp
 
-RELEVANCE_INPUTS = ("image_embeds", "query_embeds")
 ATTENTION_INPUTS = ("cls_attention", "keys")
 
 
@@ -46,12 +45,7 @@ class PruningConfig:
             raise ValueError(f"params must be a dict of method parameters, got {type(self.params).__name__}")
         if not isinstance(self.negate_relevance, bool):
             raise ValueError(f"negate_relevance must be a bool, got {self.negate_relevance!r}")
-        spec = self.spec
-        unknown = sorted(set(self.params) - set(spec.params))
-        if unknown:
-            raise ValueError(
-                f"params {unknown} are not parameters of method {self.method!r}; it accepts {sorted(spec.params)}"
-            )
+        sp.check_params(self.method, self.params)  # names, types and ranges, before any model runs
 
     @property
     def spec(self) -> sp.MethodSpec:
@@ -60,7 +54,7 @@ class PruningConfig:
     @property
     def needs_relevance(self) -> bool:
         """True when the method reads CLIP image/query embeddings (then the text tower is loaded)."""
-        return any(name in self.spec.inputs for name in RELEVANCE_INPUTS)
+        return self.spec.needs_relevance
 
     @property
     def needs_attention(self) -> bool:
@@ -81,7 +75,7 @@ class PruningConfig:
 
     def is_noop_for(self, tokens_per_row: int) -> bool:
         """A budget >= the row length keeps every token: skip pruning (exactly unpruned)."""
-        return self.visual_token_num >= tokens_per_row
+        return sp.keeps_all(self.visual_token_num, tokens_per_row)
 
 
 def as_pruning_config(pruning: PruningConfig | dict | None) -> PruningConfig | None:
@@ -130,12 +124,15 @@ def prune_rows(
     """
     spec = cfg.spec
     params = cfg.method_params()
+    # the choice of tokens is not differentiable: methods see detached tensors, so a forward with autograd on
+    # works and its gradients flow through the kept tokens (merged tokens are computed without gradients)
+    detached = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in method_inputs.items()}
     if spec.merges:
-        reduction = sp.reduce(features, cfg.visual_token_num, cfg.method, **method_inputs, **params)
+        reduction = sp.reduce(features.detach(), cfg.visual_token_num, cfg.method, **detached, **params)
         kept = gather_rows(features, reduction.indices)  # (R, k, C)
         if reduction.merged is not None:
             kept = torch.cat([kept, reduction.merged.to(features.dtype)], dim=1)  # (R, k + e, C)
         return PrunedRows(kept_indices=reduction.indices, tokens=projector(kept))
     projected = projector(features)  # (R, N, D) = H_v
-    indices = sp.select(projected, cfg.visual_token_num, cfg.method, **method_inputs, **params)  # (R, k)
+    indices = sp.select(projected.detach(), cfg.visual_token_num, cfg.method, **detached, **params)  # (R, k)
     return PrunedRows(kept_indices=indices, tokens=gather_rows(projected, indices))

@@ -1,0 +1,259 @@
+"""The family interface: what one model family tells the shared pruning layer.
+
+A family (one small file: ``llava.py``, ``llava_next.py``, ...) subclasses :class:`Family` and
+answers four questions; everything else (selection, relevance, the shortened prefill, the cache,
+decoding, in-LLM methods) is shared:
+
+1. ``encode``: the visual rows of a prefill (an image, a crop, a video frame each), as the
+   projected tokens the LLM would receive ``(R, N, D)`` plus the vision tower's features.
+2. ``layout``: given which tokens of every row are kept ``(R, N)`` bool, the sequence of visual
+   tokens that fills the prompt's placeholder runs, in the order the stock model fills them,
+   with a kept flag per token (the unpruned layout, so its length equals the placeholder count).
+3. ``positions``: the position ids of the shortened prompt (1-D contiguous by default; M-RoPE
+   families gather 3-D positions of the kept tokens instead) and how decoding continues.
+4. ``decoder``: access to the LLM's decoder stack for in-LLM methods (:class:`DecoderAccess`).
+
+``llm_inputs`` lets a family hand the LLM extra per-token inputs pruned with the same keep mask
+(Qwen3-VL's DeepStack features). See docs/adding_a_family.md.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+#: Row id of a layout token that belongs to no row (LLaVA-NeXT's ``image_newline``).
+LAYOUT_TOKEN = -2
+#: Row id of text and padding positions.
+TEXT = -1
+
+
+@dataclass
+class VisualRows:
+    """The visual rows of one prefill, in sequence order (sample, then image, then crop / frame).
+
+    tokens: (R, N, D) projected visual tokens, what the LLM receives and what selection runs on.
+    vision_features: (R, N, C) the vision tower's selected-layer features (the projector input).
+    row_image: (R,) long, which image / video (in sequence order over the batch) each row belongs to.
+    image_lengths: (I,) long, placeholder tokens of each image / video in the unpruned prompt.
+    lengths: (R,) long valid tokens per row when rows differ in length (dynamic resolution; the
+        rows are then right-padded to N and the budget resolves per length), None when all are N.
+    inputs: per-row method inputs the family provides on request (``Family.provides``), e.g.
+        VisionZip's ``cls_attention`` (R, N) and ``keys`` (R, N, hd).
+    extra: family data the layout needs (e.g. NeXT grid shapes).
+    """
+
+    tokens: Tensor
+    vision_features: Tensor
+    row_image: Tensor
+    image_lengths: Tensor
+    lengths: Tensor | None = None
+    inputs: dict[str, Tensor] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_rows(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def row_length(self) -> int:
+        return self.tokens.shape[1]
+
+
+@dataclass
+class Layout:
+    """Visual tokens for the placeholder runs of the whole batch, in placeholder (scatter) order.
+
+    tokens: (T', D); kept: (T',) bool, the tokens that stay in the shortened prompt, in this order;
+    row: (T',) long, the visual row of each token (LAYOUT_TOKEN for layout markers such as newlines,
+    and for merged tokens); index: (T',) long, its index within its row (-1 for markers / merged);
+    image: (T',) long, the image each entry belongs to. Without merged tokens T' is the placeholder
+    count; merged tokens (``merged`` given to ``Family.layout``) come as extra kept entries and
+    :func:`fit_layout` moves each image's kept entries first and cuts it to its placeholder count.
+    """
+
+    tokens: Tensor
+    kept: Tensor
+    row: Tensor
+    index: Tensor
+    image: Tensor
+
+
+def fit_layout(layout: Layout, image_lengths: Tensor) -> Layout:
+    """Each image's kept entries first (order kept), then its dropped ones, cut to its placeholder count.
+
+    Needs at most ``image_lengths[i]`` kept entries per image (true for any budget: a row keeps at most
+    its N tokens, merged ones included). # T' entries -> T = image_lengths.sum() entries
+    """
+    total = layout.kept.shape[0]
+    position = torch.arange(total, device=layout.kept.device)
+    key = layout.image * (2 * total) + (~layout.kept) * total + position  # by image, kept first, then order
+    order = torch.sort(key).indices
+    image = layout.image[order]
+    counts = torch.bincount(layout.image, minlength=image_lengths.shape[0])  # (I,) entries per image
+    rank = position - (counts.cumsum(0) - counts)[image]
+    order = order[rank < image_lengths[image]]
+    return Layout(layout.tokens[order], layout.kept[order], layout.row[order], layout.index[order],
+                  layout.image[order])
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """``[-x2, x1]`` of the two halves of the last dim (the rotate-half RoPE convention). # (..., d)"""
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+@dataclass
+class DecoderAccess:
+    """What in-LLM methods need of a decoder stack (a ``LlamaModel``-like module).
+
+    The default reads the attribute names Llama, Mistral and Qwen2 decoders share (``layers``,
+    ``norm``, ``rotary_emb``, ``self_attn.{q,k}_proj``, ``input_layernorm``) and applies 1-D
+    rotate-half RoPE; a family with other names or M-RoPE overrides :meth:`rope` /
+    :meth:`last_query_attention`.
+    """
+
+    module: nn.Module
+
+    @property
+    def config(self):
+        return self.module.config
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        return list(self.module.layers[: self.config.num_hidden_layers])
+
+    def norm(self, hidden: Tensor) -> Tensor:
+        return self.module.norm(hidden)
+
+    def rope(self, hidden: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(cos, sin) as the layers receive them. # (B, L, D), (B, L) -> 2 x (B, L, hd)"""
+        return self.module.rotary_emb(hidden, position_ids=position_ids)
+
+    @staticmethod
+    def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """RoPE on heads ``x`` (B, H, L, hd) with cos/sin (B, L, hd)."""
+        return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+    def last_query_attention(self, layer: nn.Module, hidden: Tensor, rope: tuple[Tensor, Tensor],
+                             mask: Tensor) -> Tensor:
+        """Softmax attention of each row's last real token over all keys at ``layer``, mean over heads.
+
+        hidden: (B, L, D) the layer's input; rope: its (cos, sin); mask: (B, L) 0/1 padding mask.
+        Computed from the layer's own q/k projections for that one query, so the layers keep their
+        attention implementation (sdpa / flash). Masked or later keys get 0. -> (B, L) float32.
+        """
+        attn = layer.self_attn
+        normed = layer.input_layernorm(hidden)
+        batch, length, _ = normed.shape
+        hd = attn.head_dim
+        positions = torch.arange(length, device=mask.device)
+        last = (mask.bool() * (positions + 1)).argmax(dim=1)  # (B,) last real token, either padding side
+        rows = torch.arange(batch, device=normed.device)
+        cos, sin = (t.expand(batch, -1, -1) for t in rope)
+        query = attn.q_proj(normed[rows, last][:, None]).view(batch, 1, -1, hd).transpose(1, 2)  # (B, H, 1, hd)
+        keys = attn.k_proj(normed).view(batch, length, -1, hd).transpose(1, 2)  # (B, Hkv, L, hd)
+        query = self.apply_rope(query, cos[rows, last][:, None], sin[rows, last][:, None])
+        keys = self.apply_rope(keys, cos, sin)
+        groups = query.shape[1] // keys.shape[1]
+        query = query.reshape(batch, keys.shape[1], groups, hd)  # (B, Hkv, G, hd): head h uses kv head h // G
+        logits = torch.einsum("bkgd,bkld->bkgl", query.float(), keys.float()) * float(attn.scaling)
+        allowed = mask.bool() & (positions[None] <= last[:, None])  # (B, L)
+        logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
+        return logits.softmax(dim=-1).mean(dim=(1, 2))  # (B, L)
+
+
+class Family:
+    """One model family. Subclasses set ``name`` / ``class_names`` and implement ``encode`` and ``layout``."""
+
+    name: ClassVar[str] = ""
+    #: transformers class names this family patches (checked by exact class, not subclass).
+    class_names: ClassVar[tuple[str, ...]] = ()
+    #: relevance source used when ``apply`` gets none (None: the family has none; methods needing
+    #: relevance then ask for one).
+    default_relevance: ClassVar[str | None] = None
+    #: method inputs (beyond relevance) ``encode`` can provide, e.g. VisionZip's ("cls_attention", "keys").
+    provides: ClassVar[tuple[str, ...]] = ()
+    #: forward arguments whose presence on an empty cache makes a prefill "visual" (video: add
+    #: ``pixel_values_videos``).
+    visual_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    #: forward arguments that carry visual inputs, dropped from the LLM call once spliced.
+    visual_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "image_sizes")
+
+    # -- vision side ---------------------------------------------------------------------------
+    def encode(self, model: nn.Module, call: dict[str, Any], needs: frozenset[str] = frozenset()) -> VisualRows:
+        """The visual rows of a call; ``needs``: the method inputs of ``provides`` to fill in ``VisualRows.inputs``."""
+        raise NotImplementedError
+
+    def layout(self, model: nn.Module, rows: VisualRows, keep: Tensor, merged: Tensor | None = None) -> Layout:
+        """The layout of ``keep`` (R, N) bool; ``merged`` (R, e, D): projected merged tokens of every row
+        (merging methods), placed where the family puts them (after their row's kept tokens)."""
+        raise NotImplementedError
+
+    def project(self, model: nn.Module, features: Tensor) -> Tensor:
+        """Vision features (pre-projector, as ``VisualRows.vision_features``) -> LLM tokens. (..., C) -> (..., D)"""
+        return model.model.multi_modal_projector(features)
+
+    def row_length(self, model: nn.Module) -> int:
+        """Tokens per visual row before pruning (the N of the budget)."""
+        raise NotImplementedError
+
+    def num_rows(self, model: nn.Module, call: dict[str, Any]) -> int:
+        """Visual rows of a call, without running the vision tower (for ``kept`` of an unpruned prefill)."""
+        raise NotImplementedError
+
+    def images_per_prompt(self, model: nn.Module, input_ids: Tensor) -> Tensor:
+        """(B,) images of every prompt: its placeholder runs (each image is one contiguous run). Used to
+        repeat per-image inputs by prompt when generate() expands prompts (beams, num_return_sequences)."""
+        placeholder = self.placeholder_mask(model, input_ids)
+        starts = placeholder.clone()
+        starts[:, 1:] &= ~placeholder[:, :-1]
+        return starts.sum(dim=1)
+
+    def placeholder_mask(self, model: nn.Module, input_ids: Tensor) -> Tensor:
+        """(B, L) bool: the placeholder positions the rows' layout fills, in scatter order (images and,
+        for video families, video placeholders)."""
+        return input_ids == int(model.config.image_token_id)
+
+    def embed_tokens(self, model: nn.Module) -> nn.Module:
+        return model.get_input_embeddings()
+
+    def vision_post_layernorm(self, model: nn.Module) -> nn.Module | None:
+        """The vision tower's final LayerNorm (CLIP joint-space embeddings for ``clip_text``), if any."""
+        tower = model.model.vision_tower
+        return getattr(getattr(tower, "vision_model", tower), "post_layernorm", None)
+
+    # -- LLM side ------------------------------------------------------------------------------
+    def language_model(self, model: nn.Module) -> nn.Module:
+        return model.model.language_model
+
+    def decoder(self, model: nn.Module) -> DecoderAccess:
+        return DecoderAccess(self.language_model(model))
+
+    def positions(self, model: nn.Module, call: dict[str, Any], index: Tensor, mask: Tensor) -> Tensor:
+        """Position ids of the shortened prompt: LLaVA's contiguous positions over real tokens.
+
+        index: (B, Ls) source positions of the shortened prompt; mask: (B, Ls) 0/1. M-RoPE
+        families gather their 3-D positions with ``index`` instead. -> (B, Ls) long.
+        """
+        return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+    def decode_shift(self, model: nn.Module, real: Tensor, short_mask: Tensor) -> Tensor:
+        """(B, 1) to subtract from generate()'s decoding position ids (counted over the original
+        prompt): the tokens each row dropped. M-RoPE families that continue from ``rope_deltas``
+        (set in :meth:`positions`) return zeros."""
+        return (real.sum(dim=1) - short_mask.sum(dim=1))[:, None]
+
+    def llm_inputs(self, model: nn.Module, rows: VisualRows, layout: Layout, index: Tensor) -> dict[str, Any]:
+        """Extra LLM inputs pruned with the same keep mask (DeepStack); none by default."""
+        return {}
+
+
+def cache_keyword(fn: Any) -> str:
+    """``"cache"`` (transformers >= 5.24) or ``"past_key_values"``: how ``fn`` takes the KV cache."""
+    params = inspect.signature(fn).parameters
+    return "cache" if "cache" in params else "past_key_values"
