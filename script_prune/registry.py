@@ -6,7 +6,7 @@ batched, finite float32 tensors and a budget ``1 <= budget < N``.
 Host syncs: ``select`` / ``reduce`` read every value check of a call (NaN/inf in each input, the
 method's indices in range and unique) with **one** host sync after the method ran;
 ``validate=False`` is the trusted path: the same shape/type checks (host only) and no value
-check, so the call itself never waits for the device (docs/efficiency.md, "Trusted path").
+check, so the call itself never waits for the device (docs/algorithm.md, "Selection on a GPU").
 """
 
 from __future__ import annotations
