@@ -24,7 +24,7 @@ import math
 import torch
 
 from script_prune import core
-from script_prune.registry import Reduction, register_method
+from script_prune.registry import Reduction, inside_call, register_method
 
 __all__ = [
     "VISIONZIP_PUBLISHED_SPLITS",
@@ -66,7 +66,7 @@ def _check_tensor(name: str, value: object, shape_desc: str, ndim: int) -> torch
         raise ValueError(f"{name} must be a tensor of shape {shape_desc}, got {type(value).__name__}")
     if value.ndim != ndim:
         raise ValueError(f"{name} must have shape {shape_desc}, got {tuple(value.shape)}")
-    if not torch.isfinite(value).all():
+    if not inside_call() and not torch.isfinite(value).all():  # select/reduce checked it already
         raise ValueError(f"{name} contains NaN or inf")
     return value.float()
 
@@ -86,7 +86,7 @@ def _check_query(query_embeds: object, batch: int, width: int) -> torch.Tensor:
     if not isinstance(query_embeds, torch.Tensor) or query_embeds.ndim not in (2, 3):
         got = tuple(query_embeds.shape) if isinstance(query_embeds, torch.Tensor) else type(query_embeds).__name__
         raise ValueError(f"query_embeds must have shape (M, C) or (B, M, C), got {got}")
-    if not torch.isfinite(query_embeds).all():
+    if not inside_call() and not torch.isfinite(query_embeds).all():  # select/reduce checked it already
         raise ValueError("query_embeds contains NaN or inf")
     query = query_embeds.float()
     if query.ndim == 2:
@@ -423,7 +423,8 @@ def cdpruner_select(
     theta = _check_theta(theta)
     _check_token_input("image_embeds", image_embeds, features, with_dim=True)
     relevance = cdpruner_relevance(image_embeds, query_embeds, negate=negate, theta=theta)
-    return core.dpp_greedy(cdpruner_kernel(features, relevance), budget)
+    # the kernel of cdpruner_kernel, scaled in place (torch path) or on the fly (fused path)
+    return core.dpp_greedy(cosine_similarity_matrix(features), budget, relevance=relevance)
 
 
 # ----------------------------------------------------------------------------------------------------------
