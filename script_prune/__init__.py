@@ -15,8 +15,8 @@ import importlib as _importlib
 from .budget import check_budget, keeps_all, resolve_budget
 from .registry import (
     MethodSpec,
-    check_params,
     Reduction,
+    check_params,
     dpp_greedy,
     get_method,
     list_methods,

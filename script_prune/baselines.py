@@ -24,7 +24,7 @@ import math
 import torch
 
 from script_prune import core
-from script_prune.registry import Reduction, register_method
+from script_prune.registry import Reduction, inside_call, register_method
 
 __all__ = [
     "VISIONZIP_PUBLISHED_SPLITS",
@@ -66,7 +66,7 @@ def _check_tensor(name: str, value: object, shape_desc: str, ndim: int) -> torch
         raise ValueError(f"{name} must be a tensor of shape {shape_desc}, got {type(value).__name__}")
     if value.ndim != ndim:
         raise ValueError(f"{name} must have shape {shape_desc}, got {tuple(value.shape)}")
-    if not torch.isfinite(value).all():
+    if not inside_call() and not torch.isfinite(value).all():  # select/reduce checked it already
         raise ValueError(f"{name} contains NaN or inf")
     return value.float()
 
@@ -86,7 +86,7 @@ def _check_query(query_embeds: object, batch: int, width: int) -> torch.Tensor:
     if not isinstance(query_embeds, torch.Tensor) or query_embeds.ndim not in (2, 3):
         got = tuple(query_embeds.shape) if isinstance(query_embeds, torch.Tensor) else type(query_embeds).__name__
         raise ValueError(f"query_embeds must have shape (M, C) or (B, M, C), got {got}")
-    if not torch.isfinite(query_embeds).all():
+    if not inside_call() and not torch.isfinite(query_embeds).all():  # select/reduce checked it already
         raise ValueError("query_embeds contains NaN or inf")
     query = query_embeds.float()
     if query.ndim == 2:
@@ -136,6 +136,22 @@ def divprune_select(features: torch.Tensor, budget: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # VisionZip
 # ----------------------------------------------------------------------------------------------------------
+def _check_visionzip_counts(dominant: object, contextual: object) -> None:
+    for name, value in (("dominant", dominant), ("contextual", contextual)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{name} must be None or an int >= 0, got {value!r}")
+
+
+def _check_visionzip_merge(merge: object) -> None:
+    if merge not in ("mean", "released"):
+        raise ValueError(f"merge must be 'mean' or 'released', got {merge!r}")
+
+
+def _check_visionzip_params(params: dict) -> None:
+    _check_visionzip_counts(params["dominant"], params["contextual"])
+    _check_visionzip_merge(params["merge"])
+
+
 def visionzip_split(budget: int, dominant: int | None = None, contextual: int | None = None) -> tuple[int, int]:
     """Dominant / contextual token counts for a VisionZip budget.
 
@@ -146,9 +162,7 @@ def visionzip_split(budget: int, dominant: int | None = None, contextual: int | 
     """
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise ValueError(f"budget must be an int >= 1, got {budget!r}")
-    for name, value in (("dominant", dominant), ("contextual", contextual)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ValueError(f"{name} must be None or an int >= 0, got {value!r}")
+    _check_visionzip_counts(dominant, contextual)
     if dominant is not None and contextual is not None:
         if dominant + contextual != budget:
             raise ValueError(
@@ -198,8 +212,7 @@ def visionzip_reduce(
     averages each group (target included); ``merge="released"`` gives target + mean of the joined tokens,
     as the authors' code does. Returns Reduction(indices=(B, dominant) ascending, merged=(B, contextual, D)).
     """
-    if merge not in ("mean", "released"):
-        raise ValueError(f"merge must be 'mean' or 'released', got {merge!r}")
+    _check_visionzip_merge(merge)
     cls_attention = _check_token_input("cls_attention", cls_attention, features, with_dim=False)
     keys = _check_token_input("keys", keys, features, with_dim=True)
     n_dom, n_ctx = visionzip_split(budget, dominant, contextual)
@@ -240,14 +253,18 @@ def visionzip_reduce(
 # ----------------------------------------------------------------------------------------------------------
 # FastV
 # ----------------------------------------------------------------------------------------------------------
+def _check_fastv_layer(layer: object) -> None:
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise ValueError(f"layer must be an int >= 0, got {layer!r}")
+
+
 def fastv_select(features: torch.Tensor, budget: int, scores: torch.Tensor, layer: int = 2) -> torch.Tensor:
     """FastV's rule: keep the ``budget`` image tokens with the highest ``scores`` (B, N).
 
     ``scores`` is the attention each image token receives from the last prompt token at LLM layer ``layer``
     (mean over heads); the LLM integration computes it and reads ``layer``. Returns (B, budget) int64.
     """
-    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-        raise ValueError(f"layer must be an int >= 0, got {layer!r}")
+    _check_fastv_layer(layer)
     scores = _check_token_input("scores", scores, features, with_dim=False)
     return scores.topk(budget, dim=-1).indices
 
@@ -255,6 +272,16 @@ def fastv_select(features: torch.Tensor, budget: int, scores: torch.Tensor, laye
 # ----------------------------------------------------------------------------------------------------------
 # TRIM
 # ----------------------------------------------------------------------------------------------------------
+def _check_similarity(similarity: object) -> None:
+    if similarity not in ("cosine", "dot"):
+        raise ValueError(f"similarity must be 'cosine' or 'dot', got {similarity!r}")
+
+
+def _check_whisker(whisker: object) -> None:
+    if isinstance(whisker, bool) or not isinstance(whisker, (int, float)) or not math.isfinite(whisker) or whisker < 0:
+        raise ValueError(f"whisker must be a finite number >= 0, got {whisker!r}")
+
+
 def trim_scores(
     image_embeds: torch.Tensor, query_embeds: torch.Tensor, negate: bool = False, similarity: str = "cosine"
 ) -> torch.Tensor:
@@ -265,8 +292,7 @@ def trim_scores(
     authors' code); averaged over the M text rows; ``negate`` flips the sign before the softmax (the authors'
     code does). Returns (B, N) float32 summing to 1 per row.
     """
-    if similarity not in ("cosine", "dot"):
-        raise ValueError(f"similarity must be 'cosine' or 'dot', got {similarity!r}")
+    _check_similarity(similarity)
     image_embeds = _check_tensor("image_embeds", image_embeds, "(B, N, C)", 3)
     query = _check_query(query_embeds, image_embeds.shape[0], image_embeds.shape[-1])
     if similarity == "cosine":
@@ -331,8 +357,7 @@ def trim_iqr_reduce(
     ``budget`` tokens reach the LLM (budget == 1 keeps the top token only). The count varies per row; a batch
     whose rows get different counts raises ValueError (call it one row at a time, e.g. per image).
     """
-    if isinstance(whisker, bool) or not isinstance(whisker, (int, float)) or not math.isfinite(whisker) or whisker < 0:
-        raise ValueError(f"whisker must be a finite number >= 0, got {whisker!r}")
+    _check_whisker(whisker)
     _check_token_input("image_embeds", image_embeds, features, with_dim=True)
     scores = trim_scores(image_embeds, query_embeds, negate=negate, similarity=similarity)
     if budget == 1:
@@ -398,7 +423,8 @@ def cdpruner_select(
     theta = _check_theta(theta)
     _check_token_input("image_embeds", image_embeds, features, with_dim=True)
     relevance = cdpruner_relevance(image_embeds, query_embeds, negate=negate, theta=theta)
-    return core.dpp_greedy(cdpruner_kernel(features, relevance), budget)
+    # the kernel of cdpruner_kernel, scaled in place (torch path) or on the fly (fused path)
+    return core.dpp_greedy(cosine_similarity_matrix(features), budget, relevance=relevance)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -414,6 +440,7 @@ register_method(
     "visionzip",
     inputs=("cls_attention", "keys"),
     params={"dominant": None, "contextual": None, "merge": "mean"},
+    check=_check_visionzip_params,
     merges=True,
     paper="VisionZip: Longer is Better but Not Necessary in Vision Language Models (Yang et al., CVPR 2025)",
     description="Dominant tokens by [CLS] attention plus contextual tokens merged by key similarity.",
@@ -423,6 +450,7 @@ register_method(
     "fastv",
     inputs=("scores",),
     params={"layer": 2},
+    check=lambda p: _check_fastv_layer(p["layer"]),
     stage="llm",
     paper="An Image is Worth 1/2 Tokens After Layer 2 (FastV; Chen et al., ECCV 2024)",
     description="After LLM layer K keep the image tokens most attended by the last prompt token.",
@@ -432,6 +460,7 @@ register_method(
     "trim",
     inputs=("image_embeds", "query_embeds"),
     params={"negate": False, "similarity": "cosine"},
+    check=lambda p: _check_similarity(p["similarity"]),
     merges=True,
     paper="Less is More: A Simple yet Effective Token Reduction Method for Efficient Multi-modal LLMs "
     "(TRIM; Song et al., COLING 2025)",
@@ -442,6 +471,7 @@ register_method(
     "trim_iqr",
     inputs=("image_embeds", "query_embeds"),
     params={"negate": False, "similarity": "cosine", "whisker": 1.5},
+    check=lambda p: (_check_similarity(p["similarity"]), _check_whisker(p["whisker"])),
     merges=True,
     paper="Less is More: A Simple yet Effective Token Reduction Method for Efficient Multi-modal LLMs "
     "(TRIM; Song et al., COLING 2025)",
@@ -452,6 +482,7 @@ register_method(
     "cdpruner",
     inputs=("image_embeds", "query_embeds"),
     params={"negate": True, "theta": None},
+    check=lambda p: _check_theta(p["theta"]),
     paper="Beyond Attention or Similarity: Maximizing Conditional Diversity for Token Pruning in MLLMs "
     "(CDPruner; Zhang et al., NeurIPS 2025)",
     description="Conditional DPP: kernel rel_i cos(h_i, h_j) rel_j, exact greedy MAP.",

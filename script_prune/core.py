@@ -3,7 +3,10 @@
 Every function here takes *validated*, batched float32 tensors (the public wrappers in
 ``script_prune.registry`` do the checking, unbatching and dtype handling). Shapes are
 annotated as ``# (B, N, D)``. No per-sample Python loops; the greedy loops run over steps
-(not samples) and synchronise with the host only a handful of times per call.
+(not samples). The greedy walks dispatch to the fused Triton kernel (``script_prune.fused``)
+for CUDA tensors when Triton is installed; the torch code here is the CPU path and the
+reference. No function here synchronises with the host, except the torch path of
+:func:`script_walk` (once per chunk of steps, a handful of times per call).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from fractions import Fraction
 
 import torch
 from torch import Tensor
+
+from . import fused
 
 #: A residual ``d_i^2`` at or below this means the kernel is exhausted (issue 2).
 EXHAUSTED_RESIDUAL = 1e-10
@@ -60,11 +65,11 @@ def gram_matrix(x: Tensor) -> Tensor:
 def cosine_similarity_matrix(features: Tensor) -> Tensor:
     """Pairwise cosine similarity ``S_ij`` of the tokens (Eq. 8 / Eq. 10). # (B, N, D) -> (B, N, N)
 
-    One Gram of the raw features scaled by the inverse norms in place (no normalised copy
-    of the (B, N, D) features).
+    One Gram of the raw features divided by the norms in place (no normalised copy of the
+    (B, N, D) features).
     """
-    inv_norm = features.norm(dim=-1).clamp_min(NORM_EPS).reciprocal()  # (B, N)
-    return gram_matrix(features).mul_(inv_norm.unsqueeze(2)).mul_(inv_norm.unsqueeze(1))
+    norm = features.norm(dim=-1).clamp_min(NORM_EPS)  # (B, N)
+    return gram_matrix(features).div_(norm.unsqueeze(2)).div_(norm.unsqueeze(1))
 
 
 # --------------------------------------------------------------------------- GSP (Sec. 4.1)
@@ -81,7 +86,7 @@ def _side_scores(block: Tensor, tau: float, gamma: float, dim: int) -> Tensor:
         return block.sum(dim=dim) * 0.0  # no partner: score 0
     above = block >= tau
     degree = above.sum(dim=dim, dtype=block.dtype)  # d(t_i)
-    mean_above = torch.where(above, block, 0.0).sum(dim=dim) / degree.clamp_min(1.0)  # mu(t_i)
+    mean_above = (block * above).sum(dim=dim) / degree  # mu(t_i); 0/0 where degree = 0, not selected below
     fallback = block.mean(dim=dim)  # mu~(t_i) over the full graph G
     return torch.where(degree > 0, degree * torch.exp(gamma * (mean_above - tau)), fallback)
 
@@ -93,9 +98,13 @@ def redundancy_from_similarity(similarity: Tensor, tau: float, gamma: float) -> 
     ``S[:, 0::2, 1::2]`` of the one Gram matrix (no second matmul). Higher = more redundant.
     """
     block = similarity[:, 0::2, 1::2]  # (B, ceil(N/2), floor(N/2))
+    if block.shape[1] == block.shape[2] and block.shape[1] > 0:  # even N: both sides in one pass
+        both = _side_scores(torch.stack((block, block.transpose(1, 2))), tau, gamma, dim=-1)  # (2, B, N/2)
+        return both.permute(1, 2, 0).reshape(similarity.shape[:2])  # interleave src, dst
+    src, dst = _side_scores(block, tau, gamma, dim=-1), _side_scores(block, tau, gamma, dim=-2)
     scores = similarity.new_empty(similarity.shape[:2])
-    scores[:, 0::2] = _side_scores(block, tau, gamma, dim=-1)
-    scores[:, 1::2] = _side_scores(block, tau, gamma, dim=-2)
+    scores[:, 0::2] = src
+    scores[:, 1::2] = dst
     return scores
 
 
@@ -128,22 +137,29 @@ def descending_order(scores: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- QCRS (Eq. 3-4)
 
 
-def min_max_normalize(x: Tensor) -> Tensor:
-    """Per-row min-max scaling to [0, 1]; a constant row becomes all ones. # (B, N) -> (B, N)"""
-    low = x.amin(dim=1, keepdim=True)
-    span = x.amax(dim=1, keepdim=True) - low
-    scaled = (x - low) / torch.where(span > 0, span, torch.ones_like(span))
-    return torch.where(span > 0, scaled, torch.ones_like(x))
+def min_max_normalize(x: Tensor, negate: bool = False) -> Tensor:
+    """Per-row min-max scaling of ``x`` (of ``-x`` if ``negate``) to [0, 1]; a constant row
+    becomes all ones. # (B, N) -> (B, N)
+
+    ``negate`` computes ``(max - x) / (max - min)``, bit for bit the min-max of ``-x``
+    (negation is exact) without materialising ``-x``.
+    """
+    low, high = torch.aminmax(x, dim=1, keepdim=True)
+    span = high - low
+    scaled = (high - x if negate else x - low) / span
+    return scaled.masked_fill(span <= 0, 1.0)  # 0/0 of a constant row replaced by 1
 
 
 def query_relevance(image_embeds: Tensor, query_embeds: Tensor, negate: bool = False) -> Tensor:
     """Relevance ``r_norm`` (Eq. 3-4 + min-max). # (B, N, C), (B, M, C) -> (B, N) in [0, 1]
 
-    Cosine of each image embedding with the mean query embedding, negated if ``negate``.
+    Cosine of each image embedding with the mean query embedding, negated if ``negate``. The
+    mean query is not normalised: ``1 / |q|`` scales a row's cosines by one positive factor,
+    which the min-max removes (a zero query gives a constant row either way).
     """
     query_mean = query_embeds.mean(dim=1)  # (B, C), Eq. 3
-    cosine = torch.bmm(l2_normalize(image_embeds), l2_normalize(query_mean).unsqueeze(2)).squeeze(2)
-    return min_max_normalize(-cosine if negate else cosine)
+    cosine = torch.bmm(l2_normalize(image_embeds), query_mean.unsqueeze(2)).squeeze(2)  # |q| cos
+    return min_max_normalize(cosine, negate)
 
 
 def scale_kernel_(similarity: Tensor, relevance: Tensor) -> Tensor:
@@ -232,12 +248,20 @@ def complete_order(picks: Tensor, valid: Tensor, diagonal: Tensor, length: int) 
     return torch.where(out_pos < valid.unsqueeze(1), from_picks, from_rest)
 
 
-def dpp_greedy(kernel: Tensor, k: int) -> Tensor:
+def dpp_greedy(kernel: Tensor, k: int, relevance: Tensor | None = None) -> Tensor:
     """Greedy MAP pick order of a DPP with kernel ``L`` (Eq. 11). # (B, N, N) -> (B, k) int64
 
     Each step takes the unpicked item with the largest residual ``d_i^2`` (first index on
     ties). Once that residual is <= 1e-10 the remaining picks follow descending diagonal.
+    With ``relevance`` (B, N) the kernel is ``diag(r) kernel diag(r)``: the fused path scales
+    on the fly, the torch path scales ``kernel`` in place (:func:`scale_kernel_`).
+    One fused kernel on the fused path (:func:`script_prune.fused.use_fused`); no host sync
+    on either path.
     """
+    if fused.use_fused(kernel):
+        return fused.greedy_walk(kernel, k, scale=relevance)
+    if relevance is not None:
+        kernel = scale_kernel_(kernel, relevance)
     greedy = _CholeskyGreedy(kernel, k)
     greedy.run(k)
     diagonal = torch.diagonal(kernel, dim1=1, dim2=2)
@@ -247,22 +271,37 @@ def dpp_greedy(kernel: Tensor, k: int) -> Tensor:
 def first_kept(order: Tensor, keep: Tensor, m: int) -> Tensor:
     """The first ``m`` entries of each row of ``order`` that ``keep`` marks. # (B, T), (B, N) -> (B, m)
 
-    Every row must contain at least ``m`` kept entries.
+    Every row must contain at least ``m`` kept entries. No host sync: the chosen entries are
+    scattered to their rank (others to a discarded column ``m``), not boolean-indexed.
     """
     kept = torch.gather(keep, 1, order)  # (B, T) bool
-    chosen = kept & (torch.cumsum(kept, dim=1) <= m)
-    return order[chosen].view(order.shape[0], m)
+    rank = torch.cumsum(kept, dim=1) - 1  # (B, T): position among the kept entries
+    slot = torch.where(kept & (rank < m), rank, m)
+    return order.new_empty(order.shape[0], m + 1).scatter_(1, slot, order)[:, :m]
 
 
-def script_walk(kernel: Tensor, keep: Tensor, m: int, min_chunk: int = 4) -> Tensor:
+def script_walk(
+    kernel: Tensor, keep: Tensor, m: int, min_chunk: int = 4, max_steps: int | None = None,
+    relevance: Tensor | None = None,
+) -> Tensor:
     """Sec. 4.3: walk the DPP greedy order of ``kernel`` and take the first ``m`` tokens GSP kept.
 
     # kernel (B, N, N), keep (B, N) bool with >= m True per row -> (B, m) int64, pick order.
 
-    The greedy advances in chunks of at least ``max(m - fewest kept so far, min_chunk)``
-    steps (no row can finish sooner) and stops as soon as every row has its ``m`` kept
-    picks or is exhausted, so the host syncs once per chunk, a handful of times in all.
+    ``relevance``: as in :func:`dpp_greedy` (the kernel is then ``diag(r) kernel diag(r)``;
+    the torch path scales ``kernel`` in place).
+
+    Fused path: one kernel, each row stops on the device after its ``m``-th kept pick;
+    ``max_steps`` (default N) sizes its factor buffer and must bound the picks a row makes
+    before that, e.g. ``N - (kept per row) + m`` (``script`` passes that).
+    Torch path: the greedy advances in chunks of at least ``max(m - fewest kept so far,
+    min_chunk)`` steps (no row can finish sooner) and stops as soon as every row has its ``m``
+    kept picks or is exhausted, so the host syncs once per chunk, a handful of times in all.
     """
+    if fused.use_fused(kernel):
+        return fused.greedy_walk(kernel, m, keep, max_steps, scale=relevance)
+    if relevance is not None:
+        kernel = scale_kernel_(kernel, relevance)
     b, n, _ = kernel.shape
     greedy = _CholeskyGreedy(kernel, n, capacity=2 * m + 64)  # grows if needed
     target = min(m, n)

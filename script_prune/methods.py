@@ -21,6 +21,10 @@ def _check_ratio(gsp_ratio: float) -> None:
         raise ValueError(f"gsp_ratio must be in [0, 1], got {gsp_ratio}")
 
 
+def _check_gsp_params(params: dict) -> None:
+    _check_ratio(params["gsp_ratio"])
+
+
 def _gsp_keep(similarity: Tensor, budget: int, tau: float, gamma: float, gsp_ratio: float) -> Tensor:
     """GSP survivors: the ``n - floor(rho (n - m))`` least redundant tokens. # (B, N, N) -> (B, N) bool"""
     n = similarity.shape[1]
@@ -28,10 +32,16 @@ def _gsp_keep(similarity: Tensor, budget: int, tau: float, gamma: float, gsp_rat
     return core.lowest_k_mask(scores, core.gsp_keep_count(n, budget, gsp_ratio))
 
 
+def _walk_bound(n: int, budget: int, gsp_ratio: float) -> int:
+    """Most greedy steps before the ``budget``-th GSP survivor: every removed token, then ``budget`` kept ones."""
+    return n - core.gsp_keep_count(n, budget, gsp_ratio) + budget
+
+
 @register_method(
     "script",
     inputs=QUERY_INPUTS,
     params={"tau": 0.2, "gamma": 1.0, "gsp_ratio": 0.5, "negate": False},
+    check=_check_gsp_params,
     paper=PAPER,
     description="GSP survivors walked in DPP greedy order of the query-conditioned kernel (Sec. 4.3)",
 )
@@ -44,8 +54,9 @@ def script(
     similarity = core.cosine_similarity_matrix(features)  # (B, N, N)
     keep = _gsp_keep(similarity, budget, tau, gamma, gsp_ratio)
     relevance = core.query_relevance(image_embeds, query_embeds, negate)
-    kernel = core.scale_kernel_(similarity, relevance)  # reuses the Gram's memory
-    return core.script_walk(kernel, keep, budget)
+    n = features.shape[1]
+    # the walk scales S into the kernel in place (torch path) or on the fly (fused path)
+    return core.script_walk(similarity, keep, budget, max_steps=_walk_bound(n, budget, gsp_ratio), relevance=relevance)
 
 
 @register_method(
@@ -57,10 +68,8 @@ def script(
 )
 def qcsp(features: Tensor, budget: int, image_embeds: Tensor, query_embeds: Tensor, negate: bool) -> Tensor:
     """First ``m`` greedy DPP picks of the query-conditioned kernel. # (B, N, D) -> (B, m)"""
-    kernel = core.scale_kernel_(
-        core.cosine_similarity_matrix(features), core.query_relevance(image_embeds, query_embeds, negate)
-    )
-    return core.dpp_greedy(kernel, budget)
+    relevance = core.query_relevance(image_embeds, query_embeds, negate)
+    return core.dpp_greedy(core.cosine_similarity_matrix(features), budget, relevance=relevance)
 
 
 @register_method(
@@ -91,6 +100,7 @@ def qcrs(features: Tensor, budget: int, image_embeds: Tensor, query_embeds: Tens
     "gsp_qcrs",
     inputs=QUERY_INPUTS,
     params={"tau": 0.2, "gamma": 1.0, "gsp_ratio": 0.5, "negate": False},
+    check=_check_gsp_params,
     paper=PAPER,
     description="GSP survivors taken in descending relevance order (no DPP)",
 )

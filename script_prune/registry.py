@@ -2,10 +2,16 @@
 
 All input checking lives here: methods registered with :func:`register_method` receive
 batched, finite float32 tensors and a budget ``1 <= budget < N``.
+
+Host syncs: ``select`` / ``reduce`` read every value check of a call (NaN/inf in each input, the
+method's indices in range and unique) with **one** host sync after the method ran;
+``validate=False`` is the trusted path: the same shape/type checks (host only) and no value
+check, so the call itself never waits for the device (docs/algorithm.md, "Selection on a GPU").
 """
 
 from __future__ import annotations
 
+import contextvars
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -41,7 +47,8 @@ class MethodSpec:
     ``inputs``: tensor inputs the method needs, by keyword (e.g. ``("image_embeds",
     "query_embeds")``); ``params``: accepted parameter names with their defaults;
     ``stage``: ``"vision"`` (acts on the projected visual tokens) or ``"llm"`` (inside the
-    LLM); ``merges``: returns extra merged tokens (use :func:`reduce`).
+    LLM); ``merges``: returns extra merged tokens (use :func:`reduce`); ``check``: optional
+    ``check(params)`` raising ValueError for values out of range (see :func:`check_params`).
     """
 
     name: str
@@ -52,6 +59,7 @@ class MethodSpec:
     merges: bool = False
     paper: str = ""
     description: str = ""
+    check: Callable[[dict[str, Any]], None] | None = None
 
     @property
     def needs_relevance(self) -> bool:
@@ -86,8 +94,13 @@ def register_method(
     merges: bool = False,
     paper: str = "",
     description: str = "",
+    check: Callable[[dict[str, Any]], None] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator registering ``fn(features (B,N,D), budget, **inputs, **params)`` under ``name``."""
+    """Decorator registering ``fn(features (B,N,D), budget, **inputs, **params)`` under ``name``.
+
+    ``check(params)``, when given, receives the full parameters (defaults filled in, types checked) and
+    raises ValueError for a value out of range; :func:`check_params` runs it.
+    """
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string, got {name!r}")
     if stage not in STAGES:
@@ -105,7 +118,7 @@ def register_method(
             raise ValueError(f"method {name!r} is already registered")
         _REGISTRY[name] = MethodSpec(
             name=name, fn=fn, inputs=inputs, params=params, stage=stage,
-            merges=bool(merges), paper=paper, description=description,
+            merges=bool(merges), paper=paper, description=description, check=check,
         )
         return fn
 
@@ -127,12 +140,52 @@ def list_methods() -> list[str]:
 # --------------------------------------------------------------------------- validation
 
 
-def _all_finite(x: Tensor) -> bool:
-    """True if ``x`` has no NaN/inf (one pass: NaN propagates through min/max)."""
+class _DeferredChecks:
+    """Device-side value checks of one call, read together with one host sync by :meth:`resolve`.
+
+    ``enabled=False`` (the trusted path) drops them. While a call's checks are active (see
+    ``_CHECKS``), :func:`_float32_tensor` adds its NaN/inf check here instead of syncing.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.items: list[tuple[Tensor, Exception]] = []
+
+    def add(self, ok: Tensor, error: Exception) -> None:
+        if self.enabled:
+            self.items.append((ok.reshape(()), error))
+
+    def resolve(self) -> None:
+        """Raise the first failed check's error (one host sync for all of them)."""
+        items, self.items = self.items, []
+        if not items:
+            return
+        flags = torch.stack([ok for ok, _ in items]).tolist()  # the one host sync of the call
+        for flag, (_, error) in zip(flags, items):
+            if not flag:
+                raise error
+
+
+_CHECKS: contextvars.ContextVar[_DeferredChecks | None] = contextvars.ContextVar("script_prune_checks", default=None)
+
+
+def inside_call() -> bool:
+    """True while ``select`` / ``reduce`` run a method: its tensor inputs were already checked
+    (or trusted, ``validate=False``), so a method's own NaN/inf check would only add a host sync."""
+    return _CHECKS.get() is not None
+
+
+def _finite_flag(x: Tensor) -> Tensor:
+    """Device bool scalar: ``x`` has no NaN/inf (one pass: NaN propagates through min/max)."""
     if x.numel() == 0:
-        return True
+        return torch.ones((), dtype=torch.bool, device=x.device)
     low, high = torch.aminmax(x)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
+    return (low > -math.inf) & (high < math.inf)  # False for NaN too
+
+
+def _all_finite(x: Tensor) -> bool:
+    """True if ``x`` has no NaN/inf (one host sync)."""
+    return bool(_finite_flag(x))
 
 
 def _float32_tensor(x: Any, name: str, dims: tuple[int, ...], device: torch.device | None = None) -> Tensor:
@@ -147,7 +200,11 @@ def _float32_tensor(x: Any, name: str, dims: tuple[int, ...], device: torch.devi
     if device is not None and x.device != device:
         x = x.to(device)
     x = x.to(torch.float32)
-    if not _all_finite(x):
+    checks = _CHECKS.get()
+    if checks is not None:
+        if checks.enabled:
+            checks.add(_finite_flag(x), ValueError(f"{name} contains NaN or inf"))
+    elif not _all_finite(x):
         raise ValueError(f"{name} contains NaN or inf")
     return x
 
@@ -224,13 +281,21 @@ def _param(method: str, name: str, value: Any, default: Any) -> Any:
 
 
 def check_params(method: str, params: Mapping[str, Any]) -> dict[str, Any]:
-    """``params`` checked against ``method``'s parameters (names and the defaults' types), without its
-    defaults filled in: ValueError naming the unknown or mistyped parameter."""
+    """``params`` checked against ``method``'s parameters without running it -> the given params, converted.
+
+    Unknown names, values whose type differs from the default's and values out of the method's range (its
+    ``check``, run with the defaults filled in) raise ValueError naming the parameter. Defaults are not added
+    to the result, so a caller can still fill a parameter from elsewhere (e.g. ``negate`` from a relevance
+    source in ``script_prune.patch``).
+    """
     spec = get_method(method)
     unknown = sorted(set(params) - set(spec.params))
     if unknown:
         raise ValueError(f"parameters {unknown} are not parameters of method {method!r}; it accepts {sorted(spec.params)}")
-    return {name: _param(method, name, value, spec.params[name]) for name, value in params.items()}
+    checked = {name: _param(method, name, value, spec.params[name]) for name, value in params.items()}
+    if spec.check is not None:
+        spec.check({**spec.params, **checked})
+    return checked
 
 
 def _split_kwargs(spec: MethodSpec, given: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -266,8 +331,10 @@ def _prepared_inputs(spec: MethodSpec, raw: dict[str, Any], x: Tensor, batched: 
     return out
 
 
-def _sorted_indices(indices: Any, spec: MethodSpec, batch: int, n: int, width: int | None) -> Tensor:
-    """Check a method's returned indices and sort them ascending."""
+def _sorted_indices(
+    indices: Any, spec: MethodSpec, batch: int, n: int, width: int | None, checks: _DeferredChecks
+) -> Tensor:
+    """Check a method's returned indices and sort them ascending (the value check joins ``checks``)."""
     if not isinstance(indices, Tensor) or indices.dim() != 2 or indices.shape[0] != batch:
         raise RuntimeError(f"method {spec.name!r} must return (B, m) indices, got {getattr(indices, 'shape', indices)}")
     if width is not None and indices.shape[1] != width:
@@ -275,16 +342,40 @@ def _sorted_indices(indices: Any, spec: MethodSpec, batch: int, n: int, width: i
     indices = torch.sort(indices.to(torch.int64), dim=1).values
     if indices.shape[1] == 0:
         return indices
-    bad = (indices[:, 0] < 0).any() | (indices[:, -1] >= n).any() | (indices[:, 1:] == indices[:, :-1]).any()
-    if bool(bad):  # one host sync
-        raise RuntimeError(f"method {spec.name!r} returned out-of-range or repeated indices")
+    if checks.enabled:
+        bad = (indices[:, 0] < 0).any() | (indices[:, -1] >= n).any() | (indices[:, 1:] == indices[:, :-1]).any()
+        checks.add(~bad, RuntimeError(f"method {spec.name!r} returned out-of-range or repeated indices"))
     return indices
 
 
 def _run(
-    features: Any, budget: Any, method: str, tensors: dict[str, Any], kwargs: dict[str, Any], merging_ok: bool
+    features: Any, budget: Any, method: str, tensors: dict[str, Any], kwargs: dict[str, Any], merging_ok: bool,
+    validate: bool = True,
 ) -> tuple[Reduction, bool]:
-    """Validate everything, call the method on batched float32 inputs, return a batched Reduction."""
+    """Validate, call the method on batched float32 inputs, return a batched Reduction.
+
+    Shape/type checks run on the host first; the value checks (NaN/inf, the returned indices)
+    are read with one host sync at the end, or skipped when ``validate`` is False.
+    """
+    if not isinstance(validate, bool):
+        raise ValueError(f"validate must be a bool, got {validate!r}")
+    checks = _DeferredChecks(validate)
+    token = _CHECKS.set(checks)
+    try:
+        red, batched = _run_method(features, budget, method, tensors, kwargs, merging_ok, checks)
+    except Exception:
+        checks.resolve()  # a NaN/inf input explains a failure better than the failure itself
+        raise
+    finally:
+        _CHECKS.reset(token)
+    checks.resolve()
+    return red, batched
+
+
+def _run_method(
+    features: Any, budget: Any, method: str, tensors: dict[str, Any], kwargs: dict[str, Any], merging_ok: bool,
+    checks: _DeferredChecks,
+) -> tuple[Reduction, bool]:
     spec = get_method(method)
     if spec.merges and not merging_ok:
         raise ValueError(f"method {method!r} merges tokens; call script_prune.reduce instead of select")
@@ -304,8 +395,8 @@ def _run(
         merged = out.merged
         if merged is not None and (not isinstance(merged, Tensor) or merged.dim() != 3 or merged.shape[0] != b):
             raise RuntimeError(f"method {method!r} must return merged tokens as (B, e, D)")
-        return Reduction(_sorted_indices(out.indices, spec, b, n, None), merged), batched
-    return Reduction(_sorted_indices(out, spec, b, n, budget), None), batched
+        return Reduction(_sorted_indices(out.indices, spec, b, n, None, checks), merged), batched
+    return Reduction(_sorted_indices(out, spec, b, n, budget, checks), None), batched
 
 
 # --------------------------------------------------------------------------- public API
@@ -317,6 +408,8 @@ def select(
     method: str = "script",
     image_embeds: Tensor | None = None,
     query_embeds: Tensor | None = None,
+    *,
+    validate: bool = True,
     **kwargs: Any,
 ) -> Tensor:
     """Indices of the ``budget`` tokens ``method`` keeps. # (B, N, D) | (N, D) -> (B, budget) | (budget,)
@@ -325,9 +418,15 @@ def select(
     ``image_embeds`` / ``query_embeds`` are ignored by methods that do not use them;
     other keyword arguments are the method's inputs and parameters
     (``get_method(method).inputs`` / ``.params``).
+
+    ``validate=False`` is the trusted path for integrations: no NaN/inf check of the inputs
+    and no check of the method's output, hence no host sync in the call (with ``budget`` a
+    Python int, the fused greedy on CUDA and a method that syncs nowhere itself, as Script
+    and its ablations). Non-finite inputs then give unspecified (but in-range) indices.
     """
     red, batched = _run(
-        features, budget, method, {"image_embeds": image_embeds, "query_embeds": query_embeds}, kwargs, False
+        features, budget, method, {"image_embeds": image_embeds, "query_embeds": query_embeds}, kwargs, False,
+        validate,
     )
     return red.indices if batched else red.indices[0]
 
@@ -338,15 +437,18 @@ def reduce(
     method: str = "script",
     image_embeds: Tensor | None = None,
     query_embeds: Tensor | None = None,
+    *,
+    validate: bool = True,
     **kwargs: Any,
 ) -> Reduction:
     """Like :func:`select` but for every method, returning a :class:`Reduction`.
 
     ``merged`` is ``None`` for pure selection methods; unbatched input gives an unbatched
-    ``indices`` (m,) and ``merged`` (e, D).
+    ``indices`` (m,) and ``merged`` (e, D). ``validate``: as in :func:`select`.
     """
     red, batched = _run(
-        features, budget, method, {"image_embeds": image_embeds, "query_embeds": query_embeds}, kwargs, True
+        features, budget, method, {"image_embeds": image_embeds, "query_embeds": query_embeds}, kwargs, True,
+        validate,
     )
     if batched:
         return red

@@ -325,3 +325,50 @@ def next_crops_figure(image: Any, tile_grid: Sequence[int], tokens_per_side: int
                             compose_kept(tiles_img, mt), mt, "kept"))
     title = f"query: {query}" if query else None
     return render_panels(top + bottom, out_path, ncols=len(top), suptitle=title)
+
+
+# --------------------------------------------------------------------------- Fig. 9: redundancy across thresholds
+
+#: The thresholds of the paper's Fig. 9 (App. E, "Redundancy Visualization Across Thresholds").
+FIG9_TAUS = (0.1, 0.3, 0.5, 0.7, 0.9)
+MASK_RED = (220, 40, 40)  # redundant patches (r >= tau)
+MASK_BLUE = (40, 90, 220)  # distinctive patches (r < tau)
+MASK_ALPHA = 0.5
+
+
+def compose_mask(image_rgb: np.ndarray, mask: np.ndarray, alpha: float = MASK_ALPHA) -> np.ndarray:
+    """Image tinted red where ``mask`` is True and blue elsewhere (Fig. 9's colours). (H, W, 3) uint8."""
+    up = _upsample(mask.astype(bool), image_rgb.shape[:2])[..., None]
+    colours = np.where(up, np.array(MASK_RED, dtype=np.float64), np.array(MASK_BLUE, dtype=np.float64))
+    out = (1 - alpha) * image_rgb.astype(np.float64) + alpha * colours
+    return out.round().clip(0, 255).astype(np.uint8)
+
+
+def threshold_masks(redundancy: Any, grid_hw: Sequence[int], taus: Sequence[float] = FIG9_TAUS) -> dict[float, np.ndarray]:
+    """Binary masks ``r >= tau`` (redundant patches) of a (N,) redundancy map, one (h, w) bool per tau."""
+    g = score_grid(redundancy, grid_hw, normalize=False)
+    return {float(t): g >= float(t) for t in taus}
+
+
+def redundancy_threshold_figure(image: Any, grid_hw: Sequence[int], redundancy: Any, out_path: str | os.PathLike,
+                                taus: Sequence[float] = FIG9_TAUS, title: str | None = None,
+                                panel_px: int = 240) -> FigureResult:
+    """Fig. 9 for one image: the image, the redundancy heat map and one binary mask per ``tau``.
+
+    redundancy: (N,) per-patch redundancy in [-1, 1] (mean cosine with the 8-connected neighbours,
+    ``script_prune.redundancy.neighbour_mean_similarity``). The heat map uses the absolute scale
+    [0, 1] (jet: red = 1, blue = 0; negative values as 0), so its colours and the masks read alike;
+    mask panels tint the redundant patches (``r >= tau``) red and the others blue.
+    """
+    hw = _check_grid_hw(grid_hw)
+    if not taus:
+        raise ValueError("taus must be a non-empty sequence of thresholds")
+    raw = score_grid(redundancy, hw, normalize=False)
+    base = fit_image(image, _panel_size(hw, panel_px))
+    panels = [Panel("image", base, np.ones(hw, dtype=bool), "image"),
+              Panel(f"r: blue 0 .. red 1 (min {raw.min():.2f}, max {raw.max():.2f})",
+                    compose_heatmap(base, np.clip(raw, 0.0, 1.0)), raw, "heat")]
+    n = hw[0] * hw[1]
+    for tau, mask in threshold_masks(redundancy, hw, taus).items():
+        panels.append(Panel(f"tau={tau:g}: {int(mask.sum())}/{n} redundant", compose_mask(base, mask), mask, "kept"))
+    return render_panels(panels, out_path, ncols=len(panels), suptitle=title)

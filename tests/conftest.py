@@ -9,6 +9,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def _use_triton_interpreter_without_cuda() -> None:
+    """Without a GPU, run Triton kernels (script_prune.fused) in Triton's interpreter, so the tests check the
+    fused greedy on the CPU. Triton reads the switch when it is imported, which script_prune does lazily."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_use_triton_interpreter_without_cuda()
+
+
 @pytest.fixture(scope="session")
 def tiny_llava15_path(tmp_path_factory) -> str:
     """Folder of a tiny LLaVA-1.5 checkpoint (image_aspect_ratio "pad", 16 patches per image)."""

@@ -165,3 +165,34 @@ def test_unused_checkpoint_weights_are_reported(tiny_llava15_path, tmp_path):
     save_file(state, f"{path}/model.safetensors", metadata={"format": "pt"})
     with pytest.warns(UserWarning, match="model.vision_resampler.weight"):
         load_pretrained_model(path)
+
+
+def test_pruned_forward_with_autograd_enabled(tiny_llava15_path):
+    """Issue 13: a user's own forward with autograd on used to crash inside the selection (torch's 'max(): functions
+    with out=... arguments don't support automatic differentiation')."""
+    from llava.mm_utils import process_images
+    from tests.helpers import prompt_ids, random_image
+
+    tokenizer, model, processor, _ = load_pretrained_model(
+        tiny_llava15_path, pruning={"method": "script", "visual_token_num": 4})
+    ids = prompt_ids(tokenizer, "What is shown?").unsqueeze(0)
+    image = random_image(40, 30)
+    pixels = process_images([image], processor, model.config)
+    kw = dict(images=pixels, image_sizes=[image.size], texts=["What is shown?"])
+    with torch.no_grad():
+        expected = model(ids, **kw).logits
+    out = model(ids, **kw)                                          # autograd on (a user's own forward)
+    assert out.logits.requires_grad and model.last_visual_token_counts == [4]
+    torch.testing.assert_close(out.logits.detach(), expected)
+    out.logits.sum().backward()                                     # gradients flow through the kept tokens
+    assert model.hf.model.multi_modal_projector.linear_1.weight.grad is not None
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "tokenizer.json"])
+def test_corrupt_checkpoint_file_is_named(tiny_llava15_path, tmp_path, name):
+    """Issue 13: safetensors' "header too large" and json errors named no file."""
+    ckpt = tmp_path / "ck"
+    shutil.copytree(tiny_llava15_path, ckpt)
+    (ckpt / name).write_bytes(b"\x00garbage{")
+    with pytest.raises(ValueError, match=f"{ckpt / name}.*corrupt"):
+        load_pretrained_model(str(ckpt))

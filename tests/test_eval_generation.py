@@ -71,12 +71,14 @@ def test_writer_key_includes_prompt_and_round(tmp_path):
     assert len((tmp_path / "a.jsonl").read_text().splitlines()) == 4
 
 
-def test_writer_drops_invalid_complete_last_line(tmp_path):
+def test_writer_refuses_a_corrupt_complete_line_even_the_last(tmp_path):
+    # a kill mid-write leaves a line without its newline; a newline-terminated invalid line is corruption
     path = tmp_path / "a.jsonl"
-    path.write_text(json.dumps(_row(1)) + "\n" + "{not json}\n")
-    with common.ResumableJsonlWriter(path) as w:
-        assert w.repaired and len(w.done) == 1
-    assert path.read_text() == json.dumps(_row(1)) + "\n"
+    text = json.dumps(_row(1)) + "\n" + "{not json}\n"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=r"a\.jsonl line 2 is not valid JSON"):
+        common.ResumableJsonlWriter(path)
+    assert path.read_text() == text
 
 
 # ----------------------------------------------------------------------------- flags
@@ -206,7 +208,7 @@ def test_loader_killed_mid_write_resumes_without_duplicates(tiny15, tmp_path):
     done = subprocess.run(_loader_cmd(tiny15, tmp_path, answers) + ["--num-workers", "1"], env=_env(),
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "dropped a partial last line" in done.stderr
+    assert "dropped a truncated last line" in done.stderr
     rows = [json.loads(l) for l in answers.read_text().splitlines()]
     assert [r["question_id"] for r in rows] == [1, 2, 3, 4]
     for r in rows:
@@ -219,19 +221,26 @@ def test_loader_killed_mid_write_resumes_without_duplicates(tiny15, tmp_path):
     assert again.returncode == 0 and answers.read_text() == before
 
 
-def test_resume_refuses_answers_of_another_setting(tmp_path):
+def test_resume_refuses_answers_of_another_setting(tiny15, tmp_path):
     import argparse
 
     ap = argparse.ArgumentParser()
     common.add_generation_args(ap, max_new_tokens=8)
-    answers = tmp_path / "a.jsonl"
-    answers.write_text(json.dumps({**_row(1), "metadata": {"method": "script", "budget": 64, "params": {}}}) + "\n")
-    args = ap.parse_args(["--model-path", "unused", "--question-file", "q", "--answers-file", str(answers),
-                          "--visual-token-num", "64", "--pruning-param", "tau=0.1"])
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("{}\n")
     sample = common.EvalSample(question_id=1, question="q", prompt_field="p", load_image=None, query="q")
-    with pytest.raises(ValueError, match="another setting"):
+    base = ["--model-path", tiny15, "--question-file", str(questions), "--device", "cpu", "--visual-token-num", "64"]
+    args = ap.parse_args(base + ["--answers-file", str(tmp_path / "a.jsonl")])
+    fp = common.run_fingerprint(args, common.build_pruning_config(args), [sample])
+    answers = tmp_path / "a.jsonl"
+    answers.write_text(json.dumps({**_row(1), "metadata": {"fingerprint": common.fingerprint_id(fp), "run": fp}}) + "\n")
+    args = ap.parse_args(base + ["--answers-file", str(answers), "--pruning-param", "tau=0.1"])
+    with pytest.raises(ValueError, match=r"another run.*\n  params: \{\} in the file, \{\"tau\": 0.1\} in this run"):
         common.run_generation(args, [sample])
     # same setting: nothing left to do, the model is never loaded
-    args = ap.parse_args(["--model-path", "unused", "--question-file", "q", "--answers-file", str(answers),
-                          "--visual-token-num", "64"])
+    args = ap.parse_args(base + ["--answers-file", str(answers)])
     assert common.run_generation(args, [sample]) == 0
+    # an answers file of an older version (no fingerprint) cannot be checked: refused
+    answers.write_text(json.dumps({**_row(1), "metadata": {"method": "script", "budget": 64, "params": {}}}) + "\n")
+    with pytest.raises(ValueError, match="no run fingerprint"):
+        common.run_generation(args, [sample])

@@ -160,6 +160,23 @@ def test_pope_reordered_answers_score_the_same(tmp_path):
     assert eval_pope.score_pope(ann, q, a)["adversarial"]["f1"] == pytest.approx(800 / 9)
 
 
+def test_pope_recorded_failure_counts_wrong_not_yes(tmp_path):
+    """An answer recorded with --on-image-error record ("text": "", "error": ...) for question 6 (label no):
+    read by LLaVA's rule, "" is "yes" -- here it must count wrong whatever the label. Adversarial then holds
+    TP4 FN1 FP1 TN0: P = R = 0.8, F1 = 80.00, accuracy 4/6; and for question 1 (label yes), flagged too:
+    TP3 FN2 TN1: P = 1, R = 0.6, F1 = 75.00."""
+    ann, q, a = _pope(tmp_path, [1, 2, 3, 4, 5, 6, 10000001, 20000001])
+    rows = [json.loads(line) for line in Path(a).read_text().splitlines()]
+    rows[5].update(text="", error="cannot identify image file '6.jpg'")
+    write_jsonl(Path(a), rows)
+    adversarial = eval_pope.score_pope(ann, q, a)["adversarial"]
+    assert adversarial["f1"] == pytest.approx(80.0) and adversarial["accuracy"] == pytest.approx(400 / 6)
+    rows[5] = {"question_id": 6, "text": "No"}
+    rows[0].update(text="", error="cannot identify image file '1.jpg'")
+    write_jsonl(Path(a), rows)
+    assert eval_pope.score_pope(ann, q, a)["adversarial"]["f1"] == pytest.approx(75.0)
+
+
 def test_pope_duplicate_standing_in_for_a_missing_answer_is_an_error(tmp_path):
     ann, q, a = _pope(tmp_path, [1, 2, 3, 4, 5, 5, 10000001, 20000001])     # 6 missing, 5 twice
     with pytest.raises(CoverageError, match=r"1 of 8 questions have no answer \(first: 6\); 1 questions are answered more"):

@@ -3,13 +3,17 @@
 - `add_generation_args`: LLaVA's flags plus `--visual-token-num` (alias `--visual_token_num`),
   `--pruning-method` (a `script_prune` method or "none"), `--pruning-param key=value` (repeatable; the
   value is read as JSON when it parses, e.g. `tau=0.1`, `negate=false`, else kept as a string),
-  `--device`, `--dtype`, `--num-workers`, `--attn-implementation`.
+  `--device`, `--dtype`, `--num-workers`, `--attn-implementation`, `--on-image-error`, `--merge-from`.
 - `split_list` / `get_chunk`: contiguous chunks of ceil(len / n) items (LLaVA's sharding).
-- `ResumableJsonlWriter`: appends answer lines; on open it drops a partial last line left by a killed
-  run and remembers the keys already written, so a rerun skips them and never duplicates a line.
-- `run_generation`: tokenises the prompts, loads images in a DataLoader, generates greedily (by default)
-  and writes `{question_id, prompt, text, answer_id, model_id, metadata}` lines with a tqdm bar that
-  shows the visual token count reaching the LLM.
+- `ResumableJsonlWriter`: the one writer of an answers file (an exclusive lock beside it); on open it
+  drops a truncated last line left by a killed run (a corrupt line anywhere else is an error) and
+  remembers the keys already written, so a rerun skips them and never duplicates a line.
+- `run_fingerprint`: every setting that changes an answer; stored in each answer's metadata, and a
+  resumed file must carry the current one (`check_same_run` lists the differing fields otherwise).
+- `merge_answers`: chunk files -> one file in question order holding exactly the question set.
+- `run_generation`: checks all of the above before the model loads, then tokenises the prompts, loads
+  images in a DataLoader, generates greedily (by default) and writes `{question_id, prompt, text,
+  answer_id, model_id, metadata}` lines with a tqdm bar that shows the visual token count reaching the LLM.
 
 Testing hook: with the environment variable LLAVA_EVAL_CRASH_AFTER=N a run writes N answers, then half
 of the next line, and exits with status 75 without cleanup (what a kill mid-write leaves behind).
@@ -17,16 +21,20 @@ of the next line, and exits with status 75 without cleanup (what a kill mid-writ
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from llava.eval.io_utils import require_path
+from llava.eval.io_utils import FileLock, atomic_write_jsonl, require_path
 
 CRASH_ENV = "LLAVA_EVAL_CRASH_AFTER"
 CRASH_EXIT_CODE = 75
@@ -50,7 +58,7 @@ def get_chunk(items: Sequence, n: int, k: int) -> list:
     return chunks[k] if k < len(chunks) else []
 
 
-# ----------------------------------------------------------------------------- resumable answers file
+# ----------------------------------------------------------------------------- answers files
 def answer_key(row: dict) -> str:
     """Identity of an answer line: question_id, round_id (MMBench) and prompt.
 
@@ -60,64 +68,103 @@ def answer_key(row: dict) -> str:
     return json.dumps([row["question_id"], row.get("round_id", 0), row.get("prompt", "")], ensure_ascii=False)
 
 
-def run_settings(metadata: dict) -> str:
-    """The part of an answer's metadata that must match for a resumed run: method, budget, params."""
-    return json.dumps([metadata.get("method"), metadata.get("budget"), metadata.get("params", {})], sort_keys=True)
+@dataclass
+class AnswerLines:
+    """The answer lines of a file: (line number, row) in file order, and where a truncated last line starts."""
+
+    path: Path
+    rows: list[tuple[int, dict]]
+    truncated_at: int | None  # byte offset of a last line without its newline (a run killed mid-write)
+
+
+def scan_answers(path: str | os.PathLike) -> AnswerLines:
+    """Read an answers file strictly.
+
+    A last line without its newline is what a kill mid-write leaves: it is reported in `truncated_at`, not
+    parsed. Any other line that is not a JSON object with a question_id is a ValueError naming the file and
+    line: a corrupt line in the middle is never dropped, and neither is anything after it.
+    """
+    p = Path(path)
+    data = p.read_bytes() if p.exists() else b""
+    rows: list[tuple[int, dict]] = []
+    pos, lineno = 0, 0
+    while pos < len(data):
+        nl = data.find(b"\n", pos)
+        if nl < 0:
+            return AnswerLines(p, rows, pos)
+        lineno += 1
+        line = data[pos:nl].strip()
+        pos = nl + 1
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(
+                f"answers file {p} line {lineno} is not valid JSON ({getattr(err, 'msg', err)}); only a truncated last line (a run "
+                "killed mid-write) is repaired automatically. Fix or delete that line, or delete the file to "
+                "start over") from None
+        if not isinstance(row, dict) or "question_id" not in row:
+            raise ValueError(f"answers file {p} line {lineno} is not an answer line (a JSON object with a question_id)")
+        rows.append((lineno, row))
+    return AnswerLines(p, rows, None)
+
+
+def index_answers(lines: AnswerLines, key: Callable[[dict], str] = answer_key) -> dict[str, tuple[int, dict]]:
+    """key -> (line number, row); a key written twice is a ValueError naming both lines."""
+    index: dict[str, tuple[int, dict]] = {}
+    for lineno, row in lines.rows:
+        k = key(row)
+        if k in index:
+            raise ValueError(f"answers file {lines.path} line {lineno} repeats the answer of line {index[k][0]} "
+                             f"(question key {k}); an answers file holds one line per question")
+        index[k] = (lineno, row)
+    return index
 
 
 class ResumableJsonlWriter:
-    """Append-only jsonl writer that resumes an interrupted file.
+    """Append-only jsonl writer that resumes an interrupted file, the only writer of that file.
 
-    Opening repairs the file: every complete, valid line is kept; a trailing partial or invalid line
-    (a run killed mid-write) is cut off. `done` holds the keys already present.
+    Opening takes an exclusive lock on `<path>.lock` (FileLockedError naming the holder when another process
+    writes the file), then repairs the file: a truncated last line (a run killed mid-write) is cut off; a
+    corrupt line anywhere else is an error. `answers` maps the keys already present to their line (-1 for
+    lines of this session); `runs` is `answer_runs` of the lines read (the rows themselves are not kept).
     """
 
     def __init__(self, path: str | os.PathLike, key: Callable[[dict], str] = answer_key):
         self.path = Path(path)
         self.key = key
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.done: set[str] = set()
-        self.settings: set[str] = set()  # run_settings() of the lines already in the file
-        self.repaired = self._repair()
-        self._f = open(self.path, "a", encoding="utf-8")
+        self._lock = FileLock(self.path, "answers file").acquire()
+        try:
+            lines = scan_answers(self.path)
+            index = index_answers(lines, key)
+            self.runs = answer_runs(index.values())
+            self.answers = {k: lineno for k, (lineno, _) in index.items()}
+            self.repaired = lines.truncated_at is not None
+            if self.repaired:
+                with open(self.path, "r+b") as f:
+                    f.truncate(lines.truncated_at)
+            self._f = open(self.path, "a", encoding="utf-8")
+        except BaseException:
+            self._lock.release()
+            raise
 
-    def _repair(self) -> bool:
-        if not self.path.exists():
-            return False
-        data = self.path.read_bytes()
-        good_end = 0
-        pos = 0
-        while pos < len(data):
-            nl = data.find(b"\n", pos)
-            if nl < 0:
-                break  # no newline: a partial last line
-            line = data[pos:nl].strip()
-            if line:
-                try:
-                    row = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    break
-                self.done.add(self.key(row))
-                self.settings.add(run_settings(row.get("metadata") or {}))
-            good_end = nl + 1
-            pos = nl + 1
-        if good_end < len(data):
-            with open(self.path, "r+b") as f:
-                f.truncate(good_end)
-            return True
-        return False
+    @property
+    def done(self) -> set[str]:
+        return set(self.answers)
 
     def __contains__(self, row_or_key: dict | str) -> bool:
         k = row_or_key if isinstance(row_or_key, str) else self.key(row_or_key)
-        return k in self.done
+        return k in self.answers
 
     def write(self, row: dict) -> None:
         k = self.key(row)
-        if k in self.done:
+        if k in self.answers:
             return
         self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
         self._f.flush()
-        self.done.add(k)
+        self.answers[k] = -1
 
     def write_partial_and_die(self, row: dict) -> None:
         """Testing hook: write half of `row`'s line and exit at once (like a kill mid-write)."""
@@ -127,13 +174,127 @@ class ResumableJsonlWriter:
         os._exit(CRASH_EXIT_CODE)
 
     def close(self) -> None:
-        self._f.close()
+        if not self._f.closed:
+            self._f.close()
+        self._lock.release()
 
     def __enter__(self) -> "ResumableJsonlWriter":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+# ----------------------------------------------------------------------------- run fingerprint
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def samples_sha256(samples: Sequence["EvalSample"]) -> str:
+    """Hash of the questions as asked: key, full question text (instruction lines included), relevance query
+    and image file name of every sample, in order (captures --single-pred-prompt, --lang, --all-rounds)."""
+    h = hashlib.sha256()
+    for s in samples:
+        image = getattr(s.load_image, "name", None) if s.load_image is not None else None
+        h.update(json.dumps([s.key, s.question, s.query, image], ensure_ascii=False).encode() + b"\n")
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("script-prune", "torch", "transformers"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = "unknown"
+    return out
+
+
+def run_fingerprint(args: argparse.Namespace, pruning, samples: Sequence["EvalSample"]) -> dict:
+    """Every setting that changes an answer (see EVAL.md, "Run fingerprint"); stored in each answer's metadata."""
+    from llava.model.builder import checkpoint_digest
+
+    model_path = os.path.expanduser(args.model_path)
+    _, dtype = resolve_device_dtype(args.device, args.dtype)
+    decoding = {k: v for k, v in _generation_kwargs(args).items() if k != "use_cache"}
+    return {
+        "model_path": os.path.abspath(model_path) if os.path.isdir(model_path) else model_path,
+        "model_sha256": checkpoint_digest(model_path),
+        "method": pruning.method if pruning is not None else "none",
+        "budget": args.visual_token_num,
+        "params": dict(pruning.params) if pruning is not None else {},
+        "negate": pruning.method_params().get("negate") if pruning is not None else None,
+        "conv_mode": args.conv_mode,
+        "decoding": decoding,
+        "dtype": str(dtype).removeprefix("torch."),
+        "attn_implementation": args.attn_implementation,
+        "question_file_sha256": file_sha256(args.question_file),
+        "questions_sha256": samples_sha256(samples),
+        "versions": _versions(),
+    }
+
+
+def fingerprint_id(fingerprint: dict) -> str:
+    """Short, stable id of a fingerprint (16 hex digits of the sha256 of its sorted JSON)."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fingerprint_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """`field: old -> new` for every field (nested ones dotted) that differs."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict) and k != "params":
+            out += fingerprint_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {json.dumps(a)} in the file, {json.dumps(b)} in this run")
+    return out
+
+
+def answer_runs(rows) -> dict[str | None, tuple[int, dict | None]]:
+    """Fingerprint id -> (first line, run fields) over (line, answer row) pairs; id None: no fingerprint."""
+    runs: dict[str | None, tuple[int, dict | None]] = {}
+    for lineno, row in rows:
+        meta = row.get("metadata") or {}
+        fid = meta.get("fingerprint") if "run" in meta else None
+        if fid not in runs or lineno < runs[fid][0]:
+            runs[fid] = (lineno, meta.get("run"))
+    return runs
+
+
+def check_same_run(path: Path, runs: dict[str | None, tuple[int, dict | None]], fingerprint: dict) -> None:
+    """Every answer of `path` (its `answer_runs`) must carry `fingerprint`; else a ValueError listing the
+    differing fields."""
+    fid = fingerprint_id(fingerprint)
+    for other, (lineno, run) in sorted(runs.items(), key=lambda item: item[1][0]):
+        if other == fid:
+            continue
+        if run is None:
+            raise ValueError(
+                f"{path} line {lineno} has no run fingerprint (written by an older version of this harness), so "
+                "its settings cannot be checked against this run; delete or move the file to start over")
+        diff = fingerprint_diff(run, fingerprint) or [f"fingerprint: {other} != {fid}"]
+        raise ValueError(
+            f"{path} holds answers of another run (line {lineno}); differing settings:\n  " + "\n  ".join(diff)
+            + "\nWrite to another file (scripts: set RUN_TAG) or delete this one; a resumed file never mixes settings")
+
+
+def check_unique_questions(samples: Sequence["EvalSample"], question_file: str) -> None:
+    """Two questions with one key (question_id, round, prompt) would share one answer: an error naming both."""
+    seen: dict[str, EvalSample] = {}
+    for s in samples:
+        if s.key in seen:
+            raise ValueError(
+                f"question file {question_file}: {s.origin or 'a question'} repeats the question key "
+                f"(question_id, round, prompt) {s.key} of {seen[s.key].origin or 'an earlier question'}; "
+                "each question needs its own key, or one of them would be silently skipped")
+        seen[s.key] = s
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -179,6 +340,12 @@ def add_generation_args(parser: argparse.ArgumentParser, *, max_new_tokens: int,
     parser.add_argument("--dtype", default=None, choices=DTYPES, help="default: float16 on GPU, float32 on CPU")
     parser.add_argument("--attn-implementation", default="sdpa")
     parser.add_argument("--num-workers", type=int, default=None, help="image loading workers (default 4 on GPU, 0 on CPU)")
+    parser.add_argument("--on-image-error", default="stop", choices=["stop", "record"],
+                        help="an unreadable image: stop the run naming it (default), or record an answer flagged "
+                             "with 'error' (empty text, counted wrong, listed in the summary) and go on")
+    parser.add_argument("--merge-from", nargs="+", default=None, metavar="CHUNK_FILE",
+                        help="instead of answering: merge these chunk answer files into --answers-file, in question "
+                             "order, checking that they hold exactly the question set of one run")
 
 
 def resolve_device_dtype(device: str | None, dtype: str | None):
@@ -193,16 +360,29 @@ def resolve_device_dtype(device: str | None, dtype: str | None):
     return torch.device(device), getattr(torch, dtype)
 
 
+def pruning_config_from_flags(method: str, visual_token_num: int, param_items: Sequence[str] | None,
+                              no_negate_relevance: bool):
+    """PruningConfig of the CLI flags (checked here, before any model loads).
+
+    `--pruning-param negate=true` together with `--no-negate-relevance` is a contradiction, refused.
+    """
+    from llava.model.pruning import PruningConfig
+
+    params = parse_pruning_params(param_items)
+    if no_negate_relevance and params.get("negate") is True:
+        raise ValueError("--pruning-param negate=true contradicts --no-negate-relevance; give only one of them")
+    return PruningConfig(method=method, visual_token_num=visual_token_num, params=params,
+                         negate_relevance=not no_negate_relevance)
+
+
 def build_pruning_config(args: argparse.Namespace):
     """PruningConfig from the flags, or None for --pruning-method none."""
     if args.pruning_method == "none":
         if args.pruning_param:
             raise ValueError("--pruning-param: not allowed with --pruning-method none")
         return None
-    from llava.model.pruning import PruningConfig
-
-    return PruningConfig(method=args.pruning_method, visual_token_num=args.visual_token_num,
-                         params=parse_pruning_params(args.pruning_param), negate_relevance=args.negate_relevance)
+    return pruning_config_from_flags(args.pruning_method, args.visual_token_num, args.pruning_param,
+                                     not args.negate_relevance)
 
 
 # ----------------------------------------------------------------------------- samples and prompts
@@ -215,6 +395,7 @@ class EvalSample:
     load_image: returns the PIL image; None for a text-only question.
     query: the text given to the pruning method's relevance (instruction lines removed).
     extra: additional answer-line fields (MMBench: round_id, options, option_char).
+    origin: where the question comes from in its file (e.g. "line 7"), for error messages.
     """
 
     question_id: Any
@@ -223,6 +404,7 @@ class EvalSample:
     load_image: Callable[[], Any] | None
     query: str
     extra: dict = field(default_factory=dict)
+    origin: str = ""
 
     @property
     def key(self) -> str:
@@ -258,6 +440,9 @@ class ImageFile:
         with Image.open(require_path(Path(self.folder) / self.name, "image")) as im:
             return im.convert("RGB")
 
+    def __str__(self) -> str:
+        return str(Path(self.folder) / self.name)
+
 
 def image_file_loader(image_folder: str, image_file: str) -> ImageFile:
     """A callable that opens `image_folder/image_file` as RGB."""
@@ -271,8 +456,20 @@ def check_images_exist(image_folder: str, image_files: Sequence[str]) -> None:
         require_path(folder / name, "image")
 
 
+@dataclass
+class _Item:
+    """One prepared question: input_ids (L,), pixel values and image size (None without image), or the error
+    that reading its image raised."""
+
+    sample: EvalSample
+    input_ids: Any
+    pixels: Any = None
+    image_size: Any = None
+    image_error: str | None = None
+
+
 class _SampleDataset:
-    """Torch-style dataset: (sample, input_ids (L,), pixel values or None, image size or None)."""
+    """Torch-style dataset of `_Item`s (image reading errors are caught and returned, not raised)."""
 
     def __init__(self, samples: list[EvalSample], tokenizer, image_processor, model_config, conv_mode: str):
         self.samples, self.tokenizer, self.image_processor = samples, tokenizer, image_processor
@@ -291,10 +488,14 @@ class _SampleDataset:
                               bool(getattr(self.model_config, "mm_use_im_start_end", False)))
         input_ids = tokenizer_image_token(prompt, self.tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")
         if not has_image:
-            return s, input_ids, None, None
-        image = s.load_image()
-        pixels = process_images([image], self.image_processor, self.model_config)
-        return s, input_ids, pixels, image.size
+            return _Item(s, input_ids)
+        try:
+            image = s.load_image()
+            pixels = process_images([image], self.image_processor, self.model_config)
+        except Exception as err:  # noqa: BLE001 - any failure to read or decode the image
+            return _Item(s, input_ids, image_error=f"cannot read the image {s.load_image} of question "
+                                                   f"{s.question_id!r} ({type(err).__name__}: {err})")
+        return _Item(s, input_ids, pixels, image.size)
 
 
 def _first(batch):
@@ -357,62 +558,167 @@ def _generate_answer(model, tokenizer, sample: EvalSample, input_ids, pixels, im
     return text, int(counts[0]) if counts else 0
 
 
-def _answer_line(sample: EvalSample, text: str, model_id: str, method: str, budget: int, params: dict,
-                 visual_tokens: int) -> dict:
-    """`{question_id, [round_id,] prompt, text, [options, option_char,] answer_id, model_id, metadata}`."""
+def _answer_line(sample: EvalSample, text: str, model_id: str, fingerprint: dict, visual_tokens: int,
+                 error: str | None = None) -> dict:
+    """`{question_id, [round_id,] prompt, text, [options, option_char,] answer_id, model_id, metadata[, error]}`.
+
+    metadata: method, budget, params, visual_tokens, the run `fingerprint` (its id) and `run` (its fields).
+    """
     extra = dict(sample.extra)
     head = {"question_id": sample.question_id}
     if "round_id" in extra:
         head["round_id"] = extra.pop("round_id")
-    return {
+    row = {
         **head, "prompt": sample.prompt_field, "text": text, **extra,
         "answer_id": uuid.uuid4().hex, "model_id": model_id,
-        "metadata": {"method": method, "budget": budget, "params": params, "visual_tokens": visual_tokens},
+        "metadata": {"method": fingerprint["method"], "budget": fingerprint["budget"], "params": fingerprint["params"],
+                     "visual_tokens": visual_tokens, "fingerprint": fingerprint_id(fingerprint), "run": fingerprint},
     }
+    if error is not None:
+        row["error"] = error
+    return row
+
+
+DRIVER_ENV = "LLAVA_EVAL_DRIVER_PID"
+
+
+def watch_driver(poll_s: float = 0.5) -> None:
+    """With LLAVA_EVAL_DRIVER_PID set (scripts/lib/eval_common.sh sets it to the bash driver's pid), end this
+    process as soon as the driver is gone, however it died (even SIGKILL): no orphaned writer keeps going."""
+    raw = os.environ.get(DRIVER_ENV, "")
+    if not raw.isdigit():
+        return
+    pid = int(raw)
+
+    def alive() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def watch() -> None:
+        while alive():
+            time.sleep(poll_s)
+        print(f"[eval] the driver (pid {pid}) is gone: stopping this answer generator", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="driver-watch", daemon=True).start()
+
+
+def _first_keys(keys, n: int = 5) -> str:
+    keys = list(keys)
+    return ", ".join(keys[:n]) + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
+
+
+def merge_answers(chunk_files: Sequence[str], merged_file: str, samples: Sequence[EvalSample], fingerprint: dict) -> int:
+    """Write the answers of `chunk_files` to `merged_file` in question order; returns the number of lines.
+
+    The chunks must hold exactly one answer per question of `samples` (none missing, none twice, none unknown),
+    all of this run (`fingerprint`), and no truncated line; otherwise a ValueError says what is wrong.
+    """
+    answers: dict[str, tuple[str, int, dict]] = {}
+    for path in chunk_files:
+        lines = scan_answers(require_path(path, "chunk answers file"))
+        if lines.truncated_at is not None:
+            raise ValueError(f"chunk answers file {path} ends with a truncated line: its run did not finish "
+                             "(rerun to resume)")
+        index = index_answers(lines)
+        check_same_run(Path(path), answer_runs(index.values()), fingerprint)
+        for k, (lineno, row) in index.items():
+            if k in answers:
+                raise ValueError(f"question key {k} is answered twice: {answers[k][0]} line {answers[k][1]} and "
+                                 f"{path} line {lineno}")
+            answers[k] = (path, lineno, row)
+    wanted = [s.key for s in samples]
+    missing = [k for k in wanted if k not in answers]
+    unknown = sorted(set(answers) - set(wanted))
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} of {len(wanted)} questions have no answer (first: {_first_keys(missing)}; "
+                         "rerun to resume)")
+        if unknown:
+            parts.append(f"{len(unknown)} answers are to questions not in the question file "
+                         f"(first: {_first_keys(unknown)})")
+        raise ValueError(f"cannot merge {list(chunk_files)} into {merged_file}: " + "; ".join(parts))
+    atomic_write_jsonl(merged_file, (answers[k][2] for k in wanted))
+    return len(wanted)
 
 
 def run_generation(args: argparse.Namespace, samples: list[EvalSample]) -> int:
-    """Answer this process's chunk of `samples` into `--answers-file`; returns the number of new answers."""
+    """Answer this process's chunk of `samples` into `--answers-file`; returns the number of new answers.
+
+    Everything that can be checked without the model is checked first: the flags, unique question keys, the
+    lock (one writer per answers file) and that the file holds only answers of this run's fingerprint.
+    With `--merge-from` the chunk files are merged instead (see `merge_answers`).
+    """
     import torch
     from tqdm import tqdm
 
     pruning = build_pruning_config(args)  # validate the flags even when there is nothing left to answer
+    check_unique_questions(samples, args.question_file)
+    fingerprint = run_fingerprint(args, pruning, samples)
+    answers_file = os.path.expanduser(args.answers_file)
+    if args.merge_from:
+        n = merge_answers(args.merge_from, answers_file, samples, fingerprint)
+        print(f"[merge] {n} answers from {len(args.merge_from)} chunk file(s) -> {answers_file}", file=sys.stderr)
+        return 0
+    watch_driver()
     chunk = get_chunk(samples, args.num_chunks, args.chunk_idx)
-    writer = ResumableJsonlWriter(os.path.expanduser(args.answers_file))
-    current = run_settings({"method": pruning.method if pruning else "none", "budget": args.visual_token_num,
-                            "params": pruning.params if pruning else {}})
-    other = writer.settings - {current}
-    if other:
+    writer = ResumableJsonlWriter(answers_file)
+    try:
+        check_same_run(writer.path, writer.runs, fingerprint)
+        chunk_keys = {s.key for s in chunk}
+        foreign = [k for k in writer.answers if k not in chunk_keys]
+        if foreign:
+            raise ValueError(
+                f"--answers-file {answers_file} holds {len(foreign)} answers to questions outside chunk "
+                f"{args.chunk_idx} of {args.num_chunks} of {args.question_file} (first: {_first_keys(foreign)}); "
+                "use one file per chunk, or delete it")
+    except BaseException:
         writer.close()
-        raise ValueError(
-            f"--answers-file {args.answers_file} holds answers of another setting (method, budget, params) "
-            f"{sorted(other)} than this run {current}; write to another file (scripts: set RUN_TAG) or delete it")
+        raise
     todo = [s for s in chunk if s.key not in writer]
     if writer.repaired:
-        print(f"[resume] dropped a partial last line of {args.answers_file}", file=sys.stderr)
+        print(f"[resume] dropped a truncated last line of {answers_file} (a run killed mid-write)", file=sys.stderr)
     if len(todo) < len(chunk):
-        print(f"[resume] {len(chunk) - len(todo)} of {len(chunk)} answers already in {args.answers_file}", file=sys.stderr)
+        print(f"[resume] {len(chunk) - len(todo)} of {len(chunk)} answers already in {answers_file}", file=sys.stderr)
     if not todo:
         writer.close()
         return 0
     crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
 
-    tokenizer, model, image_processor, model_name = load_model(args)
+    try:
+        tokenizer, model, image_processor, model_name = load_model(args)
+    except BaseException:
+        writer.close()
+        raise
     on_gpu = next(model.parameters()).device.type == "cuda"
     num_workers = args.num_workers if args.num_workers is not None else (4 if on_gpu else 0)
     dataset = _SampleDataset(todo, tokenizer, image_processor, model.config, args.conv_mode)
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, num_workers=num_workers,
                                          collate_fn=_first)
-    method = pruning.method if pruning is not None else "none"
-    params = pruning.params if pruning is not None else {}
     gen_kwargs = _generation_kwargs(args)
     written = 0
-    bar = tqdm(total=len(chunk), initial=len(chunk) - len(todo), desc=f"{model_name} {method}@{args.visual_token_num}",
-               dynamic_ncols=True)
+    bar = tqdm(total=len(chunk), initial=len(chunk) - len(todo),
+               desc=f"{model_name} {fingerprint['method']}@{args.visual_token_num}", dynamic_ncols=True)
     with writer, torch.inference_mode():
-        for sample, input_ids, pixels, image_size in loader:
-            text, visual_tokens = _generate_answer(model, tokenizer, sample, input_ids, pixels, image_size, gen_kwargs)
-            row = _answer_line(sample, text, model_name, method, args.visual_token_num, params, visual_tokens)
+        for item in loader:
+            if item.image_error is not None:
+                if args.on_image_error != "record":
+                    raise RuntimeError(
+                        f"{item.image_error}. The {len(writer.answers)} answers written so far are kept in "
+                        f"{answers_file}: fix or replace the image and rerun to resume, or rerun with "
+                        "--on-image-error record to record this question as a failed answer and go on")
+                print(f"[image error] {item.image_error}: recorded as a failed answer", file=sys.stderr)
+                text, visual_tokens = "", 0
+            else:
+                text, visual_tokens = _generate_answer(model, tokenizer, item.sample, item.input_ids, item.pixels,
+                                                       item.image_size, gen_kwargs)
+            row = _answer_line(item.sample, text, model_name, fingerprint, visual_tokens, item.image_error)
             if crash_after and written >= crash_after:
                 writer.write_partial_and_die(row)
             writer.write(row)
@@ -421,4 +727,3 @@ def run_generation(args: argparse.Namespace, samples: list[EvalSample]) -> int:
             bar.update(1)
     bar.close()
     return written
-

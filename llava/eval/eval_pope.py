@@ -52,6 +52,14 @@ def binary_metrics(preds: list[str], labels: list[str]) -> dict[str, float]:
     }
 
 
+def prediction(answer: dict, label: str) -> str:
+    """The yes/no prediction of one answer line. An answer flagged as a failure (``"error"``, written by
+    ``--on-image-error record``) counts as wrong: the opposite of its label, never LLaVA's "yes" of an empty text."""
+    if answer.get("error"):
+        return "no" if label == "yes" else "yes"
+    return parse_yes_no(answer["text"])
+
+
 def question_text(text: str) -> str:
     """The question itself: the first line of a question file's or label file's `text`."""
     return text.split("\n")[0].strip()
@@ -96,15 +104,15 @@ def score_pope(annotation_dir: str, question_file: str, result_file: str, allow_
     answers = read_jsonl(result_file, "POPE answers (--result-file)")
     cov = check_coverage(qids, [a["question_id"] for a in answers], answers=f"--result-file {result_file}",
                          questions=f"--question-file {question_file}", allow_subset=allow_subset)
-    answer_text = {a["question_id"]: a["text"] for a in answers}
+    by_id = {a["question_id"]: a for a in answers}
     metrics: dict = {}
     for category in CATEGORIES:
         path = require_path(ann_dir / f"coco_pope_{category}.json", "POPE annotation")
         gold = labels_for([q for q in questions if q.get("category") == category], read_labels(path), path)
-        answered = [qid for qid in gold if qid in answer_text]
+        answered = [qid for qid in gold if qid in by_id]
         if not answered:
             raise ValueError(f"--result-file {result_file}: no answers in POPE category {category!r}")
-        metrics[category] = binary_metrics([parse_yes_no(answer_text[qid]) for qid in answered],
+        metrics[category] = binary_metrics([prediction(by_id[qid], gold[qid]) for qid in answered],
                                            [gold[qid] for qid in answered])
     metrics["average_f1"] = sum(metrics[c]["f1"] for c in CATEGORIES) / len(CATEGORIES)
     return {**metrics, **cov.fields()}

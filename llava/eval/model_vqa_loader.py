@@ -13,18 +13,19 @@ from __future__ import annotations
 import argparse
 
 from llava.eval.common import EvalSample, add_generation_args, check_images_exist, image_file_loader, run_generation
-from llava.eval.io_utils import read_jsonl
+from llava.eval.io_utils import read_jsonl_lines
 
 
 def load_samples(question_file: str, image_folder: str) -> list[EvalSample]:
     from llava.mm_utils import strip_short_answer_prompt
 
-    questions = read_jsonl(question_file, "question file (--question-file)")
-    check_images_exist(image_folder, [q["image"] for q in questions])
+    questions = read_jsonl_lines(question_file, "question file (--question-file)")
+    check_images_exist(image_folder, [q["image"] for _, q in questions])
     return [
         EvalSample(question_id=q["question_id"], question=q["text"], prompt_field=q["text"],
-                   load_image=image_file_loader(image_folder, q["image"]), query=strip_short_answer_prompt(q["text"]))
-        for q in questions
+                   load_image=image_file_loader(image_folder, q["image"]), query=strip_short_answer_prompt(q["text"]),
+                   origin=f"line {lineno}")
+        for lineno, q in questions
     ]
 
 

@@ -60,6 +60,9 @@ class Base64Image:
 
         return Image.open(io.BytesIO(base64.b64decode(self.data))).convert("RGB")
 
+    def __str__(self) -> str:
+        return "(base64 cell of the tsv)"
+
 
 def base64_image_loader(data: str) -> Base64Image:
     return Base64Image(str(data))
@@ -92,7 +95,7 @@ def load_samples(question_file: str, single_pred_prompt: bool, lang: str, all_ro
     records = df.to_dict("records")
     images_by_index = {int(r["index"]): str(r["image"]) for r in records}
     samples = []
-    for row in records:
+    for number, row in enumerate(records, 2):  # line 1 is the header
         image = resolve_image_cell(str(row["image"]), images_by_index)
         options = row_options(row)
         letters = list(ALL_OPTIONS[: len(options)])
@@ -102,7 +105,8 @@ def load_samples(question_file: str, single_pred_prompt: bool, lang: str, all_ro
             samples.append(EvalSample(
                 question_id=int(row["index"]), question=question, prompt_field=text,
                 load_image=base64_image_loader(image), query=text,
-                extra={"round_id": round_id, "options": list(options), "option_char": list(letters)}))
+                extra={"round_id": round_id, "options": list(options), "option_char": list(letters)},
+                origin=f"row {number} (index {row['index']})"))
             options = options[1:] + options[:1]
             letters = letters[1:] + letters[:1]
     return samples

@@ -28,7 +28,7 @@ def load_samples(question_file: str, image_folder: str, single_pred_prompt: bool
     if with_images:
         check_images_exist(image_folder, with_images)
     samples = []
-    for it in items:
+    for number, it in enumerate(items, 1):
         question = it["conversations"][0]["value"].replace(DEFAULT_IMAGE_TOKEN, "").strip()
         query = strip_short_answer_prompt(question, multiple_choice=True)
         has_image = bool(it.get("image"))
@@ -38,7 +38,8 @@ def load_samples(question_file: str, image_folder: str, single_pred_prompt: bool
             prompt_field = prompt_field + "\n" + MULTIPLE_CHOICE_PROMPT
         samples.append(EvalSample(
             question_id=it["id"], question=question, prompt_field=prompt_field,
-            load_image=image_file_loader(image_folder, it["image"]) if has_image else None, query=query))
+            load_image=image_file_loader(image_folder, it["image"]) if has_image else None, query=query,
+            origin=f"item {number} (id {it['id']!r})"))
     return samples
 
 

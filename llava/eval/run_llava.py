@@ -26,7 +26,7 @@ from llava.constants import (
     IMAGE_TOKEN_INDEX,
 )
 from llava.conversation import conv_mode_for_model, get_conv_template
-from llava.eval.common import parse_pruning_params
+from llava.eval.common import pruning_config_from_flags
 from llava.mm_utils import get_model_name_from_path, load_image, process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
 from llava.model.pruning import PruningConfig
@@ -84,12 +84,9 @@ def pruning_from_args(args: argparse.Namespace) -> PruningConfig | None:
         if args.pruning_param:
             raise ValueError("--pruning-param: needs --pruning-method or --visual-token-num")
         return None
-    return PruningConfig(
-        method=args.pruning_method or "script",
-        visual_token_num=576 if args.visual_token_num is None else args.visual_token_num,
-        params=parse_pruning_params(args.pruning_param),
-        negate_relevance=not args.no_negate_relevance,
-    )
+    return pruning_config_from_flags(args.pruning_method or "script",
+                                     576 if args.visual_token_num is None else args.visual_token_num,
+                                     args.pruning_param, args.no_negate_relevance)
 
 
 def image_query(query: str, use_im_start_end: bool) -> str:

@@ -5,6 +5,9 @@
         --query "Is there a person in the image?" --budget 64 --methods script,qcsp,gsp,random --out fig.png
     # from saved tensors (no model): a file written by --save-features, or by hand (format below)
     python -m llava.eval.visualize --features feats.pt --budget 64 --methods script,random --out fig.png
+    # the paper's Fig. 9: redundancy map and binary masks at tau = 0.1 ... 0.9 (no pruning method drawn)
+    python -m llava.eval.visualize --model-path PATH --image-file img.jpg --redundancy-taus 0.1,0.3,0.5,0.7,0.9 \
+        --out fig9.png
 
 The figure shows (a) the query-relevance heat map (``script_prune.query_relevance``, negated as LLaVA's
 pruning does), (b) the GSP redundancy map (``script_prune.redundancy_scores`` over the projected tokens),
@@ -122,6 +125,41 @@ def draw(inputs: VisualInputs, methods: Sequence[str], budget: int, out_path: st
                                tiles_image=inputs.tiles_image)
 
 
+def draw_redundancy_thresholds(inputs: VisualInputs, taus: Sequence[float], out_path: str, on: str = "features",
+                               panel_px: int = 240) -> V.FigureResult:
+    """Fig. 9 (App. E): per-patch redundancy = mean cosine with the existing 8-connected neighbours
+    (``script_prune.redundancy.neighbour_mean_similarity``) of the first image row (the base crop for
+    LLaVA-NeXT), drawn as a heat map and as binary masks ``r >= tau`` for each ``tau``.
+
+    on: ``"features"`` (the vision tower's selected-layer CLIP-ViT features, as the paper) or ``"tokens"``
+    (the projected tokens GSP scores)."""
+    from script_prune.redundancy import neighbour_mean_similarity
+
+    if on not in ("features", "tokens"):
+        raise ValueError(f"--redundancy-on must be 'features' or 'tokens', got {on!r}")
+    x = (inputs.features if on == "features" else inputs.tokens)[:1].float()  # (1, N, C)
+    side = math.isqrt(x.shape[1])
+    if side * side != x.shape[1]:
+        raise ValueError(f"tokens per row must be a square number (a patch grid), got {x.shape[1]}")
+    redundancy = neighbour_mean_similarity(x, (side, side))[0]  # (N,)
+    image = inputs.image if inputs.image is not None else np.full((side, side, 3), 128, dtype=np.uint8)
+    title = f"redundancy of the {'CLIP-ViT features' if on == 'features' else 'projected tokens'} " \
+            "(mean cosine with the 8-connected neighbours); red: r >= tau"
+    return V.redundancy_threshold_figure(image, (side, side), redundancy, out_path, taus=taus, title=title,
+                                         panel_px=panel_px)
+
+
+def parse_taus(text: str) -> list[float]:
+    """"0.1,0.3" -> [0.1, 0.3]; each a number in [-1, 1]."""
+    try:
+        taus = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError as err:
+        raise ValueError(f"--redundancy-taus expects comma-separated numbers, got {text!r}") from err
+    if not taus or any(not -1.0 <= t <= 1.0 for t in taus):
+        raise ValueError(f"--redundancy-taus expects thresholds in [-1, 1], got {text!r}")
+    return taus
+
+
 # ----------------------------------------------------------------------------------------- sources
 def load_features_file(path: str) -> VisualInputs:
     """Read a features file (see the module docstring)."""
@@ -205,7 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pruning-method", default=None, help="one method (alias of --methods)")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--save-features", default=None, help="also write the tensors used to this .pt file")
-    p.add_argument("--panel-px", type=int, default=336)
+    p.add_argument("--panel-px", type=int, default=None, help="panel size in px (default 336; 240 for Fig. 9)")
+    p.add_argument("--redundancy-taus", default=None, metavar="T1,T2,...",
+                   help="draw the paper's Fig. 9 instead (e.g. 0.1,0.3,0.5,0.7,0.9): redundancy map + masks r >= tau")
+    p.add_argument("--redundancy-on", default="features", choices=("features", "tokens"),
+                   help="Fig. 9 on the CLIP-ViT features (default, as the paper) or on the projected tokens")
     p.add_argument("--device", default="cpu")
     return p
 
@@ -219,6 +261,7 @@ def main(argv: Sequence[str] | None = None) -> V.FigureResult:
         unknown = [m for m in methods if m not in sp.list_methods()]
         if unknown or not methods:
             raise ValueError(f"methods must be among {sp.list_methods()}, got {methods}")
+        taus = parse_taus(args.redundancy_taus) if args.redundancy_taus is not None else None
         if args.budget < 1:
             raise ValueError(f"budget must be >= 1, got {args.budget}")
         if args.model_path:
@@ -235,7 +278,11 @@ def main(argv: Sequence[str] | None = None) -> V.FigureResult:
                 inputs.query = args.query
         if args.save_features:
             save_features(inputs, args.save_features)
-        result = draw(inputs, methods, args.budget, args.out, panel_px=args.panel_px)
+        if taus is not None:
+            result = draw_redundancy_thresholds(inputs, taus, args.out, on=args.redundancy_on,
+                                                panel_px=args.panel_px or 240)
+        else:
+            result = draw(inputs, methods, args.budget, args.out, panel_px=args.panel_px or 336)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     print(f"wrote {result.path} ({result.size_wh[0]}x{result.size_wh[1]} px, {len(result.panels)} panels)",

@@ -13,6 +13,7 @@ which is then used. Any other missing weight is an error that lists the keys.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -43,16 +44,83 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
 def read_config_dict(model_path: str | os.PathLike) -> dict:
     """config.json of a local folder or hub id, as a dict (never through AutoConfig)."""
     local = Path(model_path) / "config.json"
-    if local.is_file():
-        return json.loads(local.read_text())
+    if not local.is_file():
+        if os.path.isdir(model_path):
+            raise FileNotFoundError(f"model_path {str(model_path)!r} has no config.json")
+        from transformers.utils import cached_file
+
+        try:
+            local = Path(cached_file(str(model_path), "config.json"))
+        except OSError as err:
+            raise FileNotFoundError(
+                f"model_path {str(model_path)!r}: no local folder and no hub config.json ({err})") from err
+    try:
+        config = json.loads(local.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"checkpoint file {local} is not valid JSON ({err}); the checkpoint is corrupt") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"checkpoint file {local}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def checkpoint_file(model_path: str | os.PathLike, name: str) -> Path | None:
+    """``name`` inside a local checkpoint folder or the hub cache of ``model_path``; None when it has no such file."""
     if os.path.isdir(model_path):
-        raise FileNotFoundError(f"model_path {str(model_path)!r} has no config.json")
+        p = Path(model_path) / name
+        return p if p.is_file() else None
     from transformers.utils import cached_file
 
     try:
-        return json.loads(Path(cached_file(str(model_path), "config.json")).read_text())
-    except OSError as err:
-        raise FileNotFoundError(f"model_path {str(model_path)!r}: no local folder and no hub config.json ({err})") from err
+        found = cached_file(str(model_path), name, _raise_exceptions_for_missing_entries=False)
+    except OSError:
+        return None
+    return Path(found) if found else None
+
+
+WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def checkpoint_digest(model_path: str | os.PathLike) -> str:
+    """Short sha256 of what identifies a checkpoint without reading its weights: config.json (as parsed), the
+    weights index when sharded, and the name and size of every weight file of a local folder."""
+    h = hashlib.sha256(json.dumps(read_config_dict(model_path), sort_keys=True).encode())
+    for name in WEIGHT_INDEX_FILES:
+        index = checkpoint_file(model_path, name)
+        if index is not None:
+            h.update(name.encode() + b"\0" + index.read_bytes())
+    if os.path.isdir(model_path):
+        for f in sorted(Path(model_path).iterdir()):
+            if f.suffix in WEIGHT_SUFFIXES and f.is_file():
+                h.update(f"{f.name}:{f.stat().st_size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def unreadable_checkpoint_file(folder: str | os.PathLike) -> tuple[Path, str] | None:
+    """The first JSON or safetensors file of a local checkpoint folder that does not parse, with the reason."""
+    if not os.path.isdir(folder):
+        return None
+    for f in sorted(Path(folder).iterdir()):
+        try:
+            if f.suffix == ".json":
+                json.loads(f.read_text(encoding="utf-8"))
+            elif f.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(f), framework="pt") as st:
+                    st.keys()
+        except Exception as err:  # noqa: BLE001 - any parse failure means the file is unreadable
+            return f, f"{type(err).__name__}: {err}"
+    return None
+
+
+def corrupt_file_error(folder: str | os.PathLike, what: str) -> ValueError | None:
+    """When loading ``what`` of ``folder`` failed: a ValueError naming its unreadable file, or None (then the
+    original error, e.g. our own clear FileNotFoundError, is the better message)."""
+    bad = unreadable_checkpoint_file(folder)
+    if bad is None:
+        return None
+    return ValueError(f"cannot load the {what} of {str(folder)!r}: file {bad[0]} is corrupt ({bad[1]})")
 
 
 def resolve_dtype(torch_dtype: Any, device: str | torch.device | None) -> torch.dtype:
@@ -164,9 +232,15 @@ def load_pretrained_model(
     model_cls, config = build_llava_config(read_config_dict(model_path), model_path)
     with quiet_loading():
         hf = model_cls(config, dtype)  # transformers' own LLaVA class, empty
-    state = read_checkpoint_tensors(str(model_path))
+    try:
+        state = read_checkpoint_tensors(str(model_path))
+    except Exception as err:  # noqa: BLE001 - e.g. safetensors' "header too large", which names no file
+        raise corrupt_file_error(model_path, "weights") or err
     shipped = any(k.startswith(VISION_PREFIX) for k in state)
-    vision_state = None if shipped else load_clip_vision_state(config.mm_vision_tower)
+    try:
+        vision_state = None if shipped else load_clip_vision_state(config.mm_vision_tower)
+    except Exception as err:  # noqa: BLE001
+        raise corrupt_file_error(config.mm_vision_tower, "vision tower weights") or err
     hf, unexpected = load_converted(hf, state, vision_state, f"checkpoint {str(model_path)!r}")
     if unexpected:
         warnings.warn(f"checkpoint {str(model_path)!r} has weights this model does not use (ignored): {unexpected}")
@@ -178,10 +252,16 @@ def load_pretrained_model(
 
         hf = dispatch_model(hf, device_map=infer_auto_device_map(hf) if device_map == "auto" else device_map)
     model = LlavaAdapter(hf, config, config.mm_vision_tower).eval()
-    tokenizer = _load_tokenizer(model_path, config, tokenizer_backend)
+    try:
+        tokenizer = _load_tokenizer(model_path, config, tokenizer_backend)
+    except Exception as err:  # noqa: BLE001
+        raise corrupt_file_error(model_path, "tokenizer") or err
     from transformers import CLIPImageProcessorPil  # LLaVA's numbers come from the PIL path
 
-    image_processor = CLIPImageProcessorPil.from_pretrained(config.mm_vision_tower)
+    try:
+        image_processor = CLIPImageProcessorPil.from_pretrained(config.mm_vision_tower)
+    except Exception as err:  # noqa: BLE001
+        raise corrupt_file_error(config.mm_vision_tower, "image processor") or err
     model.set_query_tokenizer(tokenizer)
     model.set_pruning(pruning)
     context_len = int(getattr(config, "max_sequence_length", 2048))

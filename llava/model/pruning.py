@@ -46,12 +46,7 @@ class PruningConfig:
             raise ValueError(f"params must be a dict of method parameters, got {type(self.params).__name__}")
         if not isinstance(self.negate_relevance, bool):
             raise ValueError(f"negate_relevance must be a bool, got {self.negate_relevance!r}")
-        spec = self.spec
-        unknown = sorted(set(self.params) - set(spec.params))
-        if unknown:
-            raise ValueError(
-                f"params {unknown} are not parameters of method {self.method!r}; it accepts {sorted(spec.params)}"
-            )
+        sp.check_params(self.method, self.params)  # names, types and ranges, before any model runs
 
     @property
     def spec(self) -> sp.MethodSpec:

@@ -8,8 +8,11 @@
     sp.patch.kept(model)    # one (k,) int64 tensor per visual row of the last prefill, ascending
     sp.patch.remove(model)  # the stock model again
 
-Supported classes: ``LlavaForConditionalGeneration`` (one row per image) and
-``LlavaNextForConditionalGeneration`` (one row per anyres crop). ``budget``: int = tokens kept per
+Supported classes: ``LlavaForConditionalGeneration`` (one row per image),
+``LlavaNextForConditionalGeneration`` (one row per anyres crop), ``LlavaOnevisionForConditionalGeneration``
+(crops and video frames), ``InternVLForConditionalGeneration`` (tiles and thumbnail),
+``Qwen2_5_VLForConditionalGeneration`` and ``Qwen3VLForConditionalGeneration`` (images and frames, 3-D M-RoPE
+positions kept; Qwen3-VL's DeepStack features pruned alike). ``budget``: int = tokens kept per
 row, float in (0, 1) = fraction kept per row (``script_prune.resolve_budget``); a budget that keeps
 whole rows runs the stock forward unchanged. Any selection method of the registry
 (``script_prune.list_methods()``) with its parameters as keyword arguments, and FastV (in the LLM,
@@ -37,6 +40,10 @@ from script_prune.registry import RELEVANCE_INPUTS
 from .family import DecoderAccess, Family, Layout, VisualRows, cache_keyword
 from .llava import LlavaFamily
 from .llava_next import LlavaNextFamily
+from .internvl import InternVLFamily
+from .llava_onevision import LlavaOnevisionFamily
+from .qwen2_5_vl import Qwen2_5_VLFamily
+from .qwen3_vl import Qwen3VLFamily
 from .prefill import STATE_ATTR, PatchConfig, PatchState, expand_for_generation, patched_forward
 
 #: generate()'s input expansion, patched so per-image inputs repeat per prompt (see expand_for_generation)
@@ -62,7 +69,8 @@ __all__ = [
 ]
 
 #: The families, one file each; a new family is one more entry here.
-FAMILIES: tuple[Family, ...] = (LlavaFamily(), LlavaNextFamily())
+FAMILIES: tuple[Family, ...] = (LlavaFamily(), LlavaNextFamily(), LlavaOnevisionFamily(), InternVLFamily(),
+                                Qwen2_5_VLFamily(), Qwen3VLFamily())
 
 
 def supported_classes() -> list[str]:
@@ -95,12 +103,18 @@ def _config(model: nn.Module, family: Family, method: Any, budget: Any, relevanc
     if not isinstance(method, str) or method not in sp.list_methods():
         raise ValueError(f"method must be one of {sp.list_methods()}, got {method!r}")
     spec = sp.get_method(method)
-    budget = check_budget(budget)
+    budget = check_budget(family.default_budget if budget is FAMILY_DEFAULT else budget)
+    if spec.merges and not family.merging:
+        raise ValueError(f"merging method {method!r} is not supported on {type(model).__name__}: merged tokens have no "
+                         "original position for its M-RoPE (use a selection method)")
     params = sp.check_params(method, params)
     name = type(model).__name__
     if spec.stage == "llm":
         from .in_llm import check_layer
 
+        if not family.in_llm:
+            raise ValueError(f"in-LLM method {method!r} is not supported on {name} yet (its LLM adds visual features "
+                             "inside the decoder, which the pruned decoder loop does not carry)")
         if set(spec.params) != {"layer"}:
             raise ValueError(f"in-LLM method {method!r} is not wired into script_prune.patch (only FastV-style "
                              "methods with one parameter 'layer')")
@@ -121,13 +135,24 @@ def _config(model: nn.Module, family: Family, method: Any, budget: Any, relevanc
     return config
 
 
-def apply(model: nn.Module, method: str = "script", budget: int | float = 64, relevance: Any = None,
+class _FamilyDefault:
+    """``apply``'s default budget: the family's ``default_budget`` (64 per row; a fraction for Qwen-VL)."""
+
+    def __repr__(self) -> str:
+        return "<family default>"
+
+
+FAMILY_DEFAULT: Any = _FamilyDefault()
+
+
+def apply(model: nn.Module, method: str = "script", budget: int | float = FAMILY_DEFAULT, relevance: Any = None,
           **params: Any) -> nn.Module:
     """Prune ``model``'s visual tokens with ``method`` at ``budget`` per visual row, in place; returns ``model``.
 
     relevance: None (the family's default source, if any), ``"llm_text"``, or a :class:`RelevanceSource`
     such as :class:`ClipText`; its sign becomes the method's ``negate`` unless ``negate`` is given.
-    ``params``: the method's parameters (``script_prune.get_method(method).params``).
+    ``params``: the method's parameters (``script_prune.get_method(method).params``). ``budget`` omitted:
+    the family's ``default_budget`` (64 tokens per row; 0.25 of each row for the Qwen-VL families).
     Refused: an unsupported class, a model already patched, a bad method / budget / parameter, a
     relevance method without a source.
     """

@@ -183,6 +183,13 @@ class Family:
     visual_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
     #: forward arguments that carry visual inputs, dropped from the LLM call once spliced.
     visual_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "image_sizes")
+    #: budget ``apply`` uses when given none (an int per row; dynamic-resolution families: a fraction).
+    default_budget: ClassVar[int | float] = 64
+    #: False: merging methods (TRIM, VisionZip) are refused (a merged token has no original position,
+    #: which M-RoPE families need).
+    merging: ClassVar[bool] = True
+    #: False: in-LLM methods (FastV) are refused (e.g. features injected inside the LLM, Qwen3-VL's DeepStack).
+    in_llm: ClassVar[bool] = True
 
     # -- vision side ---------------------------------------------------------------------------
     def encode(self, model: nn.Module, call: dict[str, Any], needs: frozenset[str] = frozenset()) -> VisualRows:
@@ -206,6 +213,16 @@ class Family:
         """Visual rows of a call, without running the vision tower (for ``kept`` of an unpruned prefill)."""
         raise NotImplementedError
 
+    def stock_layout(self, model: nn.Module) -> bool:
+        """True when the stock forward lays the rows out as :meth:`encode` does, so a budget that keeps whole
+        rows may run it unchanged (False: an option such as LLaVA-Video's average pooling changes the rows)."""
+        return True
+
+    def row_lengths(self, model: nn.Module, call: dict[str, Any]) -> list[int]:
+        """Tokens of every row of a call in sequence order, without running the vision tower (the budget
+        keeps whole rows when it keeps the longest). Default: ``row_length`` for each of ``num_rows``."""
+        return [self.row_length(model)] * self.num_rows(model, call)
+
     def images_per_prompt(self, model: nn.Module, input_ids: Tensor) -> Tensor:
         """(B,) images of every prompt: its placeholder runs (each image is one contiguous run). Used to
         repeat per-image inputs by prompt when generate() expands prompts (beams, num_return_sequences)."""
@@ -216,8 +233,10 @@ class Family:
 
     def placeholder_mask(self, model: nn.Module, input_ids: Tensor) -> Tensor:
         """(B, L) bool: the placeholder positions the rows' layout fills, in scatter order (images and,
-        for video families, video placeholders)."""
-        return input_ids == int(model.config.image_token_id)
+        for video families, video placeholders: those of ``video_token_id`` when the config has one)."""
+        mask = input_ids == int(model.config.image_token_id)
+        video = getattr(model.config, "video_token_id", None)
+        return mask if video is None else mask | (input_ids == int(video))
 
     def embed_tokens(self, model: nn.Module) -> nn.Module:
         return model.get_input_embeddings()
@@ -242,14 +261,20 @@ class Family:
         """
         return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
+    def continue_from(self, model: nn.Module, positions: Tensor, mask: Tensor) -> None:
+        """Called with the short prompt's positions ((B, Ls), or (3, B, Ls) for M-RoPE) and 0/1 mask once an
+        in-LLM method pruned it; M-RoPE families set ``rope_deltas`` from them. Nothing by default."""
+
     def decode_shift(self, model: nn.Module, real: Tensor, short_mask: Tensor) -> Tensor:
         """(B, 1) to subtract from generate()'s decoding position ids (counted over the original
         prompt): the tokens each row dropped. M-RoPE families that continue from ``rope_deltas``
         (set in :meth:`positions`) return zeros."""
         return (real.sum(dim=1) - short_mask.sum(dim=1))[:, None]
 
-    def llm_inputs(self, model: nn.Module, rows: VisualRows, layout: Layout, index: Tensor) -> dict[str, Any]:
-        """Extra LLM inputs pruned with the same keep mask (DeepStack); none by default."""
+    def llm_inputs(self, model: nn.Module, rows: VisualRows, layout: Layout, index: Tensor,
+                   mask: Tensor) -> dict[str, Any]:
+        """Extra (or replacing) arguments of the short call, pruned with the same keep mask (DeepStack);
+        index / mask: (B, Ls) the short prompt's source positions and 0/1 mask. None by default."""
         return {}
 
 

@@ -9,7 +9,7 @@ layout tokens such as NeXT newlines always stay). Here:
 - the score row comes from that layer's own q/k projections for one query
   (:meth:`DecoderAccess.last_query_attention`), so every layer keeps sdpa / flash-attention;
 - kept tokens keep their original position ids (FastV's choice: RoPE distances to the text are
-  unchanged) and decoding continues at the original positions;
+  unchanged; 3-D M-RoPE positions for Qwen-VL) and decoding continues at the original positions;
 - the dropped tokens' entries also leave the cache of layers ``0 .. K-1``, so every layer's cache
   holds the same short sequence and decoding runs on it with the stock mask code (FastV's release
   keeps them in the first K layers: there, decoded tokens still see the dropped tokens early on).
@@ -120,8 +120,10 @@ def fastv_language_forward(access: DecoderAccess, state: PatchState, prompt: Pro
                            use_cache=use_cache, **{keyword: cache}, **kwargs)
         return hidden
 
-    causal = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=mask, position_ids=positions,
-                                **{MASK_CACHE_KEYWORD: cache})
+    mrope = positions.dim() == 3  # M-RoPE (3, B, L): the masks take no positions (they only detect packing)
+    positions = positions[-3:] if mrope else positions  # generate() hands Qwen-VL 4 rows, the first for the text
+    causal = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=mask,
+                                position_ids=None if mrope else positions, **{MASK_CACHE_KEYWORD: cache})
     rope = access.rope(hidden, positions)
     hidden = run(layers[: layer_k - 1], hidden, causal, rope, positions)
     scores = access.last_query_attention(layers[layer_k - 1], hidden, rope, mask)  # (B, L) float32
@@ -132,7 +134,11 @@ def fastv_language_forward(access: DecoderAccess, state: PatchState, prompt: Pro
     state.visual_counts = (keep & prompt.placeholder).sum(dim=1)  # after layer K
     index, short_mask = pack(keep, prompt.left)  # (B, Ls)
     hidden = gather_tokens(hidden, index)
-    short_positions = positions.expand(hidden.shape[0], -1).gather(1, index)
+    if mrope:  # kept tokens keep their 3-D positions
+        short_positions = positions.gather(2, index[None].expand(3, -1, -1))  # (3, B, Ls)
+    else:
+        short_positions = positions.expand(hidden.shape[0], -1).gather(1, index)
+    state.extra["short_prompt"] = (short_positions, short_mask)
     if cache is not None:
         shorten_cache(cache, index, layer_k)
         state.prompt = PromptState(weakref.ref(cache), full_length, short_mask,
@@ -140,7 +146,7 @@ def fastv_language_forward(access: DecoderAccess, state: PatchState, prompt: Pro
     state.kept = kept_per_row(index_of, chosen, slots, row_length)
     # layers >= K start with an empty cache: their mask is sized from the short prompt alone
     causal = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=short_mask,
-                                position_ids=short_positions, **{MASK_CACHE_KEYWORD: None})
+                                position_ids=None if mrope else short_positions, **{MASK_CACHE_KEYWORD: None})
     rope = access.rope(hidden, short_positions)
     # Positions reach these layers through RoPE only: flash-attention would read the non-contiguous ids of
     # an unpadded row as packed sequences.
@@ -162,8 +168,9 @@ def in_llm_prefill(model: nn.Module, state: PatchState, call: dict[str, Any], ro
     row_of = torch.full_like(call["input_ids"], TEXT).masked_scatter(where, layout.row)
     index_of = torch.full_like(call["input_ids"], -1).masked_scatter(where, layout.index)
     positions = call.get("position_ids")
-    if positions is None:
-        positions = (prompt.real.long().cumsum(dim=1) - 1).clamp(min=0)
+    if positions is None:  # the family's positions of the whole prompt (LLaVA: contiguous; Qwen-VL: 3-D M-RoPE)
+        every = torch.arange(prompt.real.shape[1], device=prompt.real.device).expand_as(prompt.real)
+        positions = family.positions(model, call, every, prompt.real.long())
     full_call = without_pixels(family, call)
     full_call.update(inputs_embeds=embeds, attention_mask=prompt.real.long(), position_ids=positions)
     language_model = family.language_model(model)
@@ -173,9 +180,11 @@ def in_llm_prefill(model: nn.Module, state: PatchState, call: dict[str, Any], ro
         fastv_language_forward, family.decoder(model), state, prompt, row_of, index_of, rows.tokens.shape[:2], k, layer_k,
         call["input_ids"].shape[1])
     try:
-        return state.stock_forward(**full_call)
+        output = state.stock_forward(**full_call)
     finally:
         if previous is None:
             del language_model.forward
         else:
             language_model.forward = previous
+    family.continue_from(model, *state.extra.pop("short_prompt"))
+    return output

@@ -331,12 +331,13 @@ def prefill(model: nn.Module, state: PatchState, call: dict[str, Any]) -> Any:
         raise ValueError(f"script_prune.patch needs a 2-D (B, L) attention mask on a prefill with images, got shape "
                          f"{tuple(mask.shape)} (static / compiled caches, whose masks generate() builds in 4-D, are "
                          "not supported yet)")
-    n = family.row_length(model)
+    lengths = family.row_lengths(model, call)  # tokens of every row (the longest decides "whole rows")
+    n = max(lengths, default=family.row_length(model))
     k = resolve_budget(cfg.budget, n)
     state.prompt = state.visual_counts = None
-    if keeps_all(k, n):
+    if keeps_all(k, n) and family.stock_layout(model):
         output = state.stock_forward(**call)
-        state.kept = [torch.arange(n, device=call["input_ids"].device)] * family.num_rows(model, call)
+        state.kept = [torch.arange(m, device=call["input_ids"].device) for m in lengths]
         placeholder = family.placeholder_mask(model, call["input_ids"])
         state.visual_counts = (placeholder if mask is None else placeholder & mask.bool()).sum(dim=1)
         return output
@@ -348,14 +349,16 @@ def prefill(model: nn.Module, state: PatchState, call: dict[str, Any]) -> Any:
         return in_llm_prefill(model, state, call, rows, prompt, k)
     query = Query(call["input_ids"], question_mask(call["input_ids"], prompt.real, prompt.placeholder), state.texts)
     keep_rows, kept, merged = select_rows(model, state, rows, query, prompt.row_sample)  # (R, N), R x (k,)
-    layout = fit_layout(family.layout(model, rows, keep_rows, merged), rows.image_lengths)
+    layout = family.layout(model, rows, keep_rows, merged)
+    if merged is not None:  # without merged tokens every kept token stays in its own placeholder slot
+        layout = fit_layout(layout, rows.image_lengths)
     embeds = prompt.embeds.masked_scatter(prompt.placeholder[..., None], layout.tokens.to(prompt.embeds.dtype))
     keep = prompt.real & (~prompt.placeholder).masked_scatter(prompt.placeholder, layout.kept)  # (B, L)
     index, short_mask = pack(keep, prompt.left)  # (B, Ls)
     short_call = without_pixels(family, call)
     short_call.update(inputs_embeds=gather_tokens(embeds, index), attention_mask=short_mask,
                       position_ids=family.positions(model, call, index, short_mask))
-    short_call.update(family.llm_inputs(model, rows, layout, index))
+    short_call.update(family.llm_inputs(model, rows, layout, index, short_mask))
     if call.get("labels") is not None:
         short_call["labels"] = gather_tokens(call["labels"], index).masked_fill(short_mask == 0, -100)
     output = state.stock_forward(**short_call)

@@ -10,8 +10,11 @@
 #   CHUNKS (number of shards; default: one per GPU in CUDA_VISIBLE_DEVICES, else 1)
 #   RESULTS_DIR (default ./results; rows go to RESULTS_DIR/summary.csv)  PYTHON (default python)
 #   CONV_MODE (default vicuna_v1)
-#   RUN_TAG (results folder name; default METHOD_NOMINAL; set it when you change --pruning-param values)
-# See EVAL.md for the data layout.
+#   RUN_TAG (results folder name; default METHOD_NOMINAL; set it when you change any other setting, e.g.
+#            --pruning-param, --no-negate-relevance, --max_new_tokens: an answers file holds one run, resuming it
+#            with other settings is refused; a set RUN_TAG also gets its own row in the summarize table)
+# Extra args reach the generator, e.g. --on-image-error record. See EVAL.md for the data layout, the run
+# fingerprint, the lock and the merge.
 
 set -euo pipefail
 
@@ -63,7 +66,18 @@ require_data() {
     fi
 }
 
-# run_sharded MODULE OUTDIR [module args...]: one process per shard, then merge in chunk order -> $MERGED
+# Workers die with their driver: on TERM/INT/HUP the trap stops them at once, and each worker also ends
+# itself when this shell is gone however it died (LLAVA_EVAL_DRIVER_PID, watched by llava.eval.common).
+WORKER_PIDS=()
+stop_workers() {
+    local pid
+    for pid in "${WORKER_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    echo "error: interrupted: stopped ${#WORKER_PIDS[@]} answer generator(s) (rerun to resume)" >&2
+    exit 143
+}
+
+# run_sharded MODULE OUTDIR [module args...]: one process per shard, then merge in question order -> $MERGED
 run_sharded() {
     local module=$1 outdir=$2; shift 2
     local gpus=()
@@ -72,35 +86,44 @@ run_sharded() {
     [ "$chunks" = 0 ] && chunks=1
     [[ "$chunks" =~ ^[1-9][0-9]*$ ]] || die "CHUNKS must be a positive integer, got '$chunks'"
     mkdir -p "$outdir"
-    local pids=() i
+    export LLAVA_EVAL_DRIVER_PID=$$
+    trap stop_workers TERM INT HUP
+    WORKER_PIDS=()
+    local files=() i
     for ((i = 0; i < chunks; i++)); do
+        files+=("$outdir/${chunks}_${i}.jsonl")
         if [ ${#gpus[@]} -gt 0 ]; then
             CUDA_VISIBLE_DEVICES=${gpus[$((i % ${#gpus[@]}))]} "$PYTHON" -m "$module" "$@" "${GEN_ARGS[@]}" \
-                --answers-file "$outdir/${chunks}_${i}.jsonl" --num-chunks "$chunks" --chunk-idx "$i" "${EXTRA_ARGS[@]}" &
+                --answers-file "${files[$i]}" --num-chunks "$chunks" --chunk-idx "$i" "${EXTRA_ARGS[@]}" &
         else
             "$PYTHON" -m "$module" "$@" "${GEN_ARGS[@]}" \
-                --answers-file "$outdir/${chunks}_${i}.jsonl" --num-chunks "$chunks" --chunk-idx "$i" "${EXTRA_ARGS[@]}" &
+                --answers-file "${files[$i]}" --num-chunks "$chunks" --chunk-idx "$i" "${EXTRA_ARGS[@]}" &
         fi
-        pids+=($!)
+        WORKER_PIDS+=($!)
     done
     local failed=0 pid
-    for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+    for pid in "${WORKER_PIDS[@]}"; do wait "$pid" || failed=1; done
+    trap - TERM INT HUP
+    WORKER_PIDS=()
     [ $failed -eq 0 ] || die "answer generation failed in at least one of $chunks chunks (rerun to resume)"
     MERGED=$outdir/merge.jsonl
-    local tmp="$MERGED.tmp.$$"
-    : > "$tmp"
-    for ((i = 0; i < chunks; i++)); do cat "$outdir/${chunks}_${i}.jsonl" >> "$tmp"; done
-    mv "$tmp" "$MERGED"
+    # the generator itself merges: same question set and run fingerprint, question order, nothing missing or extra
+    "$PYTHON" -m "$module" "$@" "${GEN_ARGS[@]}" "${EXTRA_ARGS[@]}" --answers-file "$MERGED" --merge-from "${files[@]}" \
+        || die "merging the $chunks chunk file(s) of $outdir failed"
     echo "[$BENCH] merged $chunks chunk(s) into $MERGED" >&2
 }
 
 # json_get FILE KEY: print a top-level value of a metrics json
 json_get() { "$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"; }
 
-# append_summary METRIC VALUE: one row to $SUMMARY_CSV
+# append_summary METRIC VALUE [METRICS_JSON]: the row of this run in $SUMMARY_CSV (a rerun of the same run
+# fingerprint, read from $MERGED, replaces its row; the scorer's answered/questions/subset come from METRICS_JSON)
 append_summary() {
+    local extra=()
+    [ $# -ge 3 ] && extra+=(--metrics-json "$3")
+    [ -n "${RUN_TAG:-}" ] && extra+=(--run "$RUN_TAG")
     "$PYTHON" -m llava.eval.summarize add --csv "$SUMMARY_CSV" --benchmark "$BENCH" --checkpoint "$CKPT" \
-        --method "$METHOD" --budget "$NOMINAL" --metric "$1" --value "$2" >&2
+        --method "$METHOD" --budget "$NOMINAL" --metric "$1" --value "$2" --answers-file "$MERGED" "${extra[@]}" >&2
 }
 
 # ----------------------------------------------------------------------------- benchmarks
@@ -111,7 +134,7 @@ bench_gqa() {
     run_sharded llava.eval.model_vqa_loader "$out" --question-file "$d/llava_gqa_testdev_balanced.jsonl" --image-folder "$d/data/images"
     "$PYTHON" -m llava.eval.eval_gqa --answers-file "$MERGED" --predictions-out "$out/testdev_balanced_predictions.json" \
         --questions-file "$d/data/testdev_balanced_questions.json" --json "$out/metrics.json"
-    append_summary accuracy "$(json_get "$out/metrics.json" accuracy)"
+    append_summary accuracy "$(json_get "$out/metrics.json" accuracy)" "$out/metrics.json"
 }
 
 _bench_mmbench() {  # $1 = folder, $2 = tsv name, $3 = lang
@@ -124,7 +147,7 @@ _bench_mmbench() {  # $1 = folder, $2 = tsv name, $3 = lang
     "$PYTHON" -m llava.eval.convert_mmbench_for_submission --annotation-file "$d/$2" --result-file "$MERGED" \
         --out "$upload" --json "$out/metrics.json"
     if grep -q accuracy_local "$out/metrics.json"; then
-        append_summary accuracy_local "$(json_get "$out/metrics.json" accuracy_local)"
+        append_summary accuracy_local "$(json_get "$out/metrics.json" accuracy_local)" "$out/metrics.json"
     else
         append_summary submission "$upload"
     fi
@@ -140,7 +163,7 @@ bench_mme() {
     run_sharded llava.eval.model_vqa_loader "$out" --question-file "$d/llava_mme.jsonl" --image-folder "$d/MME_Benchmark_release_version"
     "$PYTHON" -m llava.eval.eval_mme --answers-file "$MERGED" --gt-dir "$d/MME_Benchmark_release_version" \
         --results-dir "$d/eval_tool/answers/$CKPT/$TAG" --json "$out/metrics.json"
-    append_summary perception "$(json_get "$out/metrics.json" perception)"
+    append_summary perception "$(json_get "$out/metrics.json" perception)" "$out/metrics.json"
 }
 
 bench_mmvet() {
@@ -161,7 +184,7 @@ bench_pope() {
     run_sharded llava.eval.model_vqa_loader "$out" --question-file "$d/llava_pope_test.jsonl" --image-folder "$d/val2014"
     "$PYTHON" -m llava.eval.eval_pope --annotation-dir "$d/coco" --question-file "$d/llava_pope_test.jsonl" \
         --result-file "$MERGED" --json "$out/metrics.json"
-    append_summary average_f1 "$(json_get "$out/metrics.json" average_f1)"
+    append_summary average_f1 "$(json_get "$out/metrics.json" average_f1)" "$out/metrics.json"
 }
 
 bench_sqa() {
@@ -172,7 +195,7 @@ bench_sqa() {
         --image-folder "$d/images/test" --single-pred-prompt
     "$PYTHON" -m llava.eval.eval_science_qa --base-dir "$d" --result-file "$MERGED" --output-file "$out/output.jsonl" \
         --output-result "$out/result.json" --json "$out/metrics.json"
-    append_summary img_accuracy "$(json_get "$out/metrics.json" img_accuracy)"
+    append_summary img_accuracy "$(json_get "$out/metrics.json" img_accuracy)" "$out/metrics.json"
 }
 
 bench_textvqa() {
@@ -181,7 +204,7 @@ bench_textvqa() {
     local out=$d/answers/$CKPT/$TAG
     run_sharded llava.eval.model_vqa_loader "$out" --question-file "$d/llava_textvqa_val_v051_ocr.jsonl" --image-folder "$d/train_images"
     "$PYTHON" -m llava.eval.eval_textvqa --annotation-file "$d/TextVQA_0.5.1_val.json" --result-file "$MERGED" --json "$out/metrics.json"
-    append_summary accuracy "$(json_get "$out/metrics.json" accuracy)"
+    append_summary accuracy "$(json_get "$out/metrics.json" accuracy)" "$out/metrics.json"
 }
 
 bench_vizwiz() {
