@@ -76,3 +76,16 @@ def test_cli_prints_no_warning(method, tiny_llava15_path, tmp_path):
     assert "visual tokens to LLM: 3" in out.stdout
     noisy = [line for line in out.stderr.splitlines() if "warn" in line.lower() or "deprecat" in line.lower()]
     assert noisy == [], "\n".join(noisy)
+
+
+def test_fastv_prefill_refuses_a_cache_the_decoder_did_not_fill(tiny_llava15_path):
+    """What transformers 5.24 did to FastV: the decoder layers read the cache under a new name and silently
+    ignore the one they are given. Simulated by a keyword no release reads (the next rename): the layers run
+    without the cache, and the prefill must stop with a clear error instead of returning an unfilled cache."""
+    from script_prune.patch.prefill import STATE_ATTR
+
+    model, ids, pixels = _fastv_inputs(tiny_llava15_path)
+    model.hf.__dict__[STATE_ATTR].extra["layer_cache_keyword"] = "kv_cache_after_the_next_rename"
+    with pytest.raises(RuntimeError, match=r"layer 0 of the KV cache was not filled, expected \d+ \(the whole prompt"):
+        with torch.no_grad():
+            model(ids, images=pixels, use_cache=True)

@@ -92,6 +92,22 @@ def shorten_cache(cache: Any, index: Tensor, upto: int) -> None:
         layer.values = layer.values.gather(2, gather.expand(-1, layer.values.shape[1], -1, layer.values.shape[-1]))
 
 
+def check_cache_length(cache: Any, upto: int, length: int, stage: str, keyword: str) -> None:
+    """Layers ``0 .. upto-1`` of the cache must hold exactly ``length`` positions at this ``stage`` of an in-LLM
+    prefill (the whole prompt before shortening, text + kept tokens after it). A layer left empty or unshortened
+    means the decoder did not write the cache it was handed (e.g. an upstream rename of the cache argument, as in
+    transformers 5.24): stop with a clear error rather than decode from a wrong cache. Shapes only, no host sync."""
+    for i, layer in enumerate(cache.layers[:upto]):
+        held = None if getattr(layer, "keys", None) is None else layer.keys.shape[2]
+        if held != length:
+            what = "was not filled" if held is None else f"holds {held} positions"
+            raise RuntimeError(
+                f"in-LLM pruning: layer {i} of the KV cache {what}, expected {length} ({stage}); the decoder layers "
+                f"did not write the cache handed to them as `{keyword}=` -- decoding from it would give wrong "
+                "results, so generation stops here"
+            )
+
+
 def fastv_language_forward(access: DecoderAccess, state: PatchState, prompt: Prompt, row_of: Tensor,
                            index_of: Tensor, shape: tuple[int, int], k: int, layer_k: int, full_length: int,
                            **kwargs: Any) -> BaseModelOutputWithPast:
@@ -140,6 +156,7 @@ def fastv_language_forward(access: DecoderAccess, state: PatchState, prompt: Pro
         short_positions = positions.expand(hidden.shape[0], -1).gather(1, index)
     state.extra["short_prompt"] = (short_positions, short_mask)
     if cache is not None:
+        check_cache_length(cache, layer_k, full_length, "the whole prompt, before shortening", keyword)
         shorten_cache(cache, index, layer_k)
         state.prompt = PromptState(weakref.ref(cache), full_length, short_mask,
                                    torch.zeros_like(short_mask[:, :1]), bool((short_mask == 0).any()))
@@ -151,6 +168,8 @@ def fastv_language_forward(access: DecoderAccess, state: PatchState, prompt: Pro
     # Positions reach these layers through RoPE only: flash-attention would read the non-contiguous ids of
     # an unpadded row as packed sequences.
     hidden = run(layers[layer_k:], hidden, causal, rope, None)
+    if cache is not None:
+        check_cache_length(cache, len(layers), index.shape[1], "text + kept tokens", keyword)
     return BaseModelOutputWithPast(last_hidden_state=access.norm(hidden), **{OUTPUT_CACHE_FIELD: cache if use_cache else None})
 
 
