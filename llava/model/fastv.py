@@ -46,6 +46,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import script_prune as sp
+from script_prune.patch.in_llm import check_cache_length
 
 from .hf_compat import CACHE_ARG, MASK_CACHE_ARG, OUTPUT_CACHE_FIELD
 
@@ -178,23 +179,6 @@ def shorten_cache_layers(cache: DynamicCache, index: torch.Tensor, upto: int) ->
         layer.values = layer.values.gather(2, gather)
 
 
-def check_cache_length(cache: DynamicCache, upto: int, length: int, stage: str) -> None:
-    """Layers ``0 .. upto-1`` of the cache must hold exactly ``length`` positions at this ``stage`` of a FastV
-    prefill (the full prompt before shortening, text + kept tokens after it).
-
-    A layer left empty or unshortened means the decoder did not fill the cache it was handed (e.g. an
-    upstream rename of the cache argument): refuse at once rather than decode from a wrong cache."""
-    for i, layer in enumerate(cache.layers[:upto]):
-        held = None if getattr(layer, "keys", None) is None else layer.keys.shape[2]
-        if held != length:
-            state = "was not filled" if held is None else f"holds {held} positions"
-            raise RuntimeError(
-                f"FastV prefill: layer {i} of the KV cache {state}, expected {length} ({stage}); the installed "
-                f"transformers did not write the cache handed to its decoder layers as `{CACHE_ARG}` -- "
-                "decoding from it would give wrong results, so generation stops here"
-            )
-
-
 def fastv_state(cache: Any) -> FastVCacheState | None:
     return getattr(cache, FASTV_STATE, None) if cache is not None else None
 
@@ -283,7 +267,7 @@ def fastv_prefill(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tens
     hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
     short_positions = position_ids.gather(1, index)
     if cache is not None:
-        check_cache_length(cache, k_layer, length, "the whole prompt, before shortening")
+        check_cache_length(cache, k_layer, length, "the whole prompt, before shortening", CACHE_ARG)
         shorten_cache_layers(cache, index, k_layer)
         next_position = (position_ids * mask).max(dim=1, keepdim=True).values + 1
         setattr(cache, FASTV_STATE, FastVCacheState(short_mask, length, next_position))
@@ -295,6 +279,6 @@ def fastv_prefill(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tens
     # of an unpadded row as packed sequences and split the attention, so the layers get none.
     hidden = _run_layers(layers[k_layer:], hidden, causal, rope, None, cache, use_cache, kwargs)
     if cache is not None:
-        check_cache_length(cache, len(layers), index.shape[1], "text + kept tokens")
+        check_cache_length(cache, len(layers), index.shape[1], "text + kept tokens", CACHE_ARG)
     hidden = model.norm(hidden)
     return BaseModelOutputWithPast(last_hidden_state=hidden, **{OUTPUT_CACHE_FIELD: cache if use_cache else None}), kept_visual
