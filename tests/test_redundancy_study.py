@@ -186,7 +186,8 @@ def test_cli_refuses_bad_arguments(tmp_path, capsys, argv, message):
     assert not (tmp_path / "o.json").exists()
 
 
-def test_cli_on_a_checkpoint_uses_encode_images(tiny_llava15_path, tmp_path):
+def test_cli_on_a_checkpoint_scores_the_models_projected_tokens(tiny_llava15_path, tmp_path):
+    """The reference tokens come from transformers' own ``get_image_features`` of the loaded model."""
     from PIL import Image
 
     from llava.mm_utils import process_images
@@ -199,7 +200,8 @@ def test_cli_on_a_checkpoint_uses_encode_images(tiny_llava15_path, tmp_path):
                            "--warmup", "0", "--out", str(out)])
     _, model, processor, _ = load_pretrained_model(tiny_llava15_path)
     with torch.inference_mode():
-        tokens = model.encode_images(process_images([Image.open(image).convert("RGB")], processor, model.config))
+        pixels = process_images([Image.open(image).convert("RGB")], processor, model.config)
+        tokens = torch.stack(model.hf.get_image_features(pixel_values=pixels).pooler_output)  # (1, N, D)
     n = tokens.shape[1]
     assert data["images"] == 1 and data["tokens_per_row"] == n
     k = R.keep_count(n, 0.9)

@@ -10,7 +10,7 @@
     python -m llava.eval.redundancy_study --features feats.pt
 
 All four estimators (``script_prune.redundancy``) score the *same* features (by default the projected
-visual tokens ``model.encode_images(images)``, what GSP scores inside the model) with Eq. 9 and the same
+visual tokens of ``model.visual_rows(images)``, what GSP scores inside the model) with Eq. 9 and the same
 ``tau`` / ``gamma``; each keeps the ``K = N - floor(ratio * N)`` least redundant tokens per image row.
 
 Columns (one row per estimator; "Exhaustive" = the full graph):
@@ -78,8 +78,9 @@ def model_features(model_path: str, images: list[Any], device: str, source: str 
                    batch: int = 8) -> torch.Tensor:
     """Visual features of ``images`` through the checkpoint's public methods. -> (R, N, D) float32.
 
-    ``source="tokens"``: ``model.encode_images`` (projected tokens); ``"vision"``: the vision tower's
-    selected-layer features. LLaVA-NeXT images give one row per crop (base + tiles).
+    ``source="tokens"``: the projected visual tokens; ``"vision"``: the vision tower's selected-layer features,
+    both as the pruning layer sees them (``model.visual_rows``). LLaVA-NeXT images give one row per crop
+    (base + tiles).
     """
     from llava.mm_utils import load_image, process_images
     from llava.model.builder import load_pretrained_model
@@ -90,12 +91,8 @@ def model_features(model_path: str, images: list[Any], device: str, source: str 
     for start in tqdm(range(0, len(images), batch), desc="features", unit="batch", file=sys.stderr):
         chunk = [load_image(i) if isinstance(i, str) else i.convert("RGB") for i in images[start:start + batch]]
         pixels = process_images(chunk, processor, model.config)
-        views = torch.cat(list(pixels)) if isinstance(pixels, list) else pixels.flatten(0, -4)  # (R, 3, S, S)
-        views = views.to(device=device, dtype=model.get_vision_tower().dtype)
-        if source == "tokens":
-            rows.append(model.encode_images(views).float())
-        else:
-            rows.append(model.get_vision_tower()(views).features.float())
+        visual = model.visual_rows(pixels, [image.size for image in chunk])
+        rows.append((visual.tokens if source == "tokens" else visual.vision_features).float())  # (R, N, D)
     return torch.cat(rows)
 
 
