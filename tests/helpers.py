@@ -19,3 +19,15 @@ def prompt_ids(tokenizer, question: str) -> torch.Tensor:
 def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
     """A (height, width) RGB image of uniform random pixels from ``seed``."""
     return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def skip_below_family_minimum(family) -> "pytest.MarkDecorator":
+    """Skip a family's tests on a transformers release older than the family supports (``Family.min_transformers``);
+    ``apply`` refuses it there (tested in test_patch.py)."""
+    import pytest
+    import transformers
+    from packaging.version import Version
+
+    minimum = family.min_transformers
+    return pytest.mark.skipif(minimum is not None and Version(transformers.__version__) < Version(minimum),
+                              reason=f"{type(family).__name__} needs transformers >= {minimum}")

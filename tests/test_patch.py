@@ -679,3 +679,15 @@ def test_budget_resolver():
     assert sp.resolve_budget(0.29, 100) == 29
     assert sp.resolve_budget(0.001, 100) == 1
     assert sp.keeps_all(576, 576) and not sp.keeps_all(575, 576)
+
+
+def test_a_family_refuses_transformers_older_than_it_was_tested_on():
+    from script_prune.patch import (InternVLFamily, LlavaFamily, LlavaNextFamily, LlavaOnevisionFamily,
+                                    Qwen2_5_VLFamily, Qwen3VLFamily, check_transformers_version)
+
+    for family in (Qwen2_5_VLFamily(), Qwen3VLFamily(), LlavaOnevisionFamily(), InternVLFamily()):
+        with pytest.raises(RuntimeError, match=r"supports Model on transformers >= 5\.24 .*installed 5\.6\.0"):
+            check_transformers_version(family, "Model", installed="5.6.0")
+        check_transformers_version(family, "Model", installed="5.24.0")  # the tested release passes
+    for family in (LlavaFamily(), LlavaNextFamily()):  # the whole declared range
+        check_transformers_version(family, "Model", installed="5.6.0")

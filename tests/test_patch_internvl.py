@@ -12,6 +12,11 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration
 import script_prune as sp
 from tests.test_patch import IMAGE, cache_length, left_padded, question_mean, reference_logits
 
+from script_prune.patch import InternVLFamily  # noqa: E402
+from tests.helpers import skip_below_family_minimum  # noqa: E402
+
+pytestmark = skip_below_family_minimum(InternVLFamily())
+
 TILE = 16  # (16 / 2)^2 patches * 0.5^2 after the pixel shuffle
 
 

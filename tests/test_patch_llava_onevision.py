@@ -15,6 +15,11 @@ from script_prune.patch.llava_onevision import set_video_pooling
 from tests import test_patch
 from tests.test_patch import left_padded, pruned_image_tokens, stock_layout_ids
 
+from script_prune.patch import LlavaOnevisionFamily  # noqa: E402
+from tests.helpers import skip_below_family_minimum  # noqa: E402
+
+pytestmark = skip_below_family_minimum(LlavaOnevisionFamily())
+
 IMAGE, VIDEO = 99, 98
 SIZE, PATCH = 40, 8  # 5 x 5 = 25 tokens per crop; frames: 3 x 3 = 9 (bilinear) or 2 x 2 = 4 (average)
 PINPOINTS = [[40, 80], [80, 40], [80, 80]]

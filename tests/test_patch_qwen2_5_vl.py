@@ -13,6 +13,11 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 import script_prune as sp
 from tests.test_patch import cache_length, left_padded, masked_forward
 
+from script_prune.patch import Qwen2_5_VLFamily  # noqa: E402
+from tests.helpers import skip_below_family_minimum  # noqa: E402
+
+pytestmark = skip_below_family_minimum(Qwen2_5_VLFamily())
+
 IMAGE, VIDEO, START, END = 97, 98, 95, 96
 PATCH, MERGE, TEMPORAL = 2, 2, 2
 

@@ -15,6 +15,11 @@ import script_prune as sp
 from tests.test_patch import left_padded
 from tests.test_patch_qwen2_5_vl import check_kept, check_whole_rows_bit_identical, pruned_forward, pruned_generate
 
+from script_prune.patch import Qwen3VLFamily  # noqa: E402
+from tests.helpers import skip_below_family_minimum  # noqa: E402
+
+pytestmark = skip_below_family_minimum(Qwen3VLFamily())
+
 IMAGE, VIDEO, START, END = 97, 98, 95, 96
 PATCH, MERGE, TEMPORAL = 2, 2, 2
 IMAGES = [[1, 4, 6], [1, 8, 8]]  # sample 0: 6 tokens, sample 1: 16 tokens

@@ -10,6 +10,8 @@ av = pytest.importorskip("av")
 import script_prune as sp  # noqa: E402
 from script_prune.video import load_video, sample_indices  # noqa: E402
 from tests.test_patch_llava_onevision import SIZE, VIDEO, build, left_padded  # noqa: E402
+from script_prune.patch import LlavaOnevisionFamily  # noqa: E402
+from tests.helpers import skip_below_family_minimum  # noqa: E402
 
 FRAMES, RATE = 24, 8  # 3 seconds
 
@@ -52,6 +54,7 @@ def test_decode_a_written_clip_and_errors_name_the_file(tmp_path):
 
 
 @torch.no_grad()
+@skip_below_family_minimum(LlavaOnevisionFamily())
 def test_decoded_frames_are_rows_with_the_per_frame_budget(tmp_path):
     path = tmp_path / "clip.mp4"
     write_clip(path)

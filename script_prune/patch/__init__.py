@@ -51,6 +51,7 @@ EXPAND = "_expand_inputs_for_generation"
 from .relevance import ClipText, LLMText, RelevanceSource, resolve_source
 
 __all__ = [
+    "check_transformers_version",
     "ClipText",
     "DecoderAccess",
     "FAMILIES",
@@ -97,9 +98,25 @@ def _state(model: nn.Module) -> PatchState:
     return model.__dict__[STATE_ATTR]
 
 
+def check_transformers_version(family: Family, name: str, installed: str | None = None) -> None:
+    """Refuse a family on a transformers release older than the one it was tested on (``Family.min_transformers``)."""
+    if family.min_transformers is None:
+        return
+    from packaging.version import Version
+
+    if installed is None:
+        import transformers
+
+        installed = transformers.__version__
+    if Version(installed) < Version(family.min_transformers):
+        raise RuntimeError(f"script_prune.patch supports {name} on transformers >= {family.min_transformers} (tested there); "
+                           f"installed {installed}: pip install -U 'transformers>={family.min_transformers}'")
+
+
 def _config(model: nn.Module, family: Family, method: Any, budget: Any, relevance: Any,
             params: dict[str, Any]) -> PatchConfig:
     """Validate everything ``apply`` can check before a forward, naming the argument at fault."""
+    check_transformers_version(family, type(model).__name__)
     if not isinstance(method, str) or method not in sp.list_methods():
         raise ValueError(f"method must be one of {sp.list_methods()}, got {method!r}")
     spec = sp.get_method(method)

@@ -190,6 +190,9 @@ class Family:
     merging: ClassVar[bool] = True
     #: False: in-LLM methods (FastV) are refused (e.g. features injected inside the LLM, Qwen3-VL's DeepStack).
     in_llm: ClassVar[bool] = True
+    #: lowest transformers release this family was tested on (None: the project's whole declared range);
+    #: ``apply`` refuses an older one by name instead of pruning through hook points that moved
+    min_transformers: ClassVar[str | None] = None
 
     # -- vision side ---------------------------------------------------------------------------
     def encode(self, model: nn.Module, call: dict[str, Any], needs: frozenset[str] = frozenset()) -> VisualRows:

@@ -17,6 +17,7 @@ from .llava import LlavaFamily
 
 class InternVLFamily(LlavaFamily):
     name = "internvl"
+    min_transformers = "5.24"  # 5.6 fails the family tests (hook points moved since)
     class_names = ("InternVLForConditionalGeneration",)
     default_relevance = "llm_text"
     provides = ()  # InternViT: no vision-attention inputs are read (VisionZip refused)

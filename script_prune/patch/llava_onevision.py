@@ -55,6 +55,7 @@ def average_pool(tokens: Tensor) -> Tensor:
 
 class LlavaOnevisionFamily(LlavaNextFamily):
     name = "llava_onevision"
+    min_transformers = "5.24"  # 5.6 fails the family tests (hook points moved since)
     class_names = ("LlavaOnevisionForConditionalGeneration",)
     default_relevance = "llm_text"
     provides = ()
