@@ -452,10 +452,10 @@ def decode(pipe: Pipeline, out: Any, steps: int) -> float:
         nonlocal cache, token
         for _ in range(steps):
             extra: dict[str, Any] = {}
-            state = getattr(cache, "llava_fastv_state", None)
-            if state is not None:
-                from llava.model.fastv import decode_inputs
+            from llava.model.fastv import decode_inputs, fastv_state
 
+            state = fastv_state(cache)
+            if state is not None:
                 extra["attention_mask"], extra["position_ids"] = decode_inputs(state, cache, None, None, 1)
             step = pipe.llm(input_ids=token, use_cache=True, logits_to_keep=1, **{CACHE_ARG: cache}, **extra)
             cache, token = output_cache(step), step.logits[:, -1].argmax(-1, keepdim=True)
