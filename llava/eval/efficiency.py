@@ -384,7 +384,7 @@ def run_selection(pipe: Pipeline, method: str, budget: int, features: torch.Tens
     """Projector + script_prune call, timed separately (same order as script_prune.patch's prefill)."""
     dev = pipe.device
     n = features.shape[1]
-    if method == BASELINE or budget >= n or sp.get_method(method).stage == "llm":
+    if method == BASELINE or sp.keeps_all(budget, n) or sp.get_method(method).stage == "llm":
         tokens, proj_ms = timed(lambda: pipe.projector(features), pipe)
         return Selected(tokens, 0.0, proj_ms)
     spec = sp.get_method(method)

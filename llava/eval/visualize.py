@@ -75,7 +75,7 @@ def kept_indices(inputs: VisualInputs, method: str, budget: int) -> tuple[torch.
     """(R, k) kept positions per row and the number of merged extra tokens per row."""
     spec = sp.get_method(method)
     n = inputs.tokens.shape[1]
-    if budget >= n:
+    if sp.keeps_all(budget, n):
         return torch.arange(n).expand(inputs.tokens.shape[0], -1), 0
     if spec.stage == "llm" and "scores" not in inputs.extras:
         raise ValueError(f"method {method!r} acts inside the LLM (it needs the LLM's attention 'scores'); "
