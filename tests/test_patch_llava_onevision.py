@@ -128,6 +128,41 @@ def test_video_frames_are_rows_and_several_images_per_prompt(pooling):
 
 
 @torch.no_grad()
+def test_beams_and_sampled_sequences_repeat_images_and_videos_per_prompt():
+    """Prompt 0: two images (batch_num_images) and a video; prompt 1: one tiled image. Beams /
+    num_return_sequences / sampling equal the unpatched model's over the hand-shortened prompt."""
+    model = build()
+    images, videos = torch.randn(3, 5, 3, SIZE, SIZE), torch.randn(1, 3, 3, SIZE, SIZE)
+    sizes = torch.tensor([[40, 40], [40, 40], [40, 70]])
+    packed = model.model.get_image_features(pixel_values=images[2:], image_sizes=sizes[2:]).pooler_output[0]
+    ids, mask = left_padded([[1, 5] + [IMAGE] * 26 + [6] + [IMAGE] * 26 + [7] + [VIDEO] * (3 * 9 + 1) + [8, 9],
+                             [1, 12] + [IMAGE] * packed.shape[0] + [13, 14]])
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=images, image_sizes=sizes,
+                  batch_num_images=torch.tensor([2, 1]), pixel_values_videos=videos)
+    beams_kw = dict(max_new_tokens=4, num_beams=2, num_return_sequences=2, do_sample=False)
+    sampled_kw = dict(max_new_tokens=4, do_sample=True, top_k=5, num_return_sequences=2)
+    sp.patch.apply(model, method="divprune", budget=3)
+    beams = model.generate(**inputs, **beams_kw)[:, ids.shape[1]:]
+    kept = sp.patch.kept(model)
+    torch.manual_seed(3)
+    sampled = model.generate(**inputs, **sampled_kw)[:, ids.shape[1]:]
+    sp.patch.remove(model)
+    assert [len(k) for k in kept] == [3] * (2 * 5 + 2 * 3)  # prompt 0: 2 bases + 3 frames; prompt 1: base + 2 tiles
+    first = kept[:5] + kept[10:13]
+    assert all(torch.equal(a, b) for a, b in zip(first, kept[5:10] + kept[13:]))
+    base = projected(model, images[:2, 0])
+    frames = model.model.get_video_features(pixel_values_videos=videos).pooler_output[:, :-1].reshape(3, 9, -1)
+    newline = model.model.image_newline[None]
+    runs = [[torch.cat([base[0, first[0]], newline]), torch.cat([base[1, first[1]], newline]),
+             torch.cat([*(frames[f, first[2 + f]] for f in range(3)), newline])],
+            [pruned_image(model, packed, projected(model, images[2, :3]), first[5:])]]
+    _, short, embeds = test_patch.reference_logits(model, ids.masked_fill(ids == VIDEO, IMAGE), mask, runs)
+    assert torch.equal(beams, model.generate(inputs_embeds=embeds, attention_mask=short, **beams_kw))
+    torch.manual_seed(3)
+    assert torch.equal(sampled, model.generate(inputs_embeds=embeds, attention_mask=short, **sampled_kw))
+
+
+@torch.no_grad()
 def test_whole_rows_and_remove_are_bit_identical_and_refusals():
     model = build()
     sizes = torch.tensor([[40, 70], [75, 75]])

@@ -234,6 +234,23 @@ class Family:
         starts[:, 1:] &= ~placeholder[:, :-1]
         return starts.sum(dim=1)
 
+    def visual_blocks(self, model: nn.Module, call: dict[str, Any]) -> dict[str, tuple[list[int], list[int]]]:
+        """How generate() repeats a call's visual inputs per prompt (beams, num_return_sequences): for every
+        visual tensor given, its consecutive dim-0 blocks (rows per image / video / prompt) and the prompt of
+        each block, prompts ascending. Inputs not named (per-token ones such as ``mm_token_type_ids``) are
+        repeated per row by the stock expansion. Default: one row of ``visual_keys`` per image
+        (:meth:`images_per_prompt`)."""
+        counts = self.images_per_prompt(model, call["input_ids"]).tolist()  # one host sync per generate
+        prompts = [b for b, count in enumerate(counts) for _ in range(count)]
+        return {key: ([1] * len(prompts), prompts) for key in self.visual_keys if isinstance(call.get(key), Tensor)}
+
+    def item_prompts(self, model: nn.Module, input_ids: Tensor, lengths: list[int]) -> list[int]:
+        """The prompt of every placeholder item (image / video / frame run), given the placeholder tokens of
+        each in scatter order. # (B, L), I lengths -> I prompts"""
+        slots = self.placeholder_mask(model, input_ids).nonzero()[:, 0]  # (T,) prompt of every placeholder
+        starts = torch.tensor([sum(lengths[:i]) for i in range(len(lengths))], dtype=torch.long)
+        return slots[starts.to(slots.device)].tolist() if lengths else []
+
     def placeholder_mask(self, model: nn.Module, input_ids: Tensor) -> Tensor:
         """(B, L) bool: the placeholder positions the rows' layout fills, in scatter order (images and,
         for video families, video placeholders: those of ``video_token_id`` when the config has one)."""

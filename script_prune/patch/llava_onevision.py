@@ -66,9 +66,24 @@ class LlavaOnevisionFamily(LlavaNextFamily):
     def stock_layout(self, model: nn.Module) -> bool:
         return video_pooling(model) == "bilinear"
 
-    def images_per_prompt(self, model: nn.Module, input_ids: Tensor) -> Tensor:
-        raise ValueError(f"{self.name}: beam search / num_return_sequences with pixels is not supported by "
-                         "script_prune.patch yet (per-prompt inputs batch_num_images / videos)")
+    def visual_blocks(self, model: nn.Module, call: dict[str, Any]) -> dict[str, tuple[list[int], list[int]]]:
+        """One row per image (``pixel_values``, ``image_sizes``) and per video (``pixel_values_videos``,
+        ``image_sizes_videos``) with the prompt of its placeholder run; ``batch_num_images``: one per prompt."""
+        items = self.items(model, call)
+        counts = self.images(model, call)[2] if call.get("pixel_values") is not None else []
+        videos = call.get("pixel_values_videos")
+        frame_run = 0 if videos is None else videos.shape[1] * self.frame_tokens(model) + 1
+        lengths = [counts[i] if kind == "image" else frame_run for kind, i in items]
+        prompts = self.item_prompts(model, call["input_ids"], lengths)
+        owner = {kind: [p for (k, _), p in zip(items, prompts) if k == kind] for kind in ("image", "video")}
+        kinds = {"pixel_values": "image", "image_sizes": "image", "pixel_values_videos": "video",
+                 "image_sizes_videos": "video"}
+        out = {key: ([1] * len(owner[kind]), owner[kind]) for key, kind in kinds.items()
+               if isinstance(call.get(key), Tensor)}
+        if isinstance(call.get("batch_num_images"), Tensor):
+            batch = call["input_ids"].shape[0]
+            out["batch_num_images"] = ([1] * batch, list(range(batch)))
+        return out
 
     def vision_post_layernorm(self, model: nn.Module) -> nn.Module | None:
         return None  # rows hold LLM-space tokens only: relevance 'clip_text' is refused
