@@ -31,3 +31,19 @@ def skip_below_family_minimum(family) -> "pytest.MarkDecorator":
     minimum = family.min_transformers
     return pytest.mark.skipif(minimum is not None and Version(transformers.__version__) < Version(minimum),
                               reason=f"{type(family).__name__} needs transformers >= {minimum}")
+
+
+def check_vision_side_refusals(model, family: str, refused: dict[str, str]) -> None:
+    """``apply`` refuses each of ``refused`` (a method name, or ``"clip_text"`` for that relevance with the
+    script method) on ``model`` before any forward, naming the method, the family and what it lacks
+    (``refused[name]``, a regex), and leaves the model unpatched."""
+    import pytest
+
+    import script_prune as sp
+
+    dummy_clip = sp.patch.ClipText(None, torch.nn.Linear(2, 2), None)
+    for name, lacks in refused.items():
+        method, extra = ("script", {"relevance": dummy_clip}) if name == "clip_text" else (name, {})
+        with pytest.raises(ValueError, match=f"{name}.*{type(model).__name__} \\(family {family}\\).*{lacks}"):
+            sp.patch.apply(model, method=method, budget=4, **extra)
+        assert not sp.patch.is_patched(model)

@@ -16,7 +16,7 @@ from tests import test_patch
 from tests.test_patch import left_padded, pruned_image_tokens, stock_layout_ids
 
 from script_prune.patch import LlavaOnevisionFamily  # noqa: E402
-from tests.helpers import skip_below_family_minimum  # noqa: E402
+from tests.helpers import check_vision_side_refusals, skip_below_family_minimum  # noqa: E402
 
 pytestmark = skip_below_family_minimum(LlavaOnevisionFamily())
 
@@ -200,3 +200,9 @@ def test_fastv_keeps_k_per_crop_and_frame():
     assert [len(k) for k in sp.patch.kept(model)] == [4] * 5  # two base crops, 3 frames
     assert out.cache.get_seq_length() == 5 + 2 * (4 + 1) + 3 * 4 + 1  # text + kept + the three newlines
     sp.patch.remove(model)
+
+
+def test_merging_visionzip_and_clip_text_are_refused_naming_what_is_missing():
+    check_vision_side_refusals(build(), "llava_onevision", {"trim": "places no merged tokens", "trim_iqr": "not implemented",
+                                                            "visionzip": "SigLIP has no \\[CLS\\]",
+                                                            "clip_text": "pooled after the projector"})

@@ -14,7 +14,7 @@ import script_prune as sp
 from tests.test_patch import cache_length, left_padded, masked_forward
 
 from script_prune.patch import Qwen2_5_VLFamily  # noqa: E402
-from tests.helpers import skip_below_family_minimum  # noqa: E402
+from tests.helpers import check_vision_side_refusals, skip_below_family_minimum  # noqa: E402
 
 pytestmark = skip_below_family_minimum(Qwen2_5_VLFamily())
 
@@ -317,12 +317,9 @@ def test_fastv_with_mrope_picks_eager_top_attention_and_decodes_like_masked_refe
     assert torch.equal(generated, tokens)
 
 
-def test_clip_text_is_refused_clearly():
-    model = build()
-    sp.patch.apply(model, method="script", budget=0.5, relevance=sp.patch.ClipText(None, torch.nn.Linear(2, 2), None))
-    with pytest.raises(ValueError, match="clip_text.*post_layernorm.*qwen2_5_vl has none"):
-        model(**batch())
-    sp.patch.remove(model)
+def test_merging_visionzip_and_clip_text_are_refused_naming_what_is_missing():
+    check_vision_side_refusals(build(), "qwen2_5_vl", {"trim": "M-RoPE", "trim_iqr": "M-RoPE", "visionzip": "no \\[CLS\\]",
+                                                       "clip_text": "no CLIP joint space"})
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from tests.test_patch_qwen2_5_vl import (BEAMS, SAMPLED, check_kept, check_whole
                                          pruned_forward, pruned_generate)
 
 from script_prune.patch import Qwen3VLFamily  # noqa: E402
-from tests.helpers import skip_below_family_minimum  # noqa: E402
+from tests.helpers import check_vision_side_refusals, skip_below_family_minimum  # noqa: E402
 
 pytestmark = skip_below_family_minimum(Qwen3VLFamily())
 
@@ -217,3 +217,8 @@ def test_whole_rows_and_remove_are_bit_identical():
 def test_fastv_is_refused_with_deepstack():
     with pytest.raises(ValueError, match="fastv.*not supported on Qwen3VLForConditionalGeneration.*inside the decoder"):
         sp.patch.apply(build(), method="fastv", budget=4, layer=1)
+
+
+def test_merging_visionzip_and_clip_text_are_refused_naming_what_is_missing():
+    check_vision_side_refusals(build(), "qwen3_vl", {"trim": "M-RoPE", "visionzip": "no \\[CLS\\]",
+                                                     "clip_text": "no CLIP joint space"})

@@ -188,6 +188,10 @@ class Family:
     #: False: merging methods (TRIM, VisionZip) are refused (a merged token has no original position,
     #: which M-RoPE families need).
     merging: ClassVar[bool] = True
+    #: what the family lacks for what it refuses, named in ``apply``'s errors: keys ``"merging"`` (merging
+    #: methods when ``merging`` is False), ``"attention"`` (vision-attention inputs such as VisionZip's
+    #: ``cls_attention`` / ``keys`` not in ``provides``), ``"clip_text"`` (no CLIP joint space for that relevance)
+    missing: ClassVar[dict[str, str]] = {}
     #: False: in-LLM methods (FastV) are refused (e.g. features injected inside the LLM, Qwen3-VL's DeepStack).
     in_llm: ClassVar[bool] = True
     #: lowest transformers release this family was tested on (None: the project's whole declared range);

@@ -60,6 +60,13 @@ class LlavaOnevisionFamily(LlavaNextFamily):
     default_relevance = "llm_text"
     provides = ()
     merging = False
+    missing = {
+        "merging": "its layout places no merged tokens (anyres tile grids with newlines, video frames) - not "
+                   "implemented",
+        "attention": "SigLIP has no [CLS] token, so there is no [CLS] attention for VisionZip",
+        "clip_text": "SigLIP's patch features have no CLIP post_layernorm / visual_projection joint space here, and "
+                     "video frames are pooled after the projector",
+    }
     visual_inputs = ("pixel_values", "pixel_values_videos")
     visual_keys = ("pixel_values", "image_sizes", "pixel_values_videos", "image_sizes_videos", "batch_num_images")
 
@@ -86,7 +93,7 @@ class LlavaOnevisionFamily(LlavaNextFamily):
         return out
 
     def vision_post_layernorm(self, model: nn.Module) -> nn.Module | None:
-        return None  # rows hold LLM-space tokens only: relevance 'clip_text' is refused
+        return None  # rows hold LLM-space tokens only: relevance 'clip_text' is refused (``missing``)
 
     def side(self, model: nn.Module) -> int:
         vision = model.config.vision_config

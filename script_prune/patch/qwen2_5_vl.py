@@ -33,6 +33,12 @@ class Qwen2_5_VLFamily(Family):
     default_relevance = "llm_text"
     default_budget = 0.25
     merging = False
+    missing = {
+        "merging": "a merged token has no original (t, h, w) position for its M-RoPE",
+        "attention": "its ViT has no [CLS] token (windowed attention, 2x2 patch merger), so there is no [CLS] "
+                     "attention for VisionZip",
+        "clip_text": "its ViT has no CLIP joint space (no post_layernorm / visual_projection to a text tower)",
+    }
     visual_inputs = ("pixel_values", "pixel_values_videos")
     visual_keys = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "second_per_grid_ts",
                    "mm_token_type_ids")
