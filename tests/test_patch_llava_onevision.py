@@ -178,13 +178,63 @@ def test_whole_rows_and_remove_are_bit_identical_and_refusals():
     assert torch.equal(model(**inputs).logits, stock) and "forward" not in model.__dict__
     with pytest.raises(ValueError, match="merging method 'trim'"):
         sp.patch.apply(model, method="trim", budget=4)
-    model.config.vision_aspect_ratio = "anyres_max_1"  # the stock model would shrink a 2 x 2 tile grid
-    sp.patch.apply(model, method="gsp", budget=4)
-    with pytest.raises(ValueError, match="interpolation"):
-        model(**inputs)
-    sp.patch.remove(model)
     with pytest.raises(ValueError, match="pooling must be one of"):
         set_video_pooling(model, "max")
+
+
+def interpolated_batch(model):
+    """anyres_max_2: a 75 x 75 image (2 x 2 tiles, a 10 x 10 unpadded grid: sqrt(100 / 50) > 1.1) is shrunk by the
+    stock model to 7 x 7 = 49 tokens; a 40 x 70 one (1 x 2 tiles) keeps its tiles. Left padded, two prompts."""
+    model.config.vision_aspect_ratio = "anyres_max_2"
+    sizes = torch.tensor([[75, 75], [40, 70]])
+    pixels = torch.randn(2, 5, 3, SIZE, SIZE)
+    packed = model.model.get_image_features(pixel_values=pixels, image_sizes=sizes).pooler_output
+    assert packed[0].shape[0] == 25 + 7 * (7 + 1)  # base + the interpolated grid with a newline per row
+    ids, mask = left_padded([[1, 5] + [IMAGE] * packed[0].shape[0] + [7, 8],
+                             [1, 2, 3] + [IMAGE] * packed[1].shape[0] + [9]])
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes), packed
+
+
+@torch.no_grad()
+def test_interpolated_grid_is_one_row_laid_out_as_the_stock_model():
+    """anyres_max interpolation: the shrunk grid is one row; every token kept, the family's layout equals the stock
+    packed features bit for bit; a whole-row budget runs the stock forward (bit-identical logits)."""
+    model = build()
+    inputs, packed = interpolated_batch(model)
+    family = sp.patch.family_of(model)
+    assert family.row_lengths(model, inputs) == [25, 49, 25, 25, 25]
+    rows = family.encode(model, inputs)
+    layout = family.layout(model, rows, torch.ones(rows.tokens.shape[:2], dtype=torch.bool))
+    assert torch.equal(layout.tokens, torch.cat(list(packed))) and bool(layout.kept.all())
+    stock = model(**inputs).logits
+    sp.patch.apply(model, method="divprune", budget=49)
+    assert torch.equal(model(**inputs).logits, stock)
+    assert [len(k) for k in sp.patch.kept(model)] == [25, 49, 25, 25, 25]
+    sp.patch.remove(model)
+
+
+@pytest.mark.parametrize("budget", [3, 0.25])
+@torch.no_grad()
+def test_interpolated_grid_logits_equal_stock_model_on_hand_shortened_prompt(budget):
+    model = build()
+    inputs, packed = interpolated_batch(model)
+    sp.patch.apply(model, method="divprune", budget=budget)
+    out = model(**inputs)
+    kept = sp.patch.kept(model)
+    sp.patch.remove(model)
+    assert [len(k) for k in kept] == [sp.resolve_budget(budget, n) for n in (25, 49, 25, 25, 25)]
+    base = projected(model, inputs["pixel_values"][0, :1])[0]  # (25, D) the stock base crop
+    grid = packed[0][25:].view(7, 8, -1)  # the stock interpolated grid, a newline closing each grid row
+    crops = projected(model, inputs["pixel_values"][1, :3])  # (3, 25, D) base + 2 tiles
+    for k, row in zip(kept, [base, grid[:, :7].reshape(49, -1), *crops]):
+        assert torch.equal(k, sp.select(row[None], len(k), "divprune")[0].sort().values)
+    lines = [torch.cat([grid[r, c] for c in range(7) if r * 7 + c in kept[1].tolist()] + [grid[r, 7]])
+             for r in range(7) if any(r * 7 + c in kept[1].tolist() for c in range(7))]
+    first = torch.cat([base[kept[0]], *[line.view(-1, grid.shape[-1]) for line in lines]])
+    runs = [[first], [pruned_image(model, packed[1], crops, kept[2:])]]
+    ref, short = reference_logits(model, inputs["input_ids"], inputs["attention_mask"], runs)
+    torch.testing.assert_close(out.logits[short.bool()], ref[short.bool()], atol=1e-4, rtol=0)
+    assert out.cache.get_seq_length() == short.shape[1]
 
 
 @torch.no_grad()
