@@ -13,7 +13,7 @@ import script_prune as sp
 from tests.test_patch import IMAGE, cache_length, left_padded, question_mean, reference_logits
 
 from script_prune.patch import InternVLFamily  # noqa: E402
-from tests.helpers import skip_below_family_minimum  # noqa: E402
+from tests.helpers import check_vision_side_refusals, skip_below_family_minimum  # noqa: E402
 
 pytestmark = skip_below_family_minimum(InternVLFamily())
 
@@ -78,10 +78,17 @@ def test_whole_rows_remove_and_beams():
                                       do_sample=False), stock_beams)  # tiles repeated per prompt
     sp.patch.remove(model)
     assert torch.equal(model(**inputs).logits, stock) and "forward" not in model.__dict__
+    beams_kw = dict(max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
     sp.patch.apply(model, method="divprune", budget=4)
-    model.generate(**inputs, max_new_tokens=2, num_beams=2, num_return_sequences=2, do_sample=False)
-    assert [len(k) for k in sp.patch.kept(model)] == [4] * 10  # 5 tiles, each prompt's repeated twice
+    beams = model.generate(**inputs, **beams_kw)[:, inputs["input_ids"].shape[1]:]
+    kept = sp.patch.kept(model)
     sp.patch.remove(model)
+    assert [len(k) for k in kept] == [4] * 10  # 5 tiles, each prompt's repeated twice
+    rows = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output  # (5, 16, D)
+    first = kept[:3] + kept[6:8]  # each prompt's first copy
+    runs = [torch.cat([rows[r, first[r]] for r in range(3)]), torch.cat([rows[r, first[r]] for r in (3, 4)])]
+    _, short, embeds = reference_logits(model, inputs["input_ids"], inputs["attention_mask"], runs)
+    assert torch.equal(beams, model.generate(inputs_embeds=embeds, attention_mask=short, **beams_kw))
 
 
 @torch.no_grad()
@@ -116,3 +123,9 @@ def test_fastv_keeps_k_per_tile_and_generates():
     assert cache_length(out) == max(5 + 3 * 4 - 1 + 1, 4 + 2 * 4)  # text + kept of the longer prompt
     assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape == (2, inputs["input_ids"].shape[1] + 3)
     sp.patch.remove(model)
+
+
+def test_visionzip_and_clip_text_are_refused_naming_what_is_missing():
+    """TRIM runs (test above); VisionZip and clip_text relevance are refused by apply, naming what InternVL lacks."""
+    check_vision_side_refusals(build(), "internvl", {"visionzip": "\\[CLS\\] attention and keys.*not read",
+                                                     "clip_text": "no CLIP joint space"})

@@ -16,7 +16,7 @@ from tests import test_patch
 from tests.test_patch import left_padded, pruned_image_tokens, stock_layout_ids
 
 from script_prune.patch import LlavaOnevisionFamily  # noqa: E402
-from tests.helpers import skip_below_family_minimum  # noqa: E402
+from tests.helpers import check_vision_side_refusals, skip_below_family_minimum  # noqa: E402
 
 pytestmark = skip_below_family_minimum(LlavaOnevisionFamily())
 
@@ -128,6 +128,41 @@ def test_video_frames_are_rows_and_several_images_per_prompt(pooling):
 
 
 @torch.no_grad()
+def test_beams_and_sampled_sequences_repeat_images_and_videos_per_prompt():
+    """Prompt 0: two images (batch_num_images) and a video; prompt 1: one tiled image. Beams /
+    num_return_sequences / sampling equal the unpatched model's over the hand-shortened prompt."""
+    model = build()
+    images, videos = torch.randn(3, 5, 3, SIZE, SIZE), torch.randn(1, 3, 3, SIZE, SIZE)
+    sizes = torch.tensor([[40, 40], [40, 40], [40, 70]])
+    packed = model.model.get_image_features(pixel_values=images[2:], image_sizes=sizes[2:]).pooler_output[0]
+    ids, mask = left_padded([[1, 5] + [IMAGE] * 26 + [6] + [IMAGE] * 26 + [7] + [VIDEO] * (3 * 9 + 1) + [8, 9],
+                             [1, 12] + [IMAGE] * packed.shape[0] + [13, 14]])
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=images, image_sizes=sizes,
+                  batch_num_images=torch.tensor([2, 1]), pixel_values_videos=videos)
+    beams_kw = dict(max_new_tokens=4, num_beams=2, num_return_sequences=2, do_sample=False)
+    sampled_kw = dict(max_new_tokens=4, do_sample=True, top_k=5, num_return_sequences=2)
+    sp.patch.apply(model, method="divprune", budget=3)
+    beams = model.generate(**inputs, **beams_kw)[:, ids.shape[1]:]
+    kept = sp.patch.kept(model)
+    torch.manual_seed(3)
+    sampled = model.generate(**inputs, **sampled_kw)[:, ids.shape[1]:]
+    sp.patch.remove(model)
+    assert [len(k) for k in kept] == [3] * (2 * 5 + 2 * 3)  # prompt 0: 2 bases + 3 frames; prompt 1: base + 2 tiles
+    first = kept[:5] + kept[10:13]
+    assert all(torch.equal(a, b) for a, b in zip(first, kept[5:10] + kept[13:]))
+    base = projected(model, images[:2, 0])
+    frames = model.model.get_video_features(pixel_values_videos=videos).pooler_output[:, :-1].reshape(3, 9, -1)
+    newline = model.model.image_newline[None]
+    runs = [[torch.cat([base[0, first[0]], newline]), torch.cat([base[1, first[1]], newline]),
+             torch.cat([*(frames[f, first[2 + f]] for f in range(3)), newline])],
+            [pruned_image(model, packed, projected(model, images[2, :3]), first[5:])]]
+    _, short, embeds = test_patch.reference_logits(model, ids.masked_fill(ids == VIDEO, IMAGE), mask, runs)
+    assert torch.equal(beams, model.generate(inputs_embeds=embeds, attention_mask=short, **beams_kw))
+    torch.manual_seed(3)
+    assert torch.equal(sampled, model.generate(inputs_embeds=embeds, attention_mask=short, **sampled_kw))
+
+
+@torch.no_grad()
 def test_whole_rows_and_remove_are_bit_identical_and_refusals():
     model = build()
     sizes = torch.tensor([[40, 70], [75, 75]])
@@ -143,13 +178,63 @@ def test_whole_rows_and_remove_are_bit_identical_and_refusals():
     assert torch.equal(model(**inputs).logits, stock) and "forward" not in model.__dict__
     with pytest.raises(ValueError, match="merging method 'trim'"):
         sp.patch.apply(model, method="trim", budget=4)
-    model.config.vision_aspect_ratio = "anyres_max_1"  # the stock model would shrink a 2 x 2 tile grid
-    sp.patch.apply(model, method="gsp", budget=4)
-    with pytest.raises(ValueError, match="interpolation"):
-        model(**inputs)
-    sp.patch.remove(model)
     with pytest.raises(ValueError, match="pooling must be one of"):
         set_video_pooling(model, "max")
+
+
+def interpolated_batch(model):
+    """anyres_max_2: a 75 x 75 image (2 x 2 tiles, a 10 x 10 unpadded grid: sqrt(100 / 50) > 1.1) is shrunk by the
+    stock model to 7 x 7 = 49 tokens; a 40 x 70 one (1 x 2 tiles) keeps its tiles. Left padded, two prompts."""
+    model.config.vision_aspect_ratio = "anyres_max_2"
+    sizes = torch.tensor([[75, 75], [40, 70]])
+    pixels = torch.randn(2, 5, 3, SIZE, SIZE)
+    packed = model.model.get_image_features(pixel_values=pixels, image_sizes=sizes).pooler_output
+    assert packed[0].shape[0] == 25 + 7 * (7 + 1)  # base + the interpolated grid with a newline per row
+    ids, mask = left_padded([[1, 5] + [IMAGE] * packed[0].shape[0] + [7, 8],
+                             [1, 2, 3] + [IMAGE] * packed[1].shape[0] + [9]])
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes), packed
+
+
+@torch.no_grad()
+def test_interpolated_grid_is_one_row_laid_out_as_the_stock_model():
+    """anyres_max interpolation: the shrunk grid is one row; every token kept, the family's layout equals the stock
+    packed features bit for bit; a whole-row budget runs the stock forward (bit-identical logits)."""
+    model = build()
+    inputs, packed = interpolated_batch(model)
+    family = sp.patch.family_of(model)
+    assert family.row_lengths(model, inputs) == [25, 49, 25, 25, 25]
+    rows = family.encode(model, inputs)
+    layout = family.layout(model, rows, torch.ones(rows.tokens.shape[:2], dtype=torch.bool))
+    assert torch.equal(layout.tokens, torch.cat(list(packed))) and bool(layout.kept.all())
+    stock = model(**inputs).logits
+    sp.patch.apply(model, method="divprune", budget=49)
+    assert torch.equal(model(**inputs).logits, stock)
+    assert [len(k) for k in sp.patch.kept(model)] == [25, 49, 25, 25, 25]
+    sp.patch.remove(model)
+
+
+@pytest.mark.parametrize("budget", [3, 0.25])
+@torch.no_grad()
+def test_interpolated_grid_logits_equal_stock_model_on_hand_shortened_prompt(budget):
+    model = build()
+    inputs, packed = interpolated_batch(model)
+    sp.patch.apply(model, method="divprune", budget=budget)
+    out = model(**inputs)
+    kept = sp.patch.kept(model)
+    sp.patch.remove(model)
+    assert [len(k) for k in kept] == [sp.resolve_budget(budget, n) for n in (25, 49, 25, 25, 25)]
+    base = projected(model, inputs["pixel_values"][0, :1])[0]  # (25, D) the stock base crop
+    grid = packed[0][25:].view(7, 8, -1)  # the stock interpolated grid, a newline closing each grid row
+    crops = projected(model, inputs["pixel_values"][1, :3])  # (3, 25, D) base + 2 tiles
+    for k, row in zip(kept, [base, grid[:, :7].reshape(49, -1), *crops]):
+        assert torch.equal(k, sp.select(row[None], len(k), "divprune")[0].sort().values)
+    lines = [torch.cat([grid[r, c] for c in range(7) if r * 7 + c in kept[1].tolist()] + [grid[r, 7]])
+             for r in range(7) if any(r * 7 + c in kept[1].tolist() for c in range(7))]
+    first = torch.cat([base[kept[0]], *[line.view(-1, grid.shape[-1]) for line in lines]])
+    runs = [[first], [pruned_image(model, packed[1], crops, kept[2:])]]
+    ref, short = reference_logits(model, inputs["input_ids"], inputs["attention_mask"], runs)
+    torch.testing.assert_close(out.logits[short.bool()], ref[short.bool()], atol=1e-4, rtol=0)
+    assert out.cache.get_seq_length() == short.shape[1]
 
 
 @torch.no_grad()
@@ -165,3 +250,9 @@ def test_fastv_keeps_k_per_crop_and_frame():
     assert [len(k) for k in sp.patch.kept(model)] == [4] * 5  # two base crops, 3 frames
     assert out.cache.get_seq_length() == 5 + 2 * (4 + 1) + 3 * 4 + 1  # text + kept + the three newlines
     sp.patch.remove(model)
+
+
+def test_merging_visionzip_and_clip_text_are_refused_naming_what_is_missing():
+    check_vision_side_refusals(build(), "llava_onevision", {"trim": "places no merged tokens", "trim_iqr": "not implemented",
+                                                            "visionzip": "SigLIP has no \\[CLS\\]",
+                                                            "clip_text": "pooled after the projector"})

@@ -14,7 +14,7 @@ import script_prune as sp
 from tests.test_patch import cache_length, left_padded, masked_forward
 
 from script_prune.patch import Qwen2_5_VLFamily  # noqa: E402
-from tests.helpers import skip_below_family_minimum  # noqa: E402
+from tests.helpers import check_vision_side_refusals, skip_below_family_minimum  # noqa: E402
 
 pytestmark = skip_below_family_minimum(Qwen2_5_VLFamily())
 
@@ -191,6 +191,38 @@ def test_greedy_decoding_equals_reference():
     assert torch.equal(generated, reference)
 
 
+BEAMS = dict(max_new_tokens=4, num_beams=2, num_return_sequences=2, do_sample=False)
+SAMPLED = dict(max_new_tokens=4, do_sample=True, top_k=5, num_return_sequences=2)
+
+
+def expanded_generate(model, inputs, method, budget):
+    """Beams and sampled sequences (new tokens only) of the patched model and the ``kept`` of its first prompt's
+    first copy and second prompt's first copy (each prompt's rows come once per beam / returned sequence)."""
+    sp.patch.apply(model, method=method, budget=budget)
+    beams = model.generate(**inputs, **BEAMS)[:, inputs["input_ids"].shape[1]:]
+    kept = sp.patch.kept(model)
+    torch.manual_seed(3)
+    sampled = model.generate(**inputs, **SAMPLED)[:, inputs["input_ids"].shape[1]:]
+    sp.patch.remove(model)
+    assert [len(k) for k in kept] == [3, 2, 2, 3, 2, 2, 8, 8]  # prompt 0's 3 rows twice, prompt 1's row twice
+    assert all(torch.equal(a, b) for a, b in zip(kept[:3] + kept[6:7], kept[3:6] + kept[7:]))
+    return beams, sampled, kept[:3] + kept[6:7]
+
+
+@torch.no_grad()
+def test_beams_and_sampled_sequences_equal_reference():
+    """Pixels repeated per prompt (flattened patches by grid): beams / num_return_sequences equal the unpatched
+    model's over the hand-shortened prompt (sampling with the same seed)."""
+    model = build()
+    inputs = batch()
+    beams, sampled, kept = expanded_generate(model, inputs, "divprune", 0.5)
+    embeds, short, positions = hand_shortened(model, inputs, stock_rows(model, inputs), kept)
+    reference = dict(inputs_embeds=embeds, attention_mask=short, position_ids=positions)
+    assert torch.equal(beams, model.generate(**reference, **BEAMS))
+    torch.manual_seed(3)
+    assert torch.equal(sampled, model.generate(**reference, **SAMPLED))
+
+
 @torch.no_grad()
 def test_decoding_without_position_ids_continues_from_rope_deltas():
     """A manual step with no position ids (nor mask: transformers 5.24's Qwen2.5-VL derives (3, B, L_total)
@@ -230,11 +262,6 @@ def test_defaults_and_refusals():
     sp.patch.remove(model)
     with pytest.raises(ValueError, match="merging method 'trim'.*M-RoPE"):
         sp.patch.apply(model, method="trim", budget=0.5)
-    inputs = batch()
-    sp.patch.apply(model, method="divprune", budget=0.5)
-    with pytest.raises(ValueError, match="beam search"):
-        model.generate(**inputs, max_new_tokens=2, num_beams=2, do_sample=False)
-    sp.patch.remove(model)
 
 
 @torch.no_grad()
@@ -290,12 +317,9 @@ def test_fastv_with_mrope_picks_eager_top_attention_and_decodes_like_masked_refe
     assert torch.equal(generated, tokens)
 
 
-def test_clip_text_is_refused_clearly():
-    model = build()
-    sp.patch.apply(model, method="script", budget=0.5, relevance=sp.patch.ClipText(None, torch.nn.Linear(2, 2), None))
-    with pytest.raises(ValueError, match="clip_text.*post_layernorm.*qwen2_5_vl has none"):
-        model(**batch())
-    sp.patch.remove(model)
+def test_merging_visionzip_and_clip_text_are_refused_naming_what_is_missing():
+    check_vision_side_refusals(build(), "qwen2_5_vl", {"trim": "M-RoPE", "trim_iqr": "M-RoPE", "visionzip": "no \\[CLS\\]",
+                                                       "clip_text": "no CLIP joint space"})
 
 
 @torch.no_grad()

@@ -13,10 +13,11 @@ from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 import script_prune as sp
 from tests.test_patch import left_padded
-from tests.test_patch_qwen2_5_vl import check_kept, check_whole_rows_bit_identical, pruned_forward, pruned_generate
+from tests.test_patch_qwen2_5_vl import (BEAMS, SAMPLED, check_kept, check_whole_rows_bit_identical, expanded_generate,
+                                         pruned_forward, pruned_generate)
 
 from script_prune.patch import Qwen3VLFamily  # noqa: E402
-from tests.helpers import skip_below_family_minimum  # noqa: E402
+from tests.helpers import check_vision_side_refusals, skip_below_family_minimum  # noqa: E402
 
 pytestmark = skip_below_family_minimum(Qwen3VLFamily())
 
@@ -160,6 +161,54 @@ def test_greedy_decoding_equals_reference():
     assert torch.equal(generated, torch.cat(tokens, dim=1))
 
 
+def short_prompt(model, inputs, rows, kept):
+    """The hand-shortened prompt as the stock generate() takes it: ids with placeholders at the kept tokens only,
+    their original 3-D positions, and the kept tokens with their DeepStack features as precomputed encoder
+    outputs (image 0, image 1; the video's frames 0 and 1). -> generate() keyword arguments"""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    full, _ = model.model.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
+                                         image_grid_thw=inputs["image_grid_thw"],
+                                         video_grid_thw=inputs["video_grid_thw"], attention_mask=mask)
+    keep = mask.bool().clone()
+    slots = ((ids == IMAGE) | (ids == VIDEO)).nonzero().tolist()  # scatter order = rows in sequence order
+    start = 0
+    for (row, _), k in zip(rows, kept):
+        for i, (b, p) in enumerate(slots[start:start + row.shape[0]]):
+            keep[b, p] = i in k.tolist()
+        start += row.shape[0]
+    length = int(keep.sum(1).max())
+    short = {"input_ids": torch.zeros(2, length, dtype=torch.long), "attention_mask": torch.zeros(2, length, dtype=torch.long),
+             "position_ids": torch.zeros(3, 2, length, dtype=torch.long),
+             "mm_token_type_ids": torch.zeros(2, length, dtype=torch.int)}
+    for b in range(2):
+        index = keep[b].nonzero().flatten()
+        at = slice(length - index.numel(), None)
+        short["input_ids"][b, at], short["attention_mask"][b, at] = ids[b, index], 1
+        short["position_ids"][:, b, at] = full[:, b, index]
+        short["mm_token_type_ids"][b, at] = inputs["mm_token_type_ids"][b, index]
+    output = type(model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]))
+    (image0, levels0), (frame0, frame_levels0), (frame1, frame_levels1), (image1, levels1) = rows
+    images = output(pooler_output=(image0[kept[0]], image1[kept[3]]),
+                    deepstack_features=[(a[kept[0]], b[kept[3]]) for a, b in zip(levels0, levels1)])
+    video = output(pooler_output=(torch.cat([frame0[kept[1]], frame1[kept[2]]]),),
+                   deepstack_features=[(torch.cat([a[kept[1]], b[kept[2]]]),) for a, b in zip(frame_levels0, frame_levels1)])
+    return {**short, "mm_encoder_outputs": {"image": images, "video": video}}
+
+
+@torch.no_grad()
+def test_beams_and_sampled_sequences_equal_reference():
+    """Beams / num_return_sequences / sampling equal the unpatched model's generate() on the hand-shortened prompt."""
+    model = build()
+    inputs = batch()
+    beams, sampled, kept = expanded_generate(model, inputs, "divprune", 0.5)
+    rows = stock_rows(model, inputs)
+    reference = short_prompt(model, inputs, rows, kept)  # generate() expands the encoder outputs in place: one each
+    assert torch.equal(beams, model.generate(**reference, **BEAMS)[:, reference["input_ids"].shape[1]:])
+    torch.manual_seed(3)
+    reference = short_prompt(model, inputs, rows, kept)
+    assert torch.equal(sampled, model.generate(**reference, **SAMPLED)[:, reference["input_ids"].shape[1]:])
+
+
 @torch.no_grad()
 def test_whole_rows_and_remove_are_bit_identical():
     check_whole_rows_bit_identical(build(), batch(), 16, (6, 4, 4, 16))
@@ -168,3 +217,8 @@ def test_whole_rows_and_remove_are_bit_identical():
 def test_fastv_is_refused_with_deepstack():
     with pytest.raises(ValueError, match="fastv.*not supported on Qwen3VLForConditionalGeneration.*inside the decoder"):
         sp.patch.apply(build(), method="fastv", budget=4, layer=1)
+
+
+def test_merging_visionzip_and_clip_text_are_refused_naming_what_is_missing():
+    check_vision_side_refusals(build(), "qwen3_vl", {"trim": "M-RoPE", "visionzip": "no \\[CLS\\]",
+                                                     "clip_text": "no CLIP joint space"})

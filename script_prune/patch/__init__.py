@@ -121,11 +121,15 @@ def _config(model: nn.Module, family: Family, method: Any, budget: Any, relevanc
         raise ValueError(f"method must be one of {sp.list_methods()}, got {method!r}")
     spec = sp.get_method(method)
     budget = check_budget(family.default_budget if budget is FAMILY_DEFAULT else budget)
-    if spec.merges and not family.merging:
-        raise ValueError(f"merging method {method!r} is not supported on {type(model).__name__}: merged tokens have no "
-                         "original position for its M-RoPE (use a selection method)")
-    params = sp.check_params(method, params)
     name = type(model).__name__
+    other = sorted(set(spec.inputs) - set(RELEVANCE_INPUTS) - set(family.provides)) if spec.stage == "vision" else []
+    if other:
+        raise ValueError(f"method {method!r} needs inputs {other}, which script_prune.patch cannot provide for {name} "
+                         f"(family {family.name}): {family.missing.get('attention', 'its encode does not read them')}")
+    if spec.merges and not family.merging:
+        raise ValueError(f"merging method {method!r} is not supported on {name} (family {family.name}): "
+                         f"{family.missing.get('merging', 'its layout places no merged tokens')}; use a selection method")
+    params = sp.check_params(method, params)
     if spec.stage == "llm":
         from .in_llm import check_layer
 
@@ -138,10 +142,11 @@ def _config(model: nn.Module, family: Family, method: Any, budget: Any, relevanc
         layers = int(family.decoder(model).config.num_hidden_layers)
         params = {**params, "layer": check_layer(method, params.get("layer", spec.params["layer"]), layers)}
         return PatchConfig(method, budget, params, None)
-    other = sorted(set(spec.inputs) - set(RELEVANCE_INPUTS) - set(family.provides))
-    if other:
-        raise ValueError(f"method {method!r} needs inputs {other}, which script_prune.patch cannot provide for {name}")
     source = resolve_source(relevance, family, name)
+    if isinstance(source, ClipText) and family.vision_post_layernorm(model) is None:
+        raise ValueError(f"relevance 'clip_text' (method {method!r}) is not supported on {name} (family {family.name}): "
+                         f"{family.missing.get('clip_text', 'its vision tower has no CLIP post_layernorm')}; "
+                         "use relevance='llm_text'")
     config = PatchConfig(method, budget, params, source)
     if spec.needs_relevance and source is None:
         raise ValueError(

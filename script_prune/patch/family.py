@@ -196,6 +196,10 @@ class Family:
     #: False: merging methods (TRIM, VisionZip) are refused (a merged token has no original position,
     #: which M-RoPE families need).
     merging: ClassVar[bool] = True
+    #: what the family lacks for what it refuses, named in ``apply``'s errors: keys ``"merging"`` (merging
+    #: methods when ``merging`` is False), ``"attention"`` (vision-attention inputs such as VisionZip's
+    #: ``cls_attention`` / ``keys`` not in ``provides``), ``"clip_text"`` (no CLIP joint space for that relevance)
+    missing: ClassVar[dict[str, str]] = {}
     #: False: in-LLM methods (FastV) are refused (e.g. features injected inside the LLM, Qwen3-VL's DeepStack).
     in_llm: ClassVar[bool] = True
     #: lowest transformers release this family was tested on (None: the project's whole declared range);
@@ -241,6 +245,23 @@ class Family:
         starts = placeholder.clone()
         starts[:, 1:] &= ~placeholder[:, :-1]
         return starts.sum(dim=1)
+
+    def visual_blocks(self, model: nn.Module, call: dict[str, Any]) -> dict[str, tuple[list[int], list[int]]]:
+        """How generate() repeats a call's visual inputs per prompt (beams, num_return_sequences): for every
+        visual tensor given, its consecutive dim-0 blocks (rows per image / video / prompt) and the prompt of
+        each block, prompts ascending. Inputs not named (per-token ones such as ``mm_token_type_ids``) are
+        repeated per row by the stock expansion. Default: one row of ``visual_keys`` per image
+        (:meth:`images_per_prompt`)."""
+        counts = self.images_per_prompt(model, call["input_ids"]).tolist()  # one host sync per generate
+        prompts = [b for b, count in enumerate(counts) for _ in range(count)]
+        return {key: ([1] * len(prompts), prompts) for key in self.visual_keys if isinstance(call.get(key), Tensor)}
+
+    def item_prompts(self, model: nn.Module, input_ids: Tensor, lengths: list[int]) -> list[int]:
+        """The prompt of every placeholder item (image / video / frame run), given the placeholder tokens of
+        each in scatter order. # (B, L), I lengths -> I prompts"""
+        slots = self.placeholder_mask(model, input_ids).nonzero()[:, 0]  # (T,) prompt of every placeholder
+        starts = torch.tensor([sum(lengths[:i]) for i in range(len(lengths))], dtype=torch.long)
+        return slots[starts.to(slots.device)].tolist() if lengths else []
 
     def placeholder_mask(self, model: nn.Module, input_ids: Tensor) -> Tensor:
         """(B, L) bool: the placeholder positions the rows' layout fills, in scatter order (images and,

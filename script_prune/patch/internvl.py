@@ -21,6 +21,11 @@ class InternVLFamily(LlavaFamily):
     class_names = ("InternVLForConditionalGeneration",)
     default_relevance = "llm_text"
     provides = ()  # InternViT: no vision-attention inputs are read (VisionZip refused)
+    missing = {
+        "attention": "InternViT's [CLS] attention and keys of the selected layer are not read (tiles are "
+                     "pixel-shuffled 4:1 after the tower, so a [CLS] score per LLM token is not defined)",
+        "clip_text": "InternViT has no CLIP joint space (no post_layernorm / visual_projection to a text tower)",
+    }
 
     def row_length(self, model: nn.Module) -> int:
         """Tokens per tile: (image_size / patch_size)^2 patches, times downsample_ratio^2 after pixel shuffle."""

@@ -2,8 +2,10 @@
 
 Images: as LLaVA-NeXT, the base crop and every anyres tile are rows; a prompt with several images
 (``batch_num_images`` > 1) gives one base row per image (the stock model does not tile them). An
-image whose unpadded tile grid the stock model would shrink by interpolation (``anyres_max_9``) is
-refused: its tokens are then mixtures of tile tokens, not rows of them.
+image whose unpadded tile grid the stock model shrinks by bilinear interpolation (``anyres_max_9``: more
+than 1.1^2 x 9 crops' worth of tokens) gives two rows: its base crop and the interpolated grid (its tokens
+mix tile tokens, so the grid is one row, read from the stock packed features; the budget applies to it
+as to any row, a fraction keeps the same share of it as of a crop).
 
 Video: every frame is a row, so the budget is per frame; one ``image_newline`` ends every video (always
 kept). Two poolings of a frame's ``s x s`` projected tokens (SigLIP-so400m/14 at 384: s = 27):
@@ -20,6 +22,7 @@ kept). Two poolings of a frame's ``s x s`` projected tokens (SigLIP-so400m/14 at
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,6 +35,21 @@ from .llava_next import LlavaNextFamily, tile_grid
 POOLING_ATTR = "_script_prune_video_pooling"
 POOLINGS = ("bilinear", "average")
 FEATURE_KEYS = ("vision_feature_layer", "vision_feature_select_strategy")
+
+
+@dataclass
+class ImageRows:
+    """How one image becomes rows. crops: its pixel crops (base + tiles); lengths: tokens of each row;
+    cells: (2, H', W') long, (row offset from the base row, index in that row) of every grid cell in the stock
+    packed order, None for a base crop alone; shrunk: (H'', W'') when the stock model interpolates the unpadded
+    tile grid (``anyres_max_K``: its rows are then the base crop and the interpolated grid), else None;
+    placeholders: its placeholder tokens in the unpruned prompt."""
+
+    crops: int
+    lengths: list[int]
+    cells: Tensor | None
+    shrunk: tuple[int, int] | None
+    placeholders: int
 
 
 def set_video_pooling(model: nn.Module, pooling: str) -> None:
@@ -60,18 +78,37 @@ class LlavaOnevisionFamily(LlavaNextFamily):
     default_relevance = "llm_text"
     provides = ()
     merging = False
+    missing = {
+        "merging": "its layout places no merged tokens (anyres tile grids with newlines, video frames) - not "
+                   "implemented",
+        "attention": "SigLIP has no [CLS] token, so there is no [CLS] attention for VisionZip",
+        "clip_text": "SigLIP's patch features have no CLIP post_layernorm / visual_projection joint space here, and "
+                     "video frames are pooled after the projector",
+    }
     visual_inputs = ("pixel_values", "pixel_values_videos")
     visual_keys = ("pixel_values", "image_sizes", "pixel_values_videos", "image_sizes_videos", "batch_num_images")
 
     def stock_layout(self, model: nn.Module) -> bool:
         return video_pooling(model) == "bilinear"
 
-    def images_per_prompt(self, model: nn.Module, input_ids: Tensor) -> Tensor:
-        raise ValueError(f"{self.name}: beam search / num_return_sequences with pixels is not supported by "
-                         "script_prune.patch yet (per-prompt inputs batch_num_images / videos)")
+    def visual_blocks(self, model: nn.Module, call: dict[str, Any]) -> dict[str, tuple[list[int], list[int]]]:
+        """One row per image (``pixel_values``, ``image_sizes``) and per video (``pixel_values_videos``,
+        ``image_sizes_videos``) with the prompt of its placeholder run; ``batch_num_images``: one per prompt."""
+        items = self.items(model, call)
+        lengths = self.item_lengths(model, call, items)
+        prompts = self.item_prompts(model, call["input_ids"], lengths)
+        owner = {kind: [p for (k, _), p in zip(items, prompts) if k == kind] for kind in ("image", "video")}
+        kinds = {"pixel_values": "image", "image_sizes": "image", "pixel_values_videos": "video",
+                 "image_sizes_videos": "video"}
+        out = {key: ([1] * len(owner[kind]), owner[kind]) for key, kind in kinds.items()
+               if isinstance(call.get(key), Tensor)}
+        if isinstance(call.get("batch_num_images"), Tensor):
+            batch = call["input_ids"].shape[0]
+            out["batch_num_images"] = ([1] * batch, list(range(batch)))
+        return out
 
     def vision_post_layernorm(self, model: nn.Module) -> nn.Module | None:
-        return None  # rows hold LLM-space tokens only: relevance 'clip_text' is refused
+        return None  # rows hold LLM-space tokens only: relevance 'clip_text' is refused (``missing``)
 
     def side(self, model: nn.Module) -> int:
         vision = model.config.vision_config
@@ -96,20 +133,39 @@ class LlavaOnevisionFamily(LlavaNextFamily):
             crops = [c if one else 1 for c, one in zip(crops, single)]
         return sizes, crops
 
-    def images(self, model: nn.Module, call: dict[str, Any]) -> tuple[list[int], list[Tensor | None], list[int]]:
-        """Crops, unpadded tile grid (CPU, None without tiles) and placeholder count of every image."""
+    def shrunk_shape(self, model: nn.Module, call: dict[str, Any], height: int, width: int) -> tuple[int, int] | None:
+        """The (H'', W'') the stock model interpolates an unpadded tile grid of (height, width) tokens to
+        (``anyres_max_K``: more than 1.1^2 x K crops' worth of tokens), None when it keeps the grid."""
+        aspect = call.get("vision_aspect_ratio") or model.config.vision_aspect_ratio
+        limit = int(aspect.removeprefix("anyres_max_"))
+        ratio = math.sqrt(height * width / (limit * self.side(model) ** 2))
+        return (int(height // ratio), int(width // ratio)) if ratio > 1.1 else None
+
+    def images(self, model: nn.Module, call: dict[str, Any]) -> list[ImageRows]:
+        """How every image becomes rows (host-side geometry, no vision tower)."""
         sizes, crops = self.crops(model, call)
         n = self.crop_tokens(model)
-        newline = int(model.model.image_newline is not None)
-        grids = [self.grid(model, size, n, torch.device("cpu")) if c > 1 else None for size, c in zip(sizes, crops)]
-        counts = [n + (newline if g is None else g.shape[0] * (g.shape[1] + newline)) for g in grids]
-        return crops, grids, counts
+        out = []
+        for size, count in zip(sizes, crops):
+            if count == 1:  # base crop only, then one newline
+                out.append(ImageRows(count, [n], None, None, n + 1))
+                continue
+            grid = tile_grid(model, size, n, torch.device("cpu"))  # (H', W') flat tile * n + i
+            shrunk = self.shrunk_shape(model, call, *grid.shape)
+            if shrunk is None:  # the tiles are rows; the grid picks (row offset, index) of each cell
+                cells = torch.stack([1 + grid // n, grid % n])
+                out.append(ImageRows(count, [n] * count, cells, None, n + grid.shape[0] * (grid.shape[1] + 1)))
+            else:  # the interpolated grid is one row (row-major); its tokens mix tile tokens
+                h, w = shrunk
+                cells = torch.stack([torch.ones(h, w, dtype=torch.long), torch.arange(h * w).view(h, w)])
+                out.append(ImageRows(count, [n, h * w], cells, shrunk, n + h * (w + 1)))
+        return out
 
     def items(self, model: nn.Module, call: dict[str, Any]) -> list[tuple[str, int]]:
         """(kind, index within its kind) of every image / video, in sequence order (one host sync)."""
         config = model.config
         ids = call["input_ids"][self.placeholder_mask(model, call["input_ids"])].tolist()
-        lengths = {"image": self.images(model, call)[2], "video": []}
+        lengths = {"image": [image.placeholders for image in self.images(model, call)], "video": []}
         videos = call.get("pixel_values_videos")
         if videos is not None:
             lengths["video"] = [videos.shape[1] * self.frame_tokens(model) + 1] * videos.shape[0]
@@ -124,90 +180,95 @@ class LlavaOnevisionFamily(LlavaNextFamily):
             position += lengths[kind][index]
         return out
 
+    def item_lengths(self, model: nn.Module, call: dict[str, Any], items: list[tuple[str, int]]) -> list[int]:
+        """Placeholder tokens of every item of ``items``."""
+        images = self.images(model, call)
+        videos = call.get("pixel_values_videos")
+        frame_run = 0 if videos is None else videos.shape[1] * self.frame_tokens(model) + 1
+        return [images[i].placeholders if kind == "image" else frame_run for kind, i in items]
+
     def row_lengths(self, model: nn.Module, call: dict[str, Any]) -> list[int]:
-        _, crops = self.crops(model, call)
+        images = self.images(model, call)
         videos = call.get("pixel_values_videos")
         frames = 0 if videos is None else videos.shape[1]
         return [n for kind, i in self.items(model, call)
-                for n in ([self.crop_tokens(model)] * crops[i] if kind == "image" else [self.frame_tokens(model)] * frames)]
+                for n in (images[i].lengths if kind == "image" else [self.frame_tokens(model)] * frames)]
 
     def num_rows(self, model: nn.Module, call: dict[str, Any]) -> int:
         return len(self.row_lengths(model, call))
 
+    def stock_images(self, model: nn.Module, call: dict[str, Any], images: list[ImageRows]) -> list[list[Tensor]]:
+        """Every image's rows from the stock ``get_image_features``: its crops' projected tokens (the projector
+        output), or for an interpolated grid the base crop and the grid's tokens read from the packed output."""
+        kwargs = {key: call[key] for key in (*FEATURE_KEYS, "image_sizes", "batch_num_images", "vision_aspect_ratio")
+                  if call.get(key) is not None}
+        with capture_projector(model) as store:
+            packed = model.model.get_image_features(pixel_values=call["pixel_values"], **kwargs).pooler_output
+        crops = torch.split(store["tokens"], [image.crops for image in images])  # per image (c, n, D)
+        out = []
+        for image, tokens, flat in zip(images, crops, packed):
+            if image.shrunk is None:
+                out.append(list(tokens))
+            else:  # packed: base crop, then H'' grid rows of W'' tokens and a newline each
+                h, w = image.shrunk
+                grid = flat[tokens.shape[1]:].view(h, w + 1, -1)[:, :w].reshape(h * w, -1)  # (H'' W'', D)
+                out.append([tokens[0], grid])
+        return out
+
     def encode(self, model: nn.Module, call: dict[str, Any], needs: frozenset[str] = frozenset()) -> VisualRows:
-        """Image crops and video frames, right-padded to one N, in sequence order."""
-        kwargs = {key: call[key] for key in FEATURE_KEYS if call.get(key) is not None}
-        pools: list[Tensor] = []
-        if call.get("pixel_values") is not None:
-            extra = {key: call[key] for key in ("image_sizes", "batch_num_images") if call.get(key) is not None}
-            with capture_projector(model) as store:
-                model.model.get_image_features(pixel_values=call["pixel_values"], **extra, **kwargs)
-            pools.append(store["tokens"])  # (crops, n_i, D)
+        """Image crops (or base crop + interpolated grid) and video frames, right-padded to one N, sequence order."""
+        images = self.images(model, call)
+        image_rows = self.stock_images(model, call, images) if images else []
         videos = call.get("pixel_values_videos")
+        frames: list[Tensor] = []
         if videos is not None:
+            kwargs = {key: call[key] for key in FEATURE_KEYS if call.get(key) is not None}
             with capture_projector(model) as store:
                 pooled = model.model.get_video_features(pixel_values_videos=videos, **kwargs).pooler_output
-            frames = (pooled[:, :-1].reshape(-1, self.frame_tokens(model), pooled.shape[-1])
-                      if video_pooling(model) == "bilinear" else average_pool(store["tokens"]))  # (V * F, n_f, D)
-            pools.append(frames)
-        device = pools[0].device
-        width = max(p.shape[1] for p in pools)
-        pool = torch.cat([nn.functional.pad(p, (0, 0, 0, width - p.shape[1])) for p in pools])  # (C + V * F, N, D)
-        crops, grids, counts = self.images(model, call)
-        first_video = sum(crops)
-        starts = [sum(crops[:i]) for i in range(len(crops))]
-        layout_items, order, lengths, row_image, image_lengths = [], [], [], [], []
+            frames = list(pooled[:, :-1].reshape(-1, self.frame_tokens(model), pooled.shape[-1])
+                          if video_pooling(model) == "bilinear" else average_pool(store["tokens"]))  # V * F x (n_f, D)
+        rows: list[Tensor] = []
+        layout_items, row_image, image_lengths = [], [], []
         for item, (kind, i) in enumerate(self.items(model, call)):
             if kind == "image":
-                n, grid = pools[0].shape[1], None if grids[i] is None else grids[i].to(device)
-                rows = list(range(starts[i], starts[i] + crops[i]))
-                image_lengths.append(counts[i])
+                mine, cells = image_rows[i], images[i].cells
+                image_lengths.append(images[i].placeholders)
             else:
-                n, frames = self.frame_tokens(model), videos.shape[1]
-                grid, rows = None, list(range(first_video + i * frames, first_video + (i + 1) * frames))
-                image_lengths.append(frames * n + 1)
-            layout_items.append((kind, len(order), len(rows), n, grid))
-            order += rows
-            lengths += [n] * len(rows)
-            row_image += [item] * len(rows)
-        tokens = pool[torch.tensor(order, device=device)]  # (R, N, D)
-        as_tensor = lambda values: torch.tensor(values, device=device)  # noqa: E731
-        return VisualRows(tokens, tokens, as_tensor(row_image), as_tensor(image_lengths), lengths=as_tensor(lengths),
-                          extra={"items": layout_items})
-
-    def grid(self, model: nn.Module, size: list[int], n: int, device: torch.device) -> Tensor:
-        """NeXT's unpadded tile grid (flat ``tile * n + i``); refused where the stock model would interpolate it."""
-        grid = tile_grid(model, size, n, device)
-        limit = int(model.config.vision_aspect_ratio.removeprefix("anyres_max_"))
-        if math.sqrt(grid.numel() / (limit * n)) > 1.1:
-            raise ValueError(f"{self.name}: an image of size {list(size)} gives a tile grid the stock model shrinks "
-                             f"by interpolation ({model.config.vision_aspect_ratio}); its tokens are not tile tokens, "
-                             "so script_prune.patch cannot prune it by row (use a smaller image or fewer pinpoints)")
-        return grid
+                count = videos.shape[1]
+                mine, cells = frames[i * count:(i + 1) * count], None
+                image_lengths.append(count * self.frame_tokens(model) + 1)
+            layout_items.append((len(rows), [r.shape[0] for r in mine], cells))
+            rows += mine
+            row_image += [item] * len(mine)
+        tokens = nn.utils.rnn.pad_sequence(rows, batch_first=True)  # (R, N, D)
+        device = tokens.device
+        lengths = torch.tensor([r.shape[0] for r in rows], device=device)
+        return VisualRows(tokens, tokens, torch.tensor(row_image, device=device),
+                          torch.tensor(image_lengths, device=device), lengths=lengths, extra={"items": layout_items})
 
     def layout(self, model: nn.Module, rows: VisualRows, keep: Tensor, merged: Tensor | None = None) -> Layout:
-        """Per item: an image as NeXT (base row, the unpadded grid with a newline per row that keeps a token);
-        a video as its frames in order, then one newline (always kept)."""
+        """Per item: an image as NeXT (base row, then its grid row-major with a newline per grid row that keeps a
+        token; an interpolated grid is one row laid out the same way); a base crop alone or a video's frames in
+        order, then one newline (always kept)."""
         r, width, d = rows.tokens.shape
         device = keep.device
         flat_keep = keep.reshape(-1)  # (R * N,)
         ids, kept, images = [], [], []
-        for item, (kind, first, count, n, grid) in enumerate(rows.extra["items"]):
-            body = (torch.arange(first, first + count, device=device)[:, None] * width
-                    + torch.arange(n, device=device)[None])  # (count, n) flat ids of the item's rows
-            if grid is None:  # base crop only, or a video's frames: then one newline
-                cells = torch.cat([body.reshape(-1), body.new_full((1,), -1)])
-                cells_kept = torch.cat([flat_keep[cells[:-1]], cells.new_ones(1, dtype=torch.bool)])
+        for item, (first, lengths, cells) in enumerate(rows.extra["items"]):
+            if cells is None:  # base crop only, or a video's frames: then one newline
+                body = torch.cat([torch.arange(n, device=device) + (first + j) * width for j, n in enumerate(lengths)])
+                grid = body.new_full((1, 1), -1)
+                grid_kept = torch.ones(1, 1, dtype=torch.bool, device=device)
             else:
-                tiles = (first + 1 + grid // n) * width + grid % n  # (H', W') flat ids of the tile tokens
-                tiles_kept = flat_keep[tiles]
-                tiles = torch.cat([tiles, tiles.new_full((tiles.shape[0], 1), -1)], dim=1)
-                tiles_kept = torch.cat([tiles_kept, tiles_kept.any(dim=1, keepdim=True)], dim=1)
-                cells = torch.cat([body[0], tiles.reshape(-1)])
-                cells_kept = torch.cat([flat_keep[body[0]], tiles_kept.reshape(-1)])
-            ids.append(cells)
-            kept.append(cells_kept)
-            images.append(torch.full_like(cells, item))
+                body = torch.arange(lengths[0], device=device) + first * width
+                grid = (first + cells[0].to(device)) * width + cells[1].to(device)  # (H', W') flat ids of the cells
+                grid_kept = flat_keep[grid]
+                grid = torch.cat([grid, grid.new_full((grid.shape[0], 1), -1)], dim=1)
+                grid_kept = torch.cat([grid_kept, grid_kept.any(dim=1, keepdim=True)], dim=1)
+            cells_ids = torch.cat([body, grid.reshape(-1)])
+            ids.append(cells_ids)
+            kept.append(torch.cat([flat_keep[body], grid_kept.reshape(-1)]))
+            images.append(torch.full_like(cells_ids, item))
         ids_t = torch.cat(ids)  # (T,)
         mark, safe = ids_t < 0, ids_t.clamp(min=0)
         tokens = rows.tokens.reshape(-1, d)[safe]

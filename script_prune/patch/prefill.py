@@ -197,23 +197,36 @@ def decode_inputs(prompt: PromptState, call: dict[str, Any], past: int) -> None:
 def expand_for_generation(model: nn.Module, stock_expand: Callable[..., Any], expand_size: int = 1,
                           is_encoder_decoder: bool = False, input_ids: Tensor | None = None,
                           **model_kwargs: Any) -> tuple[Any, dict[str, Any]]:
-    """generate()'s input expansion (beams, num_return_sequences) with per-image inputs repeated per PROMPT.
+    """generate()'s input expansion (beams, num_return_sequences) with visual inputs repeated per PROMPT.
 
-    The stock expansion repeats every tensor's rows, which for ``pixel_values`` / ``image_sizes`` (one row
-    per image) is right only when every prompt holds one image: prompt b's images are repeated as a block.
+    The stock expansion repeats every tensor's rows, which for per-image inputs (``pixel_values`` with one row
+    per image, Qwen's flattened patches, ``image_grid_thw``) is right only when every prompt holds one row:
+    each prompt's blocks (``Family.visual_blocks``) are repeated together instead.
     """
     state: PatchState = model.__dict__[STATE_ATTR]
-    visual = {key: model_kwargs.pop(key) for key in state.family.visual_keys
-              if isinstance(model_kwargs.get(key), Tensor)}
+    blocks: dict[str, tuple[list[int], list[int]]] = {}
+    if expand_size > 1 and input_ids is not None:
+        call = {"input_ids": input_ids, **{key: model_kwargs.get(key) for key in state.family.visual_keys}}
+        if any(isinstance(call.get(key), Tensor) for key in state.family.visual_inputs):
+            blocks = state.family.visual_blocks(model, call)
+    visual = {key: model_kwargs.pop(key) for key in blocks}
     input_ids_out, model_kwargs = stock_expand(expand_size=expand_size, is_encoder_decoder=is_encoder_decoder,
                                                input_ids=input_ids, **model_kwargs)
-    if visual and expand_size > 1 and input_ids is not None:
-        counts = state.family.images_per_prompt(model, input_ids).tolist()  # (B,) one host sync per generate
-        starts = [sum(counts[:b]) for b in range(len(counts))]
-        order = [i for b, c in enumerate(counts) for _ in range(expand_size) for i in range(starts[b], starts[b] + c)]
-        visual = {key: value.index_select(0, torch.tensor(order, device=value.device)) for key, value in visual.items()}
-    model_kwargs.update(visual)
+    model_kwargs.update({key: repeat_per_prompt(value, *blocks[key], expand_size) for key, value in visual.items()})
     return input_ids_out, model_kwargs
+
+
+def repeat_per_prompt(value: Tensor, sizes: list[int], prompts: list[int], expand_size: int) -> Tensor:
+    """Rows of ``value`` in blocks of ``sizes`` (block i of prompt ``prompts[i]``, ascending): each prompt's
+    blocks repeated ``expand_size`` times together. # (sum(sizes), ...) -> (expand_size * sum(sizes), ...)"""
+    if sum(sizes) != value.shape[0]:
+        raise ValueError(f"a visual input of {value.shape[0]} rows does not match its items' {sum(sizes)} rows")
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    order: list[int] = []
+    for prompt in sorted(set(prompts)):
+        rows = [r for i, p in enumerate(prompts) if p == prompt for r in range(starts[i], starts[i] + sizes[i])]
+        order += rows * expand_size
+    return value.index_select(0, torch.tensor(order, dtype=torch.long, device=value.device))
 
 
 # ------------------------------------------------------------------------------------------ prefill

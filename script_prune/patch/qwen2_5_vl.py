@@ -33,6 +33,12 @@ class Qwen2_5_VLFamily(Family):
     default_relevance = "llm_text"
     default_budget = 0.25
     merging = False
+    missing = {
+        "merging": "a merged token has no original (t, h, w) position for its M-RoPE",
+        "attention": "its ViT has no [CLS] token (windowed attention, 2x2 patch merger), so there is no [CLS] "
+                     "attention for VisionZip",
+        "clip_text": "its ViT has no CLIP joint space (no post_layernorm / visual_projection to a text tower)",
+    }
     visual_inputs = ("pixel_values", "pixel_values_videos")
     visual_keys = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "second_per_grid_ts",
                    "mm_token_type_ids")
@@ -71,9 +77,25 @@ class Qwen2_5_VLFamily(Family):
     def num_rows(self, model: nn.Module, call: dict[str, Any]) -> int:
         return len(self.row_lengths(model, call))
 
-    def images_per_prompt(self, model: nn.Module, input_ids: Tensor) -> Tensor:
-        raise ValueError(f"{self.name}: beam search / num_return_sequences with pixels is not supported by "
-                         "script_prune.patch yet (its pixel_values are flattened patches, not one row per image)")
+    def visual_blocks(self, model: nn.Module, call: dict[str, Any]) -> dict[str, tuple[list[int], list[int]]]:
+        """Per image / video: its ``t * h * w`` rows of flattened patches and one row of ``*_grid_thw`` /
+        ``second_per_grid_ts``, with the prompt of its (first) placeholder run."""
+        items = self.items(model, call)
+        merge = model.config.vision_config.spatial_merge_size ** 2
+        prompts = self.item_prompts(model, call["input_ids"], [t * h * w // merge for _, (t, h, w) in items])
+        out: dict[str, tuple[list[int], list[int]]] = {}
+        for kind, pixels, keys in (("image", "pixel_values", ("image_grid_thw",)),
+                                   ("video", "pixel_values_videos", ("video_grid_thw", "second_per_grid_ts"))):
+            grid = call.get(f"{kind}_grid_thw")
+            if grid is None:
+                continue
+            grids = grid.tolist()
+            runs = [p for (k, _), p in zip(items, prompts) if k == kind]  # one per placeholder run of this kind
+            firsts = [sum(len(self.video_items(g)) if kind == "video" else 1 for g in grids[:i]) for i in range(len(grids))]
+            owner = [runs[i] for i in firsts]  # prompt of every image / video
+            out[pixels] = ([t * h * w for t, h, w in grids], owner)
+            out.update({key: ([1] * len(grids), owner) for key in keys if isinstance(call.get(key), Tensor)})
+        return out
 
     def vision_post_layernorm(self, model: nn.Module) -> nn.Module | None:
         return None  # rows hold LLM-space tokens only: relevance 'clip_text' is refused
