@@ -127,16 +127,12 @@ def _config(model: nn.Module, family: Family, method: Any, budget: Any, relevanc
     params = sp.check_params(method, params)
     name = type(model).__name__
     if spec.stage == "llm":
-        from .in_llm import check_layer
+        from .in_llm import check_in_llm_params
 
         if not family.in_llm:
             raise ValueError(f"in-LLM method {method!r} is not supported on {name} yet (its LLM adds visual features "
                              "inside the decoder, which the pruned decoder loop does not carry)")
-        if set(spec.params) != {"layer"}:
-            raise ValueError(f"in-LLM method {method!r} is not wired into script_prune.patch (only FastV-style "
-                             "methods with one parameter 'layer')")
-        layers = int(family.decoder(model).config.num_hidden_layers)
-        params = {**params, "layer": check_layer(method, params.get("layer", spec.params["layer"]), layers)}
+        params = check_in_llm_params(method, params, int(family.decoder(model).config.num_hidden_layers))
         return PatchConfig(method, budget, params, None)
     other = sorted(set(spec.inputs) - set(RELEVANCE_INPUTS) - set(family.provides))
     if other:

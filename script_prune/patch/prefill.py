@@ -97,17 +97,19 @@ class PatchState:
 
 
 # ------------------------------------------------------------------------------------------ packing
-def pack(keep: Tensor, left: bool) -> tuple[Tensor, Tensor]:
+def pack(keep: Tensor, left: bool, key: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Kept positions of each row packed to the longest row. # (B, L) bool -> index (B, Ls), mask (B, Ls)
 
-    ``index`` holds the source positions in order; shorter rows are padded on the left (``left``)
-    or right, their padding slots pointing at an arbitrary position and masked out (mask 0).
+    ``index`` holds the source positions in order (ascending ``key`` (B, L) in [0, 2L) when given, e.g.
+    to place appended entries; ties keep their order); shorter rows are padded on the left (``left``) or right, their padding
+    slots pointing at an arbitrary position and masked out (mask 0).
     """
     length = keep.shape[1]
     count = keep.sum(dim=1)  # (B,)
     short = int(count.max()) if keep.shape[0] else 0
-    positions = torch.arange(length, device=keep.device)
-    order = torch.sort(torch.where(keep, positions, positions + length), dim=1).indices[:, :short]  # kept first
+    positions = torch.arange(length, device=keep.device).expand_as(keep) if key is None else key
+    beyond = length if key is None else 2 * length
+    order = torch.sort(torch.where(keep, positions, positions + beyond), dim=1, stable=True).indices[:, :short]
     slot = torch.arange(short, device=keep.device)[None]  # (1, Ls)
     if left:
         source = slot - (short - count)[:, None]  # (B, Ls) slot in the kept list, < 0 for padding
@@ -346,7 +348,7 @@ def prefill(model: nn.Module, state: PatchState, call: dict[str, Any]) -> Any:
     if cfg.spec.stage == "llm":
         from .in_llm import in_llm_prefill
 
-        return in_llm_prefill(model, state, call, rows, prompt, k)
+        return in_llm_prefill(model, state, call, rows, prompt)
     query = Query(call["input_ids"], question_mask(call["input_ids"], prompt.real, prompt.placeholder), state.texts)
     keep_rows, kept, merged = select_rows(model, state, rows, query, prompt.row_sample)  # (R, N), R x (k,)
     layout = family.layout(model, rows, keep_rows, merged)
