@@ -178,9 +178,10 @@ def sparsevlm_raters(visual: Tensor, text: Tensor, visual_ok: Tensor, text_ok: T
 
 
 def rater_scores(attention: Tensor, raters: Tensor) -> Tensor:
-    """Mean over the raters of their head-averaged attention rows. (B, Q, L), (B, Q) bool -> (B, L) float32."""
-    weights = raters.float()
-    return torch.einsum("bql,bq->bl", attention.float(), weights) / weights.sum(dim=1, keepdim=True).clamp(min=1)
+    """Mean over the raters of their head-averaged attention rows. (B, Q, L), (B, Q) bool -> (B, L) float32
+    (rows of non-raters, e.g. padding, are ignored whatever they hold)."""
+    rows = torch.where(raters[..., None], attention.float(), 0.0)  # padding queries may hold NaN rows
+    return rows.sum(dim=1) / raters.sum(dim=1, keepdim=True).clamp(min=1)
 
 
 # ------------------------------------------------------------------------------------------ recycling
@@ -215,7 +216,8 @@ def dpc_merge(x: Tensor, valid: Tensor, clusters: Tensor) -> tuple[Tensor, Tenso
     centre_ok = torch.arange(c_max, device=x.device)[None] < clusters[:, None]  # (G, C)
     to_centre = dist.gather(2, order[:, None, :].expand(-1, m, -1)).masked_fill(~centre_ok[:, None], float("inf"))
     assign = to_centre.argmin(dim=-1)  # (G, M) nearest centre
-    assign.scatter_(1, order, torch.arange(c_max, device=x.device).expand(g, -1))  # a centre joins itself
+    own = torch.where(centre_ok, torch.arange(c_max, device=x.device)[None], assign.gather(1, order))
+    assign.scatter_(1, order, own)  # a centre joins itself (entries past a row's count are no centres)
     assign = torch.where(valid, assign, c_max)  # padding goes to a discarded extra cluster
     one_hot = torch.nn.functional.one_hot(assign, c_max + 1)[..., :c_max].to(xf.dtype)  # (G, M, C)
     sums = one_hot.transpose(1, 2) @ xf  # (G, C, D)
