@@ -77,6 +77,7 @@ class Sequence:
     rater: list[bool]
     ident: list[int]
     born: dict[int, tuple[int, int]] = field(default_factory=dict)  # merged ident -> (first layer, centre ident)
+    additions: torch.Tensor | None = None  # (levels, T, D) DeepStack, added after layer i < levels (0 for text)
 
 
 def at(positions: torch.Tensor, picks: list[int]) -> torch.Tensor:
@@ -108,18 +109,20 @@ def prune(seq: Sequence, scores: torch.Tensor, counts: dict[int, int], recycle: 
             merged, centres = dpc_reference(seq.hidden[picks], clusters)
             last = max(ranked[:k])
             merged_after[last] = [(merged[j], picks[c]) for j, c in enumerate(centres)]
-    hidden, positions, row, index, rater, ident = [], [], [], [], [], []
+    hidden, positions, row, index, rater, ident, source = [], [], [], [], [], [], []
     born = dict(seq.born)
     for i in range(len(seq.row)):
         if keep[i]:
             hidden.append(seq.hidden[i]), positions.append(at(seq.positions, [i])), row.append(seq.row[i])
-            index.append(seq.index[i]), rater.append(seq.rater[i]), ident.append(seq.ident[i])
+            index.append(seq.index[i]), rater.append(seq.rater[i]), ident.append(seq.ident[i]), source.append(i)
         for vector, centre in merged_after.get(i, []):
             hidden.append(vector.to(seq.hidden.dtype)), positions.append(at(seq.positions, [centre]))
             row.append(seq.row[i]), index.append(-1), rater.append(False), ident.append(next_ident[0])
             born[next_ident[0]] = (layers_before, seq.ident[centre])
+            source.append(centre)  # a merged token takes its centre's DeepStack features
             next_ident[0] += 1
-    return Sequence(torch.stack(hidden), torch.cat(positions, dim=-1), row, index, rater, ident, born)
+    additions = None if seq.additions is None else seq.additions[:, source]
+    return Sequence(torch.stack(hidden), torch.cat(positions, dim=-1), row, index, rater, ident, born, additions)
 
 
 def reference_generate(model, method: str, params: dict, budget, seq: Sequence, steps: int,
@@ -151,7 +154,9 @@ def reference_generate(model, method: str, params: dict, budget, seq: Sequence, 
         inputs.append(seq)
         t = len(seq.row)
         out = run_layer(layer, rope_of, seq.hidden, seq.positions, torch.ones(t, t, dtype=torch.bool).tril())
-        seq = Sequence(out, seq.positions, seq.row, seq.index, seq.rater, seq.ident, seq.born)
+        if seq.additions is not None and i < seq.additions.shape[0]:
+            out = out + seq.additions[i]
+        seq = Sequence(out, seq.positions, seq.row, seq.index, seq.rater, seq.ident, seq.born, seq.additions)
         if stage is not None and stage[0][0] == i + 1:
             if stage[0][0] + offset == i + 1:
                 queries = [len(seq.row) - 1]

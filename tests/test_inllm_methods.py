@@ -15,6 +15,7 @@ import script_prune as sp
 from script_prune import inllm
 from script_prune.patch import Qwen2_5_VLFamily
 from tests import test_patch_qwen2_5_vl as qwen
+from tests import test_patch_qwen3_vl as qwen3
 from tests.inllm_reference import Sequence, dpc_reference, raters_reference, reference_generate
 from tests.test_patch import IMAGE, build_llava, prompts, stock_image_tokens
 
@@ -177,15 +178,23 @@ def test_eager_and_sdpa_pick_alike_and_a_batch_of_two_equals_single_runs(method,
 
 
 # ------------------------------------------------------------------------------------------ Qwen2.5-VL (M-RoPE)
-def qwen_sequences(model64, inputs) -> list[tuple[Sequence, torch.Tensor]]:
+def mrope_sequences(module, model64, inputs) -> list[tuple[Sequence, torch.Tensor]]:
+    """As llava_sequences for the Qwen-VL batches: 3-D positions from the stock get_rope_index; Qwen3-VL's
+    stock DeepStack levels of every visual token as the sequence's additions."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     double = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
-    rows = qwen.stock_rows(model64, double)
+    rows = module.stock_rows(model64, double)
+    stacked = isinstance(rows[0], tuple)  # Qwen3-VL: (tokens, [DeepStack levels])
+    levels = [torch.stack(r[1]) for r in rows] if stacked else None  # (levels, n, D) per row
+    rows = [r[0] for r in rows] if stacked else rows
     positions, _ = model64.model.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
                                                 image_grid_thw=inputs["image_grid_thw"],
                                                 video_grid_thw=inputs["video_grid_thw"], attention_mask=mask)
-    placeholder = (ids == qwen.IMAGE) | (ids == qwen.VIDEO)
+    placeholder = (ids == module.IMAGE) | (ids == module.VIDEO)
     full = model64.get_input_embeddings()(ids).masked_scatter(placeholder[..., None], torch.cat(rows))
+    if stacked:
+        dense = torch.zeros(levels[0].shape[0], *full.shape, dtype=full.dtype)
+        additions = dense.masked_scatter(placeholder[None, ..., None], torch.cat(levels, dim=1))
     row_id = torch.cat([torch.full((r.shape[0],), i) for i, r in enumerate(rows)])
     index_in = torch.cat([torch.arange(r.shape[0]) for r in rows])
     slots = placeholder.nonzero().tolist()
@@ -201,7 +210,9 @@ def qwen_sequences(model64, inputs) -> list[tuple[Sequence, torch.Tensor]]:
         flags = dict(zip(text, raters_reference(embeds, visual, text)))
         rater = [flags.get(i, False) for i in range(len(real))]
         pos = positions[:, b, real]
-        out.append((Sequence(embeds, pos, row, index, rater, list(range(len(real)))), pos.amax(dim=1, keepdim=True) + 1))
+        seq = Sequence(embeds, pos, row, index, rater, list(range(len(real))),
+                       additions=additions[:, b, real] if stacked else None)
+        out.append((seq, pos.amax(dim=1, keepdim=True) + 1))
     return out
 
 
@@ -213,5 +224,18 @@ def qwen_sequences(model64, inputs) -> list[tuple[Sequence, torch.Tensor]]:
 def test_qwen2_5_vl_rows_of_unequal_length_equal_the_float64_reference(method, budget, params):
     model = qwen.build(seed=2, layers=5)
     inputs = qwen.batch()
-    sequences = qwen_sequences(copy.deepcopy(model).double(), inputs)
+    sequences = mrope_sequences(qwen, copy.deepcopy(model).double(), inputs)
+    check_against_reference(model, inputs, sequences, [[0, 1, 2], [3]], method, budget, params)
+
+
+@pytest.mark.skipif(qwen3.pytestmark.args[0], reason=qwen3.pytestmark.kwargs["reason"])
+@pytest.mark.parametrize("method,budget,params", [("fastv", 0.5, {"layer": 1}), ("pdrop", 0.6, {"layers": (1, 2, 3)}),
+                                                  ("sparsevlm", 0.5, {"layers": (0, 1, 2)})])
+@torch.no_grad()
+def test_qwen3_vl_deepstack_follows_the_kept_tokens(method, budget, params):
+    """The prune comes before DeepStack's last addition (after layer 1): the later levels must land on the kept
+    tokens (a merged token: its centre's), as in the reference that adds them entry by entry."""
+    model = qwen3.build(seed=2, layers=5)
+    inputs = qwen3.batch()
+    sequences = mrope_sequences(qwen3, copy.deepcopy(model).double(), inputs)
     check_against_reference(model, inputs, sequences, [[0, 1, 2], [3]], method, budget, params)

@@ -199,7 +199,7 @@ class Family:
     #: False: merging methods (TRIM, VisionZip) are refused (a merged token has no original position,
     #: which M-RoPE families need).
     merging: ClassVar[bool] = True
-    #: False: in-LLM methods (FastV) are refused (e.g. features injected inside the LLM, Qwen3-VL's DeepStack).
+    #: False: in-LLM methods (FastV, SparseVLM, PDrop) are refused (the decoder loop cannot carry the family's LLM).
     in_llm: ClassVar[bool] = True
     #: lowest transformers release this family was tested on (None: the project's whole declared range);
     #: ``apply`` refuses an older one by name instead of pruning through hook points that moved
@@ -284,6 +284,12 @@ class Family:
         prompt): the tokens each row dropped. M-RoPE families that continue from ``rope_deltas``
         (set in :meth:`positions`) return zeros."""
         return (real.sum(dim=1) - short_mask.sum(dim=1))[:, None]
+
+    def decoder_additions(self, model: nn.Module, rows: VisualRows, layout: Layout) -> Tensor | None:
+        """Features the LLM adds to the hidden states of the visual positions after its first layers (Qwen3-VL's
+        DeepStack), for in-LLM methods: (levels, T, D) in placeholder (layout) order, level i added after decoder
+        layer i. None by default."""
+        return None
 
     def llm_inputs(self, model: nn.Module, rows: VisualRows, layout: Layout, index: Tensor,
                    mask: Tensor) -> dict[str, Any]:

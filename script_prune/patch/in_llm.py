@@ -148,7 +148,9 @@ class Tokens:
 
     hidden (B, Ls, D); positions (B, Ls) or (3, B, Ls); mask 0/1; row: visual row (< 0: text / layout);
     index: index within the row (-1: merged or not visual); visual: counts as a visual token of the sample
-    (placeholder slots, merged tokens); rater: SparseVLM's text raters.
+    (placeholder slots, merged tokens); rater: SparseVLM's text raters; additions: (levels, B, Ls, D) added
+    to the hidden states after layers 0 .. levels-1 (DeepStack; 0 at text positions; a merged token takes
+    its centre's), or None.
     """
 
     hidden: Tensor
@@ -158,6 +160,7 @@ class Tokens:
     index: Tensor
     visual: Tensor
     rater: Tensor
+    additions: Tensor | None = None
 
     def take(self, index: Tensor, mask: Tensor, source: Tensor) -> "Tokens":
         """The entries at ``index`` (B, Ls') with the new 0/1 ``mask``; positions from ``source`` (B, Ls'), the
@@ -166,8 +169,9 @@ class Tokens:
             positions = self.positions.gather(2, source[None].expand(self.positions.shape[0], -1, -1))
         else:
             positions = self.positions.expand(index.shape[0], -1).gather(1, source)
+        additions = None if self.additions is None else torch.stack([gather_tokens(a, source) for a in self.additions])
         return Tokens(gather_tokens(self.hidden, index), positions, mask, self.row.gather(1, index),
-                      self.index.gather(1, index), self.visual.gather(1, index), self.rater.gather(1, index))
+                      self.index.gather(1, index), self.visual.gather(1, index), self.rater.gather(1, index), additions)
 
 
 @dataclass
@@ -243,7 +247,8 @@ def prune_stage(tokens: Tokens, scores: Tensor, stage: Stage, num_rows: int, lef
         tokens = Tokens(torch.cat([tokens.hidden, merged.reshape(1, extra, -1).expand(batch, -1, -1)], 1),
                         tokens.positions, tokens.mask, torch.cat([tokens.row, row.expand(batch, -1)], 1),
                         torch.cat([tokens.index, torch.full_like(ok, -1, dtype=torch.long)], 1),
-                        torch.cat([tokens.visual, ok], 1), torch.cat([tokens.rater, torch.zeros_like(ok)], 1))
+                        torch.cat([tokens.visual, ok], 1), torch.cat([tokens.rater, torch.zeros_like(ok)], 1),
+                        tokens.additions)
         keep = torch.cat([keep, ok], 1)
         key = torch.cat([key, (2 * last[:, None] + 1).expand_as(merged_ok).reshape(1, -1).expand(batch, -1)], 1)
         source = torch.cat([source, centre.reshape(1, -1).expand(batch, -1)], 1)
@@ -280,7 +285,8 @@ def in_llm_language_forward(access: DecoderAccess, state: PatchState, tokens: To
     for unsupported in ("output_attentions", "output_hidden_states"):
         if kwargs.pop(unsupported, None):
             raise ValueError(f"{unsupported} is not supported with in-LLM pruning (later layers see fewer tokens)")
-    for name in ("return_dict", "inputs_embeds", "attention_mask"):  # carried by ``tokens``
+    # carried by ``tokens`` (DeepStack's arguments are None here: the stock call had no pixels; the loop adds them)
+    for name in ("return_dict", "inputs_embeds", "attention_mask", "visual_pos_masks", "deepstack_visual_embeds"):
         kwargs.pop(name, None)
     positions = kwargs.pop("position_ids")
     tokens.positions = positions[-3:] if positions.dim() == 3 else positions  # generate() hands Qwen-VL 4 rows
@@ -304,20 +310,22 @@ def in_llm_language_forward(access: DecoderAccess, state: PatchState, tokens: To
                                     position_ids=None if mrope else tokens.positions, **{MASK_CACHE_KEYWORD: past})
         return causal, access.rope(tokens.hidden, tokens.positions), None if mrope else tokens.positions
 
-    def run(chunk, tokens, causal, rope, position_ids):
+    def run(start, end, tokens, causal, rope, position_ids):
         hidden = tokens.hidden
-        for layer in chunk:
-            hidden = layer(hidden, attention_mask=causal, position_embeddings=rope, position_ids=position_ids,
-                           use_cache=use_cache, **{keyword: cache}, **kwargs)
+        for i in range(start, end):
+            hidden = layers[i](hidden, attention_mask=causal, position_embeddings=rope, position_ids=position_ids,
+                               use_cache=use_cache, **{keyword: cache}, **kwargs)
+            if tokens.additions is not None and i < tokens.additions.shape[0]:
+                hidden = hidden + tokens.additions[i].to(hidden.dtype)
         tokens.hidden = hidden
         return tokens
 
     causal, rope, position_ids = prepared(tokens, cache)
     done = 0
     for stage in stages:
-        tokens = run(layers[done:stage.score_layer], tokens, causal, rope, position_ids)
+        tokens = run(done, stage.score_layer, tokens, causal, rope, position_ids)
         scores = stage_scores(method, access, layers[stage.score_layer], tokens, rope, raters)  # (B, Ls) float32
-        tokens = run(layers[stage.score_layer:stage.layers_before], tokens, causal, rope, position_ids)
+        tokens = run(stage.score_layer, stage.layers_before, tokens, causal, rope, position_ids)
         length = tokens.mask.shape[1]
         tokens, source = prune_stage(tokens, scores, stage, num_rows, left)
         if cache is not None:
@@ -330,7 +338,7 @@ def in_llm_language_forward(access: DecoderAccess, state: PatchState, tokens: To
         # unpadded row as packed sequences.
         causal, rope, _ = prepared(tokens, None)
         position_ids = None
-    tokens = run(layers[done:], tokens, causal, rope, position_ids)
+    tokens = run(done, len(layers), tokens, causal, rope, position_ids)
     state.visual_counts = (tokens.visual & tokens.mask.bool()).sum(dim=1)
     state.kept = final_kept(tokens, num_rows, row_length)
     state.extra["short_prompt"] = (tokens.positions, tokens.mask)
@@ -375,7 +383,11 @@ def in_llm_prefill(model: nn.Module, state: PatchState, call: dict[str, Any], ro
         positions = family.positions(model, call, every, prompt.real.long())
     raters = (sparsevlm_rater_mask(embeds, prompt, call["input_ids"]) if cfg.method == "sparsevlm"
               else torch.zeros_like(where))
-    tokens = Tokens(embeds, positions, prompt.real.long(), row_of, index_of, where.clone(), raters)
+    additions = family.decoder_additions(model, rows, layout)  # (levels, T, D) or None
+    if additions is not None:
+        dense = additions.new_zeros(additions.shape[0], *embeds.shape)  # (levels, B, L, D)
+        additions = dense.masked_scatter(where[None, ..., None], additions.to(dense.dtype))
+    tokens = Tokens(embeds, positions, prompt.real.long(), row_of, index_of, where.clone(), raters, additions)
     access = family.decoder(model)
     num_rows, row_length = rows.tokens.shape[:2]
     lengths = [row_length] * num_rows if rows.lengths is None else rows.lengths.tolist()
