@@ -6,8 +6,9 @@ the layers' own q/k; everything here is pure torch on tensors it hands over:
 - :func:`stage_plan` is the one place that turns a method's ``budget`` into per-stage keep counts:
   a list of ``(layers_before, count)``: after ``layers_before`` decoder layers the visual tokens of a
   row of ``n`` are cut to ``count`` (FastV: one stage; SparseVLM / PDrop: three).
-- :func:`average_visual_tokens` is the budget accounting the tables quote ("64 tokens in average"):
-  the visual tokens per row each decoder layer sees, averaged over all layers.
+- :func:`stage_counts` adds what a row really keeps (SparseVLM's merged tokens); :func:`layer_tokens` /
+  :func:`average_visual_tokens` are the accounting the tables quote ("64 tokens in average": the visual
+  tokens per row each decoder layer sees, averaged over all layers) and the FLOPs tool uses.
 - :func:`sparsevlm_raters` (text raters), :func:`rater_scores`, :func:`dpc_merge` (SparseVLM's
   recycling: density-peak clustering of the best dropped tokens into merged tokens).
 
@@ -31,9 +32,11 @@ __all__ = [
     "SPARSEVLM_SCHEDULES",
     "average_visual_tokens",
     "dpc_merge",
+    "layer_tokens",
     "rater_scores",
     "recycle_count",
     "sparsevlm_raters",
+    "stage_counts",
     "stage_plan",
 ]
 
@@ -137,18 +140,32 @@ def _monotone(plan: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
     return out
 
 
-def average_visual_tokens(n: int, plan: list[tuple[int, int]], num_layers: int, extra: list[int] | None = None) -> float:
-    """Visual tokens per row each of the ``num_layers`` decoder layers sees, averaged (the tables' accounting).
+def stage_counts(method: str, k: int, n: int, num_layers: int, params: dict) -> list[tuple[int, int, int, int]]:
+    """What a row of ``n`` really goes through: per stage ``(layers_before, kept, recycled, merged)``: it keeps
+    ``kept`` of its current visual tokens and (SparseVLM with ``recycle``) clusters its ``recycled`` best dropped
+    ones into ``merged`` tokens, which count as its visual tokens from then on (see :func:`recycle_count`)."""
+    recycle = method == "sparsevlm" and bool(params.get("recycle", False))
+    out, current = [], n
+    for layer, count in stage_plan(method, k, n, num_layers, params):
+        kept = min(count, current)
+        recycled, merged = recycle_count(current - kept) if recycle else (0, 0)
+        out.append((layer, kept, recycled, merged))
+        current = kept + merged
+    return out
 
-    ``extra``: tokens added per stage on top of ``count`` (SparseVLM's merged tokens, see :func:`recycle_count`).
-    Layers ``< plan[0][0]`` see ``n``; layers from ``plan[s][0]`` on see ``plan[s][1] + extra[s]``.
-    """
-    extra = extra or [0] * len(plan)
-    total, start, current = 0.0, 0, n
-    for (layer, count), more in zip(plan, extra):
-        total += (layer - start) * current
-        start, current = layer, count + more
-    return (total + (num_layers - start) * current) / num_layers
+
+def layer_tokens(method: str, k: int, n: int, num_layers: int, params: dict) -> list[int]:
+    """Visual tokens of a row of ``n`` each of the ``num_layers`` decoder layers sees (merged tokens included)."""
+    out, start, current = [], 0, n
+    for layer, kept, _, merged in stage_counts(method, k, n, num_layers, params):
+        out += [current] * (layer - start)
+        start, current = layer, kept + merged
+    return out + [current] * (num_layers - start)
+
+
+def average_visual_tokens(method: str, k: int, n: int, num_layers: int, params: dict) -> float:
+    """The tables' accounting ("64 tokens in average"): :func:`layer_tokens` averaged over the decoder layers."""
+    return sum(layer_tokens(method, k, n, num_layers, params)) / num_layers
 
 
 def recycle_count(dropped: int) -> tuple[int, int]:

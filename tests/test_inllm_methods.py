@@ -31,20 +31,39 @@ def test_schedules_and_accounting_by_hand():
     # 32 on 576: the 64 schedule halved (floor); 72 of 288 is 144 of 576: the 192 schedule * 72 / 192
     assert inllm.stage_plan("sparsevlm", 32, 576, 32, sparse) == [(3, 33), (7, 15), (16, 8)]
     assert inllm.stage_plan("sparsevlm", 72, 288, 32, sparse) == [(3, 112), (7, 75), (16, 41)]
-    # layers 0-2 see 576, 3-6 300, 7-15 200, 16-31 110
-    plan = inllm.stage_plan("sparsevlm", 192, 576, 32, sparse)
-    assert inllm.average_visual_tokens(576, plan, 32) == (3 * 576 + 4 * 300 + 9 * 200 + 16 * 110) / 32
     # recycling: 276 dropped -> 83 clustered into 9; then 309 -> 200 drops 109 -> 33 into 4; 204 -> 110 drops 94 -> 29 into 3
     assert [inllm.recycle_count(d) for d in (276, 109, 94, 5, 0)] == [(83, 9), (33, 4), (29, 3), (2, 1), (0, 0)]
+    assert inllm.stage_counts("sparsevlm", 192, 576, 32, sparse) == [(3, 300, 83, 9), (7, 200, 33, 4), (16, 110, 29, 3)]
+    # layers 0-2 see 576, 3-6 300 + 9, 7-15 200 + 4, 16-31 110 + 3 (without recycling: no merged tokens)
+    assert inllm.average_visual_tokens("sparsevlm", 192, 576, 32, sparse) == (3 * 576 + 4 * 309 + 9 * 204 + 16 * 113) / 32
+    plain = {**sparse, "recycle": False}
+    assert inllm.average_visual_tokens("sparsevlm", 192, 576, 32, plain) == (3 * 576 + 4 * 300 + 9 * 200 + 16 * 110) / 32
     pdrop = {"layers": None, "ratio": 0.5}
     # average 270 = (8 * 576 + 8 c + 8 c / 2 + 8 c / 4) / 32 -> c = 288: PDrop's 50 / 25 / 12.5 %
     assert inllm.stage_plan("pdrop", 270, 576, 32, pdrop) == [(8, 288), (16, 144), (24, 72)]
-    assert inllm.average_visual_tokens(576, [(8, 288), (16, 144), (24, 72)], 32) == 270
+    assert inllm.average_visual_tokens("pdrop", 270, 576, 32, pdrop) == 270
     # average 200 with drops after 2 / 6 / 12: (2 * 576 + 4 c + 6 c / 2 + 20 c / 4) / 32 = 200 -> c = 5248 / 12 = 437.3
     assert inllm.stage_plan("pdrop", 200, 576, 32, {"layers": (2, 6, 12), "ratio": 0.5}) == [(2, 437), (6, 219), (12, 109)]
     with pytest.raises(ValueError, match="budget 64 .*out of reach for pdrop.*after layer 8.*average 144"):
         inllm.stage_plan("pdrop", 64, 576, 32, pdrop)
     assert inllm.stage_plan("fastv", 64, 576, 32, {"layer": 2}) == [(2, 64)]
+
+
+def test_flops_follow_the_schedule_layer_by_layer():
+    from llava.eval import flops as F
+
+    def macs(n):  # 4nd^2 + 2n^2d + 3ndm of LLaMA-7B
+        return 4 * n * 4096**2 + 2 * n * n * 4096 + 3 * n * 4096 * 11008
+
+    shape = F.get_shape("llava-v1.5-7b")
+    by_hand = (3 * macs(576) + 4 * macs(309) + 9 * macs(204) + 16 * macs(113)) / 1e12
+    assert F.method_tflops(shape, "sparsevlm", 192) == pytest.approx(by_hand, rel=1e-12)
+    by_hand = (8 * macs(576) + 8 * macs(288) + 8 * macs(144) + 8 * macs(72)) / 1e12
+    assert F.method_tflops(shape, "pdrop", 270) == pytest.approx(by_hand, rel=1e-12)
+    next_shape = F.get_shape("llava-v1.6-vicuna-7b")  # 5 crops of 576, 64 per crop: drops after 2 / 6 / 12
+    counts = [75, 37, 19]  # (64 * 32 - 2 * 576) / (4 + 6 / 2 + 20 / 4) = 74.7
+    by_hand = (2 * macs(2880) + 4 * macs(5 * counts[0]) + 6 * macs(5 * counts[1]) + 20 * macs(5 * counts[2])) / 1e12
+    assert F.method_tflops(next_shape, "pdrop", 64, params={"layers": (2, 6, 12)}) == pytest.approx(by_hand, rel=1e-12)
 
 
 def test_dpc_merge_equals_float64_loops():

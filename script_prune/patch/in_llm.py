@@ -126,19 +126,10 @@ class Stage:
 def schedule(method: str, params: dict[str, Any], budget: int | float, lengths: list[int],
              num_layers: int) -> list[Stage]:
     """The stages of a prefill whose visual rows hold ``lengths`` tokens (the budget resolves per row length,
-    so fractions work on rows of unequal length)."""
-    plans = {n: inllm.stage_plan(method, sp.resolve_budget(budget, n), n, num_layers, params) for n in set(lengths)}
-    recycle = bool(params.get("recycle", False))
-    current = list(lengths)
-    stages = []
-    for s in range(len(plans[lengths[0]])):
-        counts = [min(plans[n][s][1], c) for n, c in zip(lengths, current)]
-        recycled = [inllm.recycle_count(c - k) if recycle else (0, 0) for c, k in zip(current, counts)]
-        layer = plans[lengths[0]][s][0]
-        stages.append(Stage(layer, layer + SCORE_LAYER_OFFSET[method], counts, [t for t, _ in recycled],
-                            [m for _, m in recycled]))
-        current = [k + m for k, (_, m) in zip(counts, recycled)]
-    return stages
+    so fractions work on rows of unequal length; ``script_prune.inllm.stage_counts`` per distinct length)."""
+    plans = {n: inllm.stage_counts(method, sp.resolve_budget(budget, n), n, num_layers, params) for n in set(lengths)}
+    return [Stage(stage[0], stage[0] + SCORE_LAYER_OFFSET[method], *([plans[n][s][j] for n in lengths] for j in (1, 2, 3)))
+            for s, stage in enumerate(plans[lengths[0]])]
 
 
 # ------------------------------------------------------------------------------------------ the sequence
