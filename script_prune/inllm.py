@@ -74,8 +74,6 @@ def _check_sparsevlm(params: dict) -> None:
 def _check_pdrop(params: dict) -> None:
     if params["layers"] is not None:
         _check_layers(params["layers"], "layers")
-        if params["layers"][0] < 1:
-            raise ValueError(f"parameter 'layers' of method 'pdrop' must start at >= 1, got {params['layers']!r}")
     ratio = params["ratio"]
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 < float(ratio) < 1.0:
         raise ValueError(f"parameter 'ratio' (lambda) of method 'pdrop' must be in (0, 1), got {ratio!r}")

@@ -148,7 +148,13 @@ def reference_generate(model, method: str, params: dict, budget, seq: Sequence, 
     scores = None
     for i, layer in enumerate(layers):
         stage = stages[0] if stages else None
-        if stage is not None and stage[0][0] + offset == i:
+        if stage is not None and offset == 0 and stage[0][0] == i:  # PDrop: drop before layer i, by its attention
+            scores = attention_rows(layer, rope_of, seq.hidden, seq.positions, [len(seq.row) - 1]).mean(dim=0)
+            seq = prune(seq, scores, {r: min(c, current[r]) for r, (_, c) in zip(plans, stage)}, recycle, i, next_ident)
+            current = {r: seq.row.count(r) for r in current}
+            stages.pop(0)
+            stage = stages[0] if stages else None
+        if stage is not None and offset == -1 and stage[0][0] - 1 == i:  # FastV / SparseVLM: this layer's attention
             queries = [j for j, x in enumerate(seq.rater) if x] if method == "sparsevlm" else [len(seq.row) - 1]
             scores = attention_rows(layer, rope_of, seq.hidden, seq.positions, queries).mean(dim=0)
         inputs.append(seq)
@@ -157,12 +163,9 @@ def reference_generate(model, method: str, params: dict, budget, seq: Sequence, 
         if seq.additions is not None and i < seq.additions.shape[0]:
             out = out + seq.additions[i]
         seq = Sequence(out, seq.positions, seq.row, seq.index, seq.rater, seq.ident, seq.born, seq.additions)
-        if stage is not None and stage[0][0] == i + 1:
-            if stage[0][0] + offset == i + 1:
-                queries = [len(seq.row) - 1]
-                scores = attention_rows(layers[i + 1], rope_of, seq.hidden, seq.positions, queries).mean(dim=0)
-            counts = {r: min(c, current[r]) for r, (_, c) in zip(plans, stage)}
-            seq = prune(seq, scores, counts, recycle, i + 1, next_ident)
+        if stage is not None and offset == -1 and stage[0][0] == i + 1:  # ... prunes this layer's output
+            seq = prune(seq, scores, {r: min(c, current[r]) for r, (_, c) in zip(plans, stage)}, recycle, i + 1,
+                        next_ident)
             current = {r: seq.row.count(r) for r in current}
             stages.pop(0)
     final = seq

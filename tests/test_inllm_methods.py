@@ -99,14 +99,16 @@ def test_raters_equal_float64_loops():
 def test_params_are_checked_by_name():
     for method, bad, match in [("sparsevlm", {"layers": (2, 6)}, "3 layers"), ("sparsevlm", {"layers": (6, 2, 9)},
                                "strictly increasing"), ("sparsevlm", {"recycle": 1}, "bool"),
-                               ("pdrop", {"ratio": 1.5}, "lambda.*\\(0, 1\\)"), ("pdrop", {"layers": (0, 4)}, ">= 1")]:
+                               ("pdrop", {"ratio": 1.5}, "lambda.*\\(0, 1\\)"), ("pdrop", {"layers": (3, 3)}, "strictly increasing")]:
         with pytest.raises(ValueError, match=match):
             sp.check_params(method, bad)
     model = build_llava(layers=4)
-    with pytest.raises(ValueError, match="'layers' of in-LLM method 'sparsevlm' must lie in \\[0, 2\\]"):
+    with pytest.raises(ValueError, match="'layers' of in-LLM method 'sparsevlm' must be strictly increasing in \\[0, 3\\]"):
         sp.patch.apply(model, method="sparsevlm", budget=4)  # the 32-layer defaults on a 4-layer LLM
-    with pytest.raises(ValueError, match="'layers' of in-LLM method 'pdrop' must lie in \\[1, 3\\]"):
+    with pytest.raises(ValueError, match="'layers' of in-LLM method 'pdrop' .*\\[0, 3\\].*got \\(1, 4\\)"):
         sp.patch.apply(model, method="pdrop", budget=4, layers=(1, 4))
+    with pytest.raises(ValueError, match="got \\(1, 2, 2\\) \\(the defaults scaled to this depth"):
+        sp.patch.apply(build_llava(layers=3), method="pdrop", budget=4)  # 8 / 16 / 24 of 32 on 3 layers
     assert not sp.patch.is_patched(model)
 
 
@@ -167,7 +169,8 @@ def check_against_reference(model, inputs, sequences, row_of_sample, method, bud
 
 CASES = [("pdrop", 8, {"layers": (1, 2, 3)}), ("pdrop", 0.5, {"layers": (2, 3, 4), "ratio": 0.4}),
          ("sparsevlm", 8, {"layers": (0, 1, 2), "recycle": False}), ("sparsevlm", 8, {"layers": (0, 1, 2)}),
-         ("sparsevlm", 0.25, {"layers": (1, 2, 3)}), ("fastv", 0.25, {"layer": 2})]
+         ("sparsevlm", 0.25, {"layers": (1, 2, 3)}), ("fastv", 0.25, {"layer": 2}),
+         ("pdrop", 4, {"layers": (0, 2, 4)}), ("sparsevlm", 6, {"layers": (1, 3, 4)})]  # first / last layer
 
 
 @pytest.mark.parametrize("method,budget,params", CASES)

@@ -103,10 +103,12 @@ def check_in_llm_params(method: str, params: dict[str, Any], num_layers: int) ->
     if method not in SCORE_LAYER_OFFSET:
         raise ValueError(f"in-LLM method {method!r} is not wired into script_prune.patch (fastv, sparsevlm, pdrop)")
     layers = inllm.pdrop_layers(params, num_layers) if method == "pdrop" else tuple(params["layers"])
-    low, high = (1, num_layers - 1) if method == "pdrop" else (0, num_layers - 2)
-    if any(not low <= l <= high for l in layers):
-        raise ValueError(f"parameter 'layers' of in-LLM method {method!r} must lie in [{low}, {high}] for this LLM "
-                         f"({num_layers} decoder layers), got {layers}")
+    # PDrop drops before layer l (0: on the embeddings, by layer 0's attention); SparseVLM prunes layer l's output
+    # (the last layer's: only decoding, through the cache, sees the cut)
+    if any(not 0 <= l <= num_layers - 1 for l in layers) or any(b <= a for a, b in zip(layers, layers[1:])):
+        given = "" if params.get("layers") is not None else " (the defaults scaled to this depth; pass layers=)"
+        raise ValueError(f"parameter 'layers' of in-LLM method {method!r} must be strictly increasing in "
+                         f"[0, {num_layers - 1}] for this LLM ({num_layers} decoder layers), got {layers}{given}")
     return {**params, "layers": layers}
 
 
