@@ -15,8 +15,8 @@ Supported classes: ``LlavaForConditionalGeneration`` (one row per image),
 positions kept; Qwen3-VL's DeepStack features pruned alike). ``budget``: int = tokens kept per
 row, float in (0, 1) = fraction kept per row (``script_prune.resolve_budget``); a budget that keeps
 whole rows runs the stock forward unchanged. Any selection method of the registry
-(``script_prune.list_methods()``) with its parameters as keyword arguments, and FastV (in the LLM,
-``layer=K``); merging methods run ``script_prune.reduce`` on the vision features and their merged
+(``script_prune.list_methods()``) with its parameters as keyword arguments, and the in-LLM methods FastV (``layer=K``), SparseVLM and
+PDrop (``layers=(...)``; ``in_llm.py``); merging methods run ``script_prune.reduce`` on the vision features and their merged
 tokens follow their row's kept tokens (TRIM, VisionZip with the vision tower's [CLS] attention and keys;
 TRIM-IQR, whose kept count differs per row, reduces one row at a time).
 
@@ -213,7 +213,7 @@ def kept(model: nn.Module) -> list[Tensor]:
     prompt's rows per beam / returned sequence): ascending int64 indices into that row's tokens.
 
     For LLaVA-NeXT tiles these are the selected indices; those in the unpadded-away border never
-    reach the LLM. For FastV, a row cut by the unpad step keeps at most its tokens in the prompt.
+    reach the LLM. For in-LLM methods, the tokens left after the last stage (merged ones have no index); a row cut by the unpad step keeps at most its tokens in the prompt.
     """
     state = _state(model)
     if state.kept is None:
