@@ -106,11 +106,7 @@ def stage_plan(method: str, k: int, n: int, num_layers: int, params: dict) -> li
     if method == "sparsevlm":
         equivalent = k * SPARSEVLM_ROW / n
         label = min((b for b in sorted(SPARSEVLM_SCHEDULES) if b >= equivalent), default=max(SPARSEVLM_SCHEDULES))
-        published = SPARSEVLM_SCHEDULES[label]
-        if n == SPARSEVLM_ROW and k == label:
-            counts = list(published)
-        else:
-            counts = [max(1, math.floor(p * k / label)) for p in published]
+        counts = [max(1, math.floor(p * k / label)) for p in SPARSEVLM_SCHEDULES[label]]  # the release's at k == label
         layers = [l + 1 for l in params["layers"]]
         return _monotone(list(zip(layers, counts)), n)
     if method == "pdrop":
