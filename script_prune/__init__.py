@@ -28,6 +28,7 @@ from .registry import (
 )
 from . import methods  # noqa: E402,F401  registers script and its ablations
 from . import baselines  # noqa: E402,F401  registers the baselines (after registry/methods)
+from . import inllm  # noqa: E402,F401  registers SparseVLM and PDrop (multi-stage in-LLM methods)
 
 __all__ = [
     "MethodSpec",

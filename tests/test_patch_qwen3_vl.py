@@ -27,9 +27,9 @@ IMAGES = [[1, 4, 6], [1, 8, 8]]  # sample 0: 6 tokens, sample 1: 16 tokens
 VIDEOS = [[2, 4, 4]]  # sample 0: 2 frames of 4 tokens, a timestamp before each
 
 
-def build(seed: int = 0):
+def build(seed: int = 0, layers: int = 3):
     torch.manual_seed(seed)
-    text = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+    text = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=8, max_position_embeddings=512, pad_token_id=0,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2],
                                  "mrope_interleaved": True})
@@ -212,11 +212,6 @@ def test_beams_and_sampled_sequences_equal_reference():
 @torch.no_grad()
 def test_whole_rows_and_remove_are_bit_identical():
     check_whole_rows_bit_identical(build(), batch(), 16, (6, 4, 4, 16))
-
-
-def test_fastv_is_refused_with_deepstack():
-    with pytest.raises(ValueError, match="fastv.*not supported on Qwen3VLForConditionalGeneration.*inside the decoder"):
-        sp.patch.apply(build(), method="fastv", budget=4, layer=1)
 
 
 def test_merging_visionzip_and_clip_text_are_refused_naming_what_is_missing():

@@ -1,6 +1,7 @@
 """Theoretical compute of LLaVA prefill, in the paper's convention and in a fuller accounting.
 
-Everything here is pure arithmetic on shapes: no torch, no model.
+Everything here is pure arithmetic on shapes, no model (the multi-stage in-LLM methods read their per-layer
+token counts from ``script_prune.inllm``, the one place their schedules live).
 
 Paper convention (Script, Tables 2, 3 and 6): one LLM decoder layer processing ``n`` visual tokens
 costs ``4 n d^2 + 2 n^2 d + 3 n d m`` (d = hidden size, m = FFN width); the count is multiplied
@@ -156,11 +157,34 @@ def fastv_tflops(n_full: int, n_kept: int, llm: LLMShape = LLAMA_7B, k: int = 2)
     return paper_tflops(n_full, llm, layers=k) + paper_tflops(n_kept, llm, layers=llm.layers - k)
 
 
-def method_tflops(shape: ModelShape, method: str, budget_per_crop: int, fastv_k: int = 2) -> float:
-    """Paper-convention TFLOPs for ``method`` at ``budget_per_crop`` (FastV is layer-aware)."""
+#: In-LLM methods whose visual tokens change at several decoder layers: their per-layer counts come from the
+#: one schedule of the pruning library (``script_prune.inllm.layer_tokens``, registry defaults unless given).
+STAGED_METHODS = ("sparsevlm", "pdrop")
+
+
+def staged_tflops(shape: ModelShape, method: str, budget_per_crop: int, params: dict | None = None) -> float:
+    """Paper-convention TFLOPs of a multi-stage in-LLM method: layer by layer, ``crops`` x the visual tokens per
+    crop that layer sees (SparseVLM's merged tokens included), ``budget_per_crop`` being the tables' average."""
+    from script_prune import get_method, inllm  # torch only for the staged methods
+
+    if method not in STAGED_METHODS:
+        raise ValueError(f"method must be one of {STAGED_METHODS}, got {method!r}")
+    n = shape.tokens_per_crop
+    params = {**get_method(method).params, **(params or {})}
+    counts = inllm.layer_tokens(method, min(shape.visual_tokens(budget_per_crop) // shape.crops, n), n,
+                                shape.llm.layers, params)
+    return sum(llm_layer_macs(shape.crops * c, shape.llm.hidden, shape.llm.intermediate) for c in counts) / TERA
+
+
+def method_tflops(shape: ModelShape, method: str, budget_per_crop: int, fastv_k: int = 2,
+                  params: dict | None = None) -> float:
+    """Paper-convention TFLOPs for ``method`` at ``budget_per_crop`` (the in-LLM methods are layer-aware;
+    ``params``: a staged method's parameters)."""
     n_kept = shape.visual_tokens(budget_per_crop)
     if method == "fastv":
         return fastv_tflops(shape.full_visual_tokens, n_kept, shape.llm, k=fastv_k)
+    if method in STAGED_METHODS:
+        return staged_tflops(shape, method, budget_per_crop, params)
     return paper_tflops(n_kept, shape.llm)
 
 

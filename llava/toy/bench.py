@@ -3,7 +3,7 @@
     python -m llava.toy.bench [--model-path llava/toy/checkpoint] [--data DIR] [--out DIR]
         [--methods script,divprune,...] [--fractions 1,1/3,1/9,1/18,1/36] [--limit N] [--scenes 50] [--device cpu]
 
-For every method of ``script_prune.list_methods()`` and every kept fraction of the visual tokens
+For every method of ``script_prune.list_methods()`` (the in-LLM ones with ``TOY_PARAMS``) and every kept fraction of the visual tokens
 (144 tokens: 144, 48, 16, 8, 4) it answers the test questions with ``llava.eval.model_vqa_loader`` (the
 same loader, prompt and greedy decoding as the real benchmarks), scores the existence categories with
 the POPE scorer ``llava.eval.eval_pope`` (accuracy per category) and colour / count / relation by exact
@@ -27,6 +27,10 @@ TOY_DIR = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = TOY_DIR / "checkpoint"
 DEFAULT_FRACTIONS = ("1", "1/3", "1/9", "1/18", "1/36")
 TEST_SCENES = 50
+#: Parameters of the multi-stage in-LLM methods for the toy LLM (3 decoder layers; their defaults are for 32):
+#: SparseVLM prunes the outputs of layers 0 / 1 / 2 (2, 6, 15 of 32 scaled down), PDrop drops before layers
+#: 0 / 1 / 2 (a later first drop cannot reach these budgets as a 3-layer average).
+TOY_PARAMS: dict[str, tuple[str, ...]] = {"sparsevlm": ("layers=[0,1,2]",), "pdrop": ("layers=[0,1,2]",)}
 
 
 def parse_fractions(text: str) -> list[Fraction]:
@@ -147,7 +151,8 @@ def run_config(model_path: str, questions_dir: Path, images: Path, answers_file:
     model_vqa_loader.main(["--model-path", model_path, "--question-file", str(questions_dir / "questions.jsonl"),
                            "--image-folder", str(images), "--answers-file", str(answers_file),
                            "--pruning-method", method, "--visual-token-num", str(budget),
-                           "--device", device, "--dtype", "float32", "--max_new_tokens", "8", "--num-workers", "0"])
+                           "--device", device, "--dtype", "float32", "--max_new_tokens", "8", "--num-workers", "0",
+                           *[arg for param in TOY_PARAMS.get(method, ()) for arg in ("--pruning-param", param)]])
     return time.time() - t0
 
 

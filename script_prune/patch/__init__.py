@@ -15,8 +15,8 @@ Supported classes: ``LlavaForConditionalGeneration`` (one row per image),
 positions kept; Qwen3-VL's DeepStack features pruned alike). ``budget``: int = tokens kept per
 row, float in (0, 1) = fraction kept per row (``script_prune.resolve_budget``); a budget that keeps
 whole rows runs the stock forward unchanged. Any selection method of the registry
-(``script_prune.list_methods()``) with its parameters as keyword arguments, and FastV (in the LLM,
-``layer=K``); merging methods run ``script_prune.reduce`` on the vision features and their merged
+(``script_prune.list_methods()``) with its parameters as keyword arguments, and the in-LLM methods FastV (``layer=K``), SparseVLM and
+PDrop (``layers=(...)``; ``in_llm.py``); merging methods run ``script_prune.reduce`` on the vision features and their merged
 tokens follow their row's kept tokens (TRIM, VisionZip with the vision tower's [CLS] attention and keys;
 TRIM-IQR, whose kept count differs per row, reduces one row at a time).
 
@@ -131,16 +131,12 @@ def _config(model: nn.Module, family: Family, method: Any, budget: Any, relevanc
                          f"{family.missing.get('merging', 'its layout places no merged tokens')}; use a selection method")
     params = sp.check_params(method, params)
     if spec.stage == "llm":
-        from .in_llm import check_layer
+        from .in_llm import check_in_llm_params
 
         if not family.in_llm:
             raise ValueError(f"in-LLM method {method!r} is not supported on {name} yet (its LLM adds visual features "
                              "inside the decoder, which the pruned decoder loop does not carry)")
-        if set(spec.params) != {"layer"}:
-            raise ValueError(f"in-LLM method {method!r} is not wired into script_prune.patch (only FastV-style "
-                             "methods with one parameter 'layer')")
-        layers = int(family.decoder(model).config.num_hidden_layers)
-        params = {**params, "layer": check_layer(method, params.get("layer", spec.params["layer"]), layers)}
+        params = check_in_llm_params(method, params, int(family.decoder(model).config.num_hidden_layers))
         return PatchConfig(method, budget, params, None)
     source = resolve_source(relevance, family, name)
     if isinstance(source, ClipText) and family.vision_post_layernorm(model) is None:
@@ -222,7 +218,7 @@ def kept(model: nn.Module) -> list[Tensor]:
     prompt's rows per beam / returned sequence): ascending int64 indices into that row's tokens.
 
     For LLaVA-NeXT tiles these are the selected indices; those in the unpadded-away border never
-    reach the LLM. For FastV, a row cut by the unpad step keeps at most its tokens in the prompt.
+    reach the LLM. For in-LLM methods, the tokens left after the last stage (merged ones have no index); a row cut by the unpad step keeps at most its tokens in the prompt.
     """
     state = _state(model)
     if state.kept is None and state.keep_rows is not None:  # read on demand: the prefill does not wait for it

@@ -152,27 +152,38 @@ class DecoderAccess:
         """Softmax attention of each row's last real token over all keys at ``layer``, mean over heads.
 
         hidden: (B, L, D) the layer's input; rope: its (cos, sin); mask: (B, L) 0/1 padding mask.
-        Computed from the layer's own q/k projections for that one query, so the layers keep their
-        attention implementation (sdpa / flash). Masked or later keys get 0. -> (B, L) float32.
+        -> (B, L) float32 (see :meth:`query_attention`).
+        """
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        last = (mask.bool() * (positions + 1)).argmax(dim=1)  # (B,) last real token, either padding side
+        return self.query_attention(layer, hidden, rope, mask, last[:, None])[:, 0]
+
+    def query_attention(self, layer: nn.Module, hidden: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor,
+                        queries: Tensor) -> Tensor:
+        """Softmax attention rows of the queries at positions ``queries`` (B, Q) at ``layer``, mean over heads.
+
+        Computed from the layer's own q/k projections for those queries only, so the layers keep their
+        attention implementation (sdpa / flash) and no L x L matrix is formed. Masked or later keys get 0.
+        -> (B, Q, L) float32.
         """
         attn = layer.self_attn
         normed = layer.input_layernorm(hidden)
         batch, length, _ = normed.shape
         hd = attn.head_dim
         positions = torch.arange(length, device=mask.device)
-        last = (mask.bool() * (positions + 1)).argmax(dim=1)  # (B,) last real token, either padding side
-        rows = torch.arange(batch, device=normed.device)
+        rows = torch.arange(batch, device=normed.device)[:, None]  # (B, 1)
         cos, sin = (t.expand(batch, -1, -1) for t in rope)
-        query = attn.q_proj(normed[rows, last][:, None]).view(batch, 1, -1, hd).transpose(1, 2)  # (B, H, 1, hd)
+        count = queries.shape[1]
+        query = attn.q_proj(normed[rows, queries]).view(batch, count, -1, hd).transpose(1, 2)  # (B, H, Q, hd)
         keys = attn.k_proj(normed).view(batch, length, -1, hd).transpose(1, 2)  # (B, Hkv, L, hd)
-        query = self.apply_rope(query, cos[rows, last][:, None], sin[rows, last][:, None])
+        query = self.apply_rope(query, cos[rows, queries], sin[rows, queries])
         keys = self.apply_rope(keys, cos, sin)
         groups = query.shape[1] // keys.shape[1]
-        query = query.reshape(batch, keys.shape[1], groups, hd)  # (B, Hkv, G, hd): head h uses kv head h // G
-        logits = torch.einsum("bkgd,bkld->bkgl", query.float(), keys.float()) * float(attn.scaling)
-        allowed = mask.bool() & (positions[None] <= last[:, None])  # (B, L)
+        query = query.reshape(batch, keys.shape[1], groups, count, hd)  # head h uses kv head h // G
+        logits = torch.einsum("bkgqd,bkld->bkgql", query.float(), keys.float()) * float(attn.scaling)
+        allowed = mask.bool()[:, None] & (positions[None, None] <= queries[..., None])  # (B, Q, L)
         logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
-        return logits.softmax(dim=-1).mean(dim=(1, 2))  # (B, L)
+        return logits.softmax(dim=-1).mean(dim=(1, 2))  # (B, Q, L)
 
 
 class Family:
@@ -200,7 +211,7 @@ class Family:
     #: methods when ``merging`` is False), ``"attention"`` (vision-attention inputs such as VisionZip's
     #: ``cls_attention`` / ``keys`` not in ``provides``), ``"clip_text"`` (no CLIP joint space for that relevance)
     missing: ClassVar[dict[str, str]] = {}
-    #: False: in-LLM methods (FastV) are refused (e.g. features injected inside the LLM, Qwen3-VL's DeepStack).
+    #: False: in-LLM methods (FastV, SparseVLM, PDrop) are refused (the decoder loop cannot carry the family's LLM).
     in_llm: ClassVar[bool] = True
     #: lowest transformers release this family was tested on (None: the project's whole declared range);
     #: ``apply`` refuses an older one by name instead of pruning through hook points that moved
@@ -302,6 +313,12 @@ class Family:
         prompt): the tokens each row dropped. M-RoPE families that continue from ``rope_deltas``
         (set in :meth:`positions`) return zeros."""
         return (real.sum(dim=1) - short_mask.sum(dim=1))[:, None]
+
+    def decoder_additions(self, model: nn.Module, rows: VisualRows, layout: Layout) -> Tensor | None:
+        """Features the LLM adds to the hidden states of the visual positions after its first layers (Qwen3-VL's
+        DeepStack), for in-LLM methods: (levels, T, D) in placeholder (layout) order, level i added after decoder
+        layer i. None by default."""
+        return None
 
     def llm_inputs(self, model: nn.Module, rows: VisualRows, layout: Layout, index: Tensor,
                    mask: Tensor) -> dict[str, Any]:

@@ -1,18 +1,31 @@
-"""In-LLM methods (``MethodSpec.stage == "llm"``: FastV) on the shared layer.
+"""In-LLM methods (``MethodSpec.stage == "llm"``: FastV, SparseVLM, PDrop) on the shared layer.
 
-FastV (Chen et al., ECCV 2024): decoder layers ``0 .. K-1`` run on the whole prompt; the K-th
-layer's attention of the last prompt token over the visual tokens (mean over heads) ranks them,
-and the layers ``K ..`` see text + the ``k`` best tokens of every visual row only
-(``script_prune.select(..., method="fastv", scores=...)``, budget per row as on the vision side;
-layout tokens such as NeXT newlines always stay). Here:
+One decoder loop serves all three: a method is a schedule of stages (``script_prune.inllm.stage_plan``, the
+one place a budget becomes per-stage keep counts per row) and a scoring rule. At every stage the surviving
+visual tokens of each row are re-ranked and the row keeps its count; text and layout tokens always stay.
 
-- the score row comes from that layer's own q/k projections for one query
-  (:meth:`DecoderAccess.last_query_attention`), so every layer keeps sdpa / flash-attention;
-- kept tokens keep their original position ids (FastV's choice: RoPE distances to the text are
-  unchanged; 3-D M-RoPE positions for Qwen-VL) and decoding continues at the original positions;
-- the dropped tokens' entries also leave the cache of layers ``0 .. K-1``, so every layer's cache
-  holds the same short sequence and decoding runs on it with the stock mask code (FastV's release
-  keeps them in the first K layers: there, decoded tokens still see the dropped tokens early on).
+- FastV (Chen et al., ECCV 2024): one stage after layer K; scores = the K-th layer's attention of the last
+  prompt token (mean over heads).
+- PDrop (Xing et al., CVPR 2025): stages before layers 8 / 16 / 24 (of 32); scores = the attention of the
+  last instruction token at the layer about to run (its own q/k, before the drop), mean over heads.
+- SparseVLM v1 (Zhang et al., ICML 2025): the outputs of layers 2 / 6 / 15 are pruned; scores = the mean
+  over the text raters (``script_prune.inllm.sparsevlm_raters``, chosen once from the LLM's input
+  embeddings) of their head-averaged attention at that layer. With ``recycle`` the best 30 % of the tokens
+  a stage drops are clustered (density peaks) into merged tokens, which are visual tokens of their row
+  from then on (re-ranked at later stages).
+
+Conventions here:
+
+- score rows come from the layer's own q/k projections for the few queries needed
+  (:meth:`DecoderAccess.query_attention`), so every layer keeps sdpa / flash-attention;
+- kept tokens keep their original position ids (1-D or 3-D M-RoPE) and decoding continues at the
+  original positions (the references of SparseVLM / PDrop re-number LLaVA's positions contiguously;
+  keeping them is what M-RoPE families need and leaves RoPE distances to the text unchanged);
+- a merged token sits right after its row's last kept token in the sequence and takes the position of
+  its cluster centre (a dropped token of that row);
+- every layer's KV cache holds the same final sequence: a stage removes the dropped entries from the
+  cache of all layers that ran before it, and a merged token's entry in those layers is its centre's
+  (the merged token itself exists from the next layer on). Decoding runs on it with the stock mask code.
 
 The stock top-level forward runs unchanged; only the language model's forward is swapped for the
 duration of the prefill call, so logits, loss and output classes stay transformers' own.
@@ -22,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,9 +45,11 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 import script_prune as sp
+from script_prune import inllm
 
 from .family import TEXT, DecoderAccess, VisualRows, cache_keyword
 from .prefill import PatchState, Prompt, PromptState, first_given, gather_tokens, pack, without_pixels
+from .relevance import question_mask
 
 #: How this transformers version passes the cache to decoder layers / the mask function / outputs.
 OUTPUT_CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -46,42 +62,6 @@ def check_layer(method: str, layer: Any, num_layers: int) -> int:
         raise ValueError(f"parameter 'layer' (K) of in-LLM method {method!r} must be an int in [1, {num_layers - 1}] "
                          f"for this LLM ({num_layers} decoder layers), got {layer!r}")
     return layer
-
-
-def row_top_k(scores: Tensor, row_of: Tensor, real: Tensor, k: int, num_rows: int, method: str,
-              layer: int) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
-    """Keep mask after layer K and the kept tokens of every row.
-
-    scores, row_of: (B, L) (row id >= 0 for visual tokens, < 0 for text / layout tokens);
-    real: (B, L) bool. All rows go through one ``script_prune.select`` on an (R, W) score matrix
-    padded with -1 (attention probabilities are >= 0). -> keep (B, L) bool, chosen (R, W) bool and
-    the slots (row (M,), slot (M,), (sample, position) (M, 2)) of the M visual tokens.
-    """
-    visual = (row_of >= 0) & real
-    where = visual.nonzero()  # (M, 2)
-    rid = row_of[where[:, 0], where[:, 1]]
-    order = torch.sort(rid, stable=True).indices
-    where, rid = where[order], rid[order]
-    counts = torch.bincount(rid, minlength=num_rows)  # (R,)
-    slot = torch.arange(rid.shape[0], device=rid.device) - (counts.cumsum(0) - counts)[rid]
-    width = int(counts.max())
-    padded = scores.new_full((num_rows, width), -1.0)
-    padded[rid, slot] = scores[where[:, 0], where[:, 1]].float()
-    picked = sp.select(padded[..., None], k, method, scores=padded, layer=layer)  # (R, min(k, W))
-    chosen = torch.zeros(num_rows, width, dtype=torch.bool, device=scores.device).scatter_(1, picked, True)
-    chosen &= torch.arange(width, device=scores.device)[None] < counts[:, None]
-    keep = real & ~visual
-    keep[where[:, 0], where[:, 1]] = chosen[rid, slot]
-    return keep, chosen, (rid, slot, where)
-
-
-def kept_per_row(index_of: Tensor, chosen: Tensor, slots: tuple[Tensor, Tensor, Tensor], n: int) -> list[Tensor]:
-    """Ascending within-row indices of the kept tokens of every row (for ``script_prune.patch.kept``)."""
-    rid, slot, where = slots
-    values = torch.full(chosen.shape, n, dtype=torch.long, device=chosen.device)  # (R, W), n = not kept
-    values[rid, slot] = index_of[where[:, 0], where[:, 1]]
-    values = torch.sort(values.masked_fill(~chosen, n), dim=1).values
-    return [row[:c] for row, c in zip(values, chosen.sum(dim=1).tolist())]
 
 
 def shorten_cache(cache: Any, index: Tensor, upto: int) -> None:
@@ -108,17 +88,201 @@ def check_cache_length(cache: Any, upto: int, length: int, stage: str, keyword: 
             )
 
 
-def fastv_language_forward(access: DecoderAccess, state: PatchState, prompt: Prompt, row_of: Tensor,
-                           index_of: Tensor, shape: tuple[int, int], k: int, layer_k: int, full_length: int,
-                           **kwargs: Any) -> BaseModelOutputWithPast:
-    """The decoder stack with FastV after layer K (stands in for the language model's forward once)."""
+
+
+# ------------------------------------------------------------------------------------------ schedule
+#: Which decoder layer's attention ranks a stage, relative to the stage's ``layers_before`` (see the docstring).
+SCORE_LAYER_OFFSET = {"fastv": -1, "sparsevlm": -1, "pdrop": 0}
+
+
+def check_in_llm_params(method: str, params: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """The method's parameters (defaults filled in) checked against this LLM's depth (ValueError naming them)."""
+    params = {**sp.get_method(method).params, **params}
+    if method == "fastv":
+        return {**params, "layer": check_layer(method, params["layer"], num_layers)}
+    if method not in SCORE_LAYER_OFFSET:
+        raise ValueError(f"in-LLM method {method!r} is not wired into script_prune.patch (fastv, sparsevlm, pdrop)")
+    layers = inllm.pdrop_layers(params, num_layers) if method == "pdrop" else tuple(params["layers"])
+    # PDrop drops before layer l (0: on the embeddings, by layer 0's attention); SparseVLM prunes layer l's output
+    # (the last layer's: only decoding, through the cache, sees the cut)
+    if any(not 0 <= l <= num_layers - 1 for l in layers) or any(b <= a for a, b in zip(layers, layers[1:])):
+        given = "" if params.get("layers") is not None else " (the defaults scaled to this depth; pass layers=)"
+        raise ValueError(f"parameter 'layers' of in-LLM method {method!r} must be strictly increasing in "
+                         f"[0, {num_layers - 1}] for this LLM ({num_layers} decoder layers), got {layers}{given}")
+    return {**params, "layers": layers}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One prune step. ``layers_before`` decoder layers ran on the previous sequence, layer ``score_layer``'s
+    attention ranks; every row keeps ``counts`` (R,) visual tokens and, when recycling, clusters its ``taken``
+    (R,) best dropped tokens into ``clusters`` (R,) merged tokens (host ints: no sync)."""
+
+    layers_before: int
+    score_layer: int
+    counts: list[int]
+    taken: list[int]
+    clusters: list[int]
+
+
+def schedule(method: str, params: dict[str, Any], budget: int | float, lengths: list[int],
+             num_layers: int) -> list[Stage]:
+    """The stages of a prefill whose visual rows hold ``lengths`` tokens (the budget resolves per row length,
+    so fractions work on rows of unequal length; ``script_prune.inllm.stage_counts`` per distinct length)."""
+    plans = {n: inllm.stage_counts(method, sp.resolve_budget(budget, n), n, num_layers, params) for n in set(lengths)}
+    return [Stage(stage[0], stage[0] + SCORE_LAYER_OFFSET[method], *([plans[n][s][j] for n in lengths] for j in (1, 2, 3)))
+            for s, stage in enumerate(plans[lengths[0]])]
+
+
+# ------------------------------------------------------------------------------------------ the sequence
+@dataclass
+class Tokens:
+    """The prompt as one decoder stage sees it (every field (B, Ls) unless said otherwise).
+
+    hidden (B, Ls, D); positions (B, Ls) or (3, B, Ls); mask 0/1; row: visual row (< 0: text / layout);
+    index: index within the row (-1: merged or not visual); visual: counts as a visual token of the sample
+    (placeholder slots, merged tokens); rater: SparseVLM's text raters; additions: (levels, B, Ls, D) added
+    to the hidden states after layers 0 .. levels-1 (DeepStack; 0 at text positions; a merged token takes
+    its centre's), or None.
+    """
+
+    hidden: Tensor
+    positions: Tensor
+    mask: Tensor
+    row: Tensor
+    index: Tensor
+    visual: Tensor
+    rater: Tensor
+    additions: Tensor | None = None
+
+    def take(self, index: Tensor, mask: Tensor, source: Tensor) -> "Tokens":
+        """The entries at ``index`` (B, Ls') with the new 0/1 ``mask``; positions from ``source`` (B, Ls'), the
+        position each entry takes (its own, or a merged token's centre)."""
+        if self.positions.dim() == 3:
+            positions = self.positions.gather(2, source[None].expand(self.positions.shape[0], -1, -1))
+        else:
+            positions = self.positions.expand(index.shape[0], -1).gather(1, source)
+        additions = None if self.additions is None else torch.stack([gather_tokens(a, source) for a in self.additions])
+        return Tokens(gather_tokens(self.hidden, index), positions, mask, self.row.gather(1, index),
+                      self.index.gather(1, index), self.visual.gather(1, index), self.rater.gather(1, index), additions)
+
+
+@dataclass
+class RowSlots:
+    """The visual tokens of every row as an (R, W) table: ``sample`` (R,), ``position`` (R, W) in the sequence,
+    ``valid`` (R, W)."""
+
+    sample: Tensor
+    position: Tensor
+    valid: Tensor
+
+
+def row_slots(tokens: Tokens, num_rows: int) -> RowSlots:
+    """Where each row's visual tokens sit, in sequence order (one host sync for the table width)."""
+    visual = (tokens.row >= 0) & tokens.mask.bool()
+    where = visual.nonzero()  # (M, 2) sample-major, ascending positions
+    rid = tokens.row[where[:, 0], where[:, 1]]
+    order = torch.sort(rid, stable=True).indices
+    where, rid = where[order], rid[order]
+    counts = torch.bincount(rid, minlength=num_rows)  # (R,)
+    slot = torch.arange(rid.shape[0], device=rid.device) - (counts.cumsum(0) - counts)[rid]
+    width = int(counts.max())
+    position = torch.zeros(num_rows, width, dtype=torch.long, device=rid.device)
+    position[rid, slot] = where[:, 1]
+    sample = torch.zeros(num_rows, dtype=torch.long, device=rid.device).scatter_(0, rid, where[:, 0])
+    valid = torch.arange(width, device=rid.device)[None] < counts[:, None]
+    return RowSlots(sample, position, valid)
+
+
+def rank_rows(scores: Tensor, slots: RowSlots) -> Tensor:
+    """Each row's visual tokens in descending score order (ties: the earlier token). (B, L) -> (R, W) slots."""
+    table = scores.float()[slots.sample[:, None], slots.position].masked_fill(~slots.valid, -1.0)  # probabilities >= 0
+    return torch.sort(table, dim=1, descending=True, stable=True).indices
+
+
+def recycled_tokens(tokens: Tokens, slots: RowSlots, order: Tensor, stage: Stage) -> tuple[Tensor, Tensor, Tensor]:
+    """SparseVLM's recycling at one stage: per row, its ``taken`` best dropped tokens (ranks ``counts ..
+    counts + taken``) clustered by density peaks into ``clusters`` merged tokens (``script_prune.inllm.dpc_merge``).
+    -> merged (R, C, D), merged_ok (R, C), centre (R, C) sequence position of each merged token's centre."""
+    device = order.device
+    counts, taken = (torch.tensor(v, device=device) for v in (stage.counts, stage.taken))
+    width = max(stage.taken)
+    rank = (counts[:, None] + torch.arange(width, device=device)[None]).clamp(max=order.shape[1] - 1)  # (R, T)
+    chosen = order.gather(1, rank)  # (R, T) slots of the recycled tokens
+    valid = torch.arange(width, device=device)[None] < taken[:, None]
+    position = slots.position.gather(1, chosen)  # (R, T)
+    x = tokens.hidden[slots.sample[:, None], position]  # (R, T, D)
+    merged, merged_ok, centre = inllm.dpc_merge(x, valid, torch.tensor(stage.clusters, device=device).clamp(min=1))
+    merged_ok &= torch.tensor(stage.clusters, device=device)[:, None] > 0
+    return merged, merged_ok, position.gather(1, centre)
+
+
+def prune_stage(tokens: Tokens, scores: Tensor, stage: Stage, num_rows: int, left: bool) -> tuple[Tokens, Tensor]:
+    """Keep each row's ``counts`` best visual tokens (plus merged tokens when recycling) -> the short tokens and
+    the source position (B, Ls') of every entry in ``tokens`` (a merged token: its centre's)."""
+    slots = row_slots(tokens, num_rows)
+    order = rank_rows(scores, slots)  # (R, W)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    chosen = slots.valid & (rank < torch.tensor(stage.counts, device=order.device)[:, None])  # (R, W)
+    real = tokens.mask.bool()
+    keep = real & (tokens.row < 0)
+    keep[slots.sample[:, None].expand_as(chosen)[chosen], slots.position[chosen]] = True
+    batch, length = keep.shape
+    key = 2 * torch.arange(length, device=keep.device).expand(batch, -1)  # sequence order of the entries
+    source = torch.arange(length, device=keep.device).expand(batch, -1)
+    if max(stage.clusters, default=0) > 0:
+        merged, merged_ok, centre = recycled_tokens(tokens, slots, order, stage)  # (R, C, D), (R, C), (R, C)
+        last = slots.position.masked_fill(~chosen, -1).amax(dim=1)  # (R,) the row's last kept token
+        extra = num_rows * merged.shape[1]
+        owner = slots.sample[:, None].expand_as(merged_ok).reshape(-1)  # (E,) sample of every merged entry
+        ok = merged_ok.reshape(-1)[None] & (owner[None] == torch.arange(batch, device=keep.device)[:, None])  # (B, E)
+        row = torch.arange(num_rows, device=keep.device).repeat_interleave(merged.shape[1])  # (E,)
+        tokens = Tokens(torch.cat([tokens.hidden, merged.reshape(1, extra, -1).expand(batch, -1, -1)], 1),
+                        tokens.positions, tokens.mask, torch.cat([tokens.row, row.expand(batch, -1)], 1),
+                        torch.cat([tokens.index, torch.full_like(ok, -1, dtype=torch.long)], 1),
+                        torch.cat([tokens.visual, ok], 1), torch.cat([tokens.rater, torch.zeros_like(ok)], 1),
+                        tokens.additions)
+        keep = torch.cat([keep, ok], 1)
+        key = torch.cat([key, (2 * last[:, None] + 1).expand_as(merged_ok).reshape(1, -1).expand(batch, -1)], 1)
+        source = torch.cat([source, centre.reshape(1, -1).expand(batch, -1)], 1)
+    index, short_mask = pack(keep, left, key)  # (B, Ls')
+    source = source.gather(1, index)
+    return tokens.take(index, short_mask, source), source
+
+
+# ------------------------------------------------------------------------------------------ the decoder
+def stage_scores(method: str, access: DecoderAccess, layer: nn.Module, tokens: Tokens,
+                 rope: tuple[Tensor, Tensor], raters: int) -> Tensor:
+    """(B, Ls) the scores a stage ranks by: SparseVLM's raters' mean attention, else the last token's."""
+    if method != "sparsevlm":
+        return access.last_query_attention(layer, tokens.hidden, rope, tokens.mask)
+    length = tokens.rater.shape[1]
+    positions = torch.arange(length, device=tokens.rater.device)
+    queries = torch.sort(torch.where(tokens.rater, positions, positions + length), dim=1).indices[:, :raters]
+    valid = tokens.rater.gather(1, queries)  # (B, Q)
+    attention = access.query_attention(layer, tokens.hidden, rope, tokens.mask, queries)  # (B, Q, Ls)
+    return inllm.rater_scores(attention, valid)
+
+
+def final_kept(tokens: Tokens, num_rows: int, row_length: int) -> list[Tensor]:
+    """Ascending original indices each row still holds (merged tokens have none). One host sync."""
+    own = (tokens.row >= 0) & (tokens.index >= 0) & tokens.mask.bool()
+    key = torch.sort((tokens.row * row_length + tokens.index)[own]).values  # (M,) row-major
+    counts = torch.bincount(key // row_length, minlength=num_rows)
+    return list(torch.split(key % row_length, counts.tolist()))
+
+
+def in_llm_language_forward(access: DecoderAccess, state: PatchState, tokens: Tokens, stages: list[Stage],
+                            num_rows: int, row_length: int, left: bool, **kwargs: Any) -> BaseModelOutputWithPast:
+    """The decoder stack with the method's stages (stands in for the language model's forward once)."""
     for unsupported in ("output_attentions", "output_hidden_states"):
         if kwargs.pop(unsupported, None):
-            raise ValueError(f"{unsupported} is not supported with in-LLM pruning (the layers after K see fewer tokens)")
-    kwargs.pop("return_dict", None)
-    hidden = kwargs.pop("inputs_embeds")  # (B, L, D)
-    mask = kwargs.pop("attention_mask").long()  # (B, L)
+            raise ValueError(f"{unsupported} is not supported with in-LLM pruning (later layers see fewer tokens)")
+    # carried by ``tokens`` (DeepStack's arguments are None here: the stock call had no pixels; the loop adds them)
+    for name in ("return_dict", "inputs_embeds", "attention_mask", "visual_pos_masks", "deepstack_visual_embeds"):
+        kwargs.pop(name, None)
     positions = kwargs.pop("position_ids")
+    tokens.positions = positions[-3:] if positions.dim() == 3 else positions  # generate() hands Qwen-VL 4 rows
     cache = first_given(kwargs.pop("cache", None), kwargs.pop("past_key_values", None))
     use_cache = kwargs.pop("use_cache", None)
     config = access.config
@@ -129,53 +293,73 @@ def fastv_language_forward(access: DecoderAccess, state: PatchState, prompt: Pro
         raise ValueError(f"in-LLM pruning shortens the KV cache in place and needs a DynamicCache, got {type(cache).__name__}")
     layers = access.layers
     keyword = state.extra["layer_cache_keyword"]
+    method = state.config.method
+    raters = int(tokens.rater.sum(dim=1).max()) if method == "sparsevlm" else 0  # fixed: text tokens always stay
+    full_length = tokens.mask.shape[1]
 
-    def run(chunk, hidden, causal, rope, position_ids):
-        for layer in chunk:
-            hidden = layer(hidden, attention_mask=causal, position_embeddings=rope, position_ids=position_ids,
-                           use_cache=use_cache, **{keyword: cache}, **kwargs)
-        return hidden
+    def prepared(tokens: Tokens, past: Any) -> tuple[Any, tuple[Tensor, Tensor], Tensor]:
+        mrope = tokens.positions.dim() == 3  # M-RoPE (3, B, L): the masks take no positions (they detect packing)
+        causal = create_causal_mask(config=config, inputs_embeds=tokens.hidden, attention_mask=tokens.mask,
+                                    position_ids=None if mrope else tokens.positions, **{MASK_CACHE_KEYWORD: past})
+        return causal, access.rope(tokens.hidden, tokens.positions), None if mrope else tokens.positions
 
-    mrope = positions.dim() == 3  # M-RoPE (3, B, L): the masks take no positions (they only detect packing)
-    positions = positions[-3:] if mrope else positions  # generate() hands Qwen-VL 4 rows, the first for the text
-    causal = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=mask,
-                                position_ids=None if mrope else positions, **{MASK_CACHE_KEYWORD: cache})
-    rope = access.rope(hidden, positions)
-    hidden = run(layers[: layer_k - 1], hidden, causal, rope, positions)
-    scores = access.last_query_attention(layers[layer_k - 1], hidden, rope, mask)  # (B, L) float32
-    hidden = run(layers[layer_k - 1: layer_k], hidden, causal, rope, positions)
+    def run(start, end, tokens, causal, rope, position_ids):
+        hidden = tokens.hidden
+        for i in range(start, end):
+            hidden = layers[i](hidden, attention_mask=causal, position_embeddings=rope, position_ids=position_ids,
+                               use_cache=use_cache, **{keyword: cache}, **kwargs)
+            if tokens.additions is not None and i < tokens.additions.shape[0]:
+                hidden = hidden + tokens.additions[i].to(hidden.dtype)
+        tokens.hidden = hidden
+        return tokens
 
-    num_rows, row_length = shape
-    keep, chosen, slots = row_top_k(scores, row_of, prompt.real, k, num_rows, state.config.method, layer_k)
-    state.visual_counts = (keep & prompt.placeholder).sum(dim=1)  # after layer K
-    index, short_mask = pack(keep, prompt.left)  # (B, Ls)
-    hidden = gather_tokens(hidden, index)
-    if mrope:  # kept tokens keep their 3-D positions
-        short_positions = positions.gather(2, index[None].expand(3, -1, -1))  # (3, B, Ls)
-    else:
-        short_positions = positions.expand(hidden.shape[0], -1).gather(1, index)
-    state.extra["short_prompt"] = (short_positions, short_mask)
+    causal, rope, position_ids = prepared(tokens, cache)
+    done = 0
+    for stage in stages:
+        tokens = run(done, stage.score_layer, tokens, causal, rope, position_ids)
+        scores = stage_scores(method, access, layers[stage.score_layer], tokens, rope, raters)  # (B, Ls) float32
+        tokens = run(stage.score_layer, stage.layers_before, tokens, causal, rope, position_ids)
+        length = tokens.mask.shape[1]
+        tokens, source = prune_stage(tokens, scores, stage, num_rows, left)
+        if cache is not None:
+            check_cache_length(cache, stage.layers_before, length, f"before the cut after layer {stage.layers_before}",
+                               keyword)
+            shorten_cache(cache, source, stage.layers_before)
+        done = stage.layers_before
+        # the layers after the cut start with an empty cache: their mask is sized from the short prompt alone.
+        # Positions reach them through RoPE only: flash-attention would read the non-contiguous ids of an
+        # unpadded row as packed sequences.
+        causal, rope, _ = prepared(tokens, None)
+        position_ids = None
+    tokens = run(done, len(layers), tokens, causal, rope, position_ids)
+    state.visual_counts = (tokens.visual & tokens.mask.bool()).sum(dim=1)
+    state.kept = final_kept(tokens, num_rows, row_length)
+    state.extra["short_prompt"] = (tokens.positions, tokens.mask)
     if cache is not None:
-        check_cache_length(cache, layer_k, full_length, "the whole prompt, before shortening", keyword)
-        shorten_cache(cache, index, layer_k)
-        state.prompt = PromptState(weakref.ref(cache), full_length, short_mask,
-                                   torch.zeros_like(short_mask[:, :1]), bool((short_mask == 0).any()))
-    state.kept = kept_per_row(index_of, chosen, slots, row_length)
-    # layers >= K start with an empty cache: their mask is sized from the short prompt alone
-    causal = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=short_mask,
-                                position_ids=None if mrope else short_positions, **{MASK_CACHE_KEYWORD: None})
-    rope = access.rope(hidden, short_positions)
-    # Positions reach these layers through RoPE only: flash-attention would read the non-contiguous ids of
-    # an unpadded row as packed sequences.
-    hidden = run(layers[layer_k:], hidden, causal, rope, None)
-    if cache is not None:
-        check_cache_length(cache, len(layers), index.shape[1], "text + kept tokens", keyword)
-    return BaseModelOutputWithPast(last_hidden_state=access.norm(hidden), **{OUTPUT_CACHE_FIELD: cache if use_cache else None})
+        check_cache_length(cache, len(layers), tokens.mask.shape[1], "text + kept tokens", keyword)
+        state.prompt = PromptState(weakref.ref(cache), full_length, tokens.mask,
+                                   torch.zeros_like(tokens.mask[:, :1]), bool((tokens.mask == 0).any()))
+    return BaseModelOutputWithPast(last_hidden_state=access.norm(tokens.hidden),
+                                   **{OUTPUT_CACHE_FIELD: cache if use_cache else None})
 
 
-def in_llm_prefill(model: nn.Module, state: PatchState, call: dict[str, Any], rows: VisualRows, prompt: Prompt,
-                   k: int) -> Any:
-    """The whole prompt goes in; the language model prunes after layer K (see the module docstring)."""
+def sparsevlm_rater_mask(embeds: Tensor, prompt: Prompt, input_ids: Tensor) -> Tensor:
+    """(B, L) bool: SparseVLM's raters among each sample's question tokens (the text after its last image),
+    from the LLM's input embeddings of the whole prompt."""
+    text = question_mask(input_ids, prompt.real, prompt.placeholder)  # (B, L)
+    length = text.shape[1]
+    positions = torch.arange(length, device=text.device)
+    t_count, v_count = int(text.sum(dim=1).max()), int(prompt.placeholder.sum(dim=1).max())
+    t_at = torch.sort(torch.where(text, positions, positions + length), dim=1).indices[:, :t_count]  # (B, T)
+    v_at = torch.sort(torch.where(prompt.placeholder, positions, positions + length), dim=1).indices[:, :v_count]
+    raters = inllm.sparsevlm_raters(gather_tokens(embeds, v_at), gather_tokens(embeds, t_at),
+                                    prompt.placeholder.gather(1, v_at), text.gather(1, t_at))  # (B, T)
+    return torch.zeros_like(text).scatter_(1, t_at, raters & text.gather(1, t_at))
+
+
+def in_llm_prefill(model: nn.Module, state: PatchState, call: dict[str, Any], rows: VisualRows,
+                   prompt: Prompt) -> Any:
+    """The whole prompt goes in; the language model prunes at the method's stages (see the module docstring)."""
     family, cfg = state.family, state.config
     if call.get("labels") is not None:
         raise ValueError(f"labels are not supported with in-LLM pruning ({cfg.method!r} drops positions inside the "
@@ -190,14 +374,23 @@ def in_llm_prefill(model: nn.Module, state: PatchState, call: dict[str, Any], ro
     if positions is None:  # the family's positions of the whole prompt (LLaVA: contiguous; Qwen-VL: 3-D M-RoPE)
         every = torch.arange(prompt.real.shape[1], device=prompt.real.device).expand_as(prompt.real)
         positions = family.positions(model, call, every, prompt.real.long())
+    raters = (sparsevlm_rater_mask(embeds, prompt, call["input_ids"]) if cfg.method == "sparsevlm"
+              else torch.zeros_like(where))
+    additions = family.decoder_additions(model, rows, layout)  # (levels, T, D) or None
+    if additions is not None:
+        dense = additions.new_zeros(additions.shape[0], *embeds.shape)  # (levels, B, L, D)
+        additions = dense.masked_scatter(where[None, ..., None], additions.to(dense.dtype))
+    tokens = Tokens(embeds, positions, prompt.real.long(), row_of, index_of, where.clone(), raters, additions)
+    access = family.decoder(model)
+    num_rows, row_length = rows.tokens.shape[:2]
+    lengths = [row_length] * num_rows if rows.lengths is None else rows.lengths.tolist()
+    stages = schedule(cfg.method, cfg.params, cfg.budget, lengths, int(access.config.num_hidden_layers))
     full_call = without_pixels(family, call)
     full_call.update(inputs_embeds=embeds, attention_mask=prompt.real.long(), position_ids=positions)
     language_model = family.language_model(model)
-    layer_k = cfg.params.get("layer", cfg.spec.params["layer"])
     previous = language_model.__dict__.get("forward")
-    language_model.forward = functools.partial(
-        fastv_language_forward, family.decoder(model), state, prompt, row_of, index_of, rows.tokens.shape[:2], k, layer_k,
-        call["input_ids"].shape[1])
+    language_model.forward = functools.partial(in_llm_language_forward, access, state, tokens, stages, num_rows,
+                                               row_length, prompt.left)
     try:
         output = state.stock_forward(**full_call)
     finally:

@@ -98,19 +98,21 @@ class PatchState:
 
 
 # ------------------------------------------------------------------------------------------ packing
-def pack(keep: Tensor, left: bool, short: int | None = None) -> tuple[Tensor, Tensor]:
+def pack(keep: Tensor, left: bool, key: Tensor | None = None, short: int | None = None) -> tuple[Tensor, Tensor]:
     """Kept positions of each row packed to the longest row. # (B, L) bool -> index (B, Ls), mask (B, Ls)
 
-    ``index`` holds the source positions in order; shorter rows are padded on the left (``left``)
-    or right, their padding slots pointing at an arbitrary position and masked out (mask 0).
-    ``short``: Ls when the caller already read it (else one host sync reads it here).
+    ``index`` holds the source positions in order (ascending ``key`` (B, L) in [0, 2L) when given, e.g.
+    to place appended entries; ties keep their order); shorter rows are padded on the left (``left``) or right,
+    their padding slots pointing at an arbitrary position and masked out (mask 0). ``short``: Ls when the
+    caller already read it (else one host sync reads it here).
     """
     length = keep.shape[1]
     count = keep.sum(dim=1)  # (B,)
     if short is None:
         short = int(count.max()) if keep.shape[0] else 0
-    positions = torch.arange(length, device=keep.device)
-    order = torch.sort(torch.where(keep, positions, positions + length), dim=1).indices[:, :short]  # kept first
+    positions = torch.arange(length, device=keep.device).expand_as(keep) if key is None else key
+    beyond = length if key is None else 2 * length
+    order = torch.sort(torch.where(keep, positions, positions + beyond), dim=1, stable=True).indices[:, :short]
     slot = torch.arange(short, device=keep.device)[None]  # (1, Ls)
     if left:
         source = slot - (short - count)[:, None]  # (B, Ls) slot in the kept list, < 0 for padding
@@ -429,7 +431,7 @@ def prefill(model: nn.Module, state: PatchState, call: dict[str, Any]) -> Any:
         from .in_llm import in_llm_prefill
 
         resolve(prompt)
-        return in_llm_prefill(model, state, call, rows, prompt, k)
+        return in_llm_prefill(model, state, call, rows, prompt)
     query = Query(call["input_ids"], question_mask(call["input_ids"], prompt.real, prompt.placeholder), state.texts)
     keep_rows, merged = select_rows(model, state, rows, query, prompt.row_sample, lengths)  # (R, N)
     layout = family.layout(model, rows, keep_rows, merged)
@@ -442,7 +444,7 @@ def prefill(model: nn.Module, state: PatchState, call: dict[str, Any]) -> Any:
     longest, shortest = resolve(prompt, count.max(), count.min())  # the one host sync
     embeds = prompt.embeds.masked_scatter(prompt.placeholder[..., None], layout.tokens.to(prompt.embeds.dtype))
     keep = prompt.real & (~prompt.placeholder).masked_scatter(prompt.placeholder, layout.kept)  # (B, L)
-    index, short_mask = pack(keep, prompt.left, longest)  # (B, Ls)
+    index, short_mask = pack(keep, prompt.left, short=longest)  # (B, Ls)
     short_call = without_pixels(family, call)
     short_call.update(inputs_embeds=gather_tokens(embeds, index), attention_mask=short_mask,
                       position_ids=family.positions(model, call, index, short_mask))

@@ -3,7 +3,8 @@
 Every video frame is its own placeholder run (the processor puts its timestamp text before it), so a
 video of ``t`` temporal steps gives ``t`` items of one row each; the timestamps are text and stay.
 DeepStack: the vision tower's intermediate features are added to the hidden states at the visual
-positions after the first LLM layers; they are pruned with the same keep mask as the tokens. The short
+positions after the first LLM layers; they are pruned with the same keep mask as the tokens (in-LLM methods:
+the decoder loop adds them itself and they follow the tokens each stage keeps, see ``decoder_additions``). The short
 prompt goes to the stock forward as ``input_ids`` (placeholders only at kept positions) with the kept
 tokens and DeepStack features as precomputed ``mm_encoder_outputs``, so the stock code scatters both.
 """
@@ -23,7 +24,6 @@ class Qwen3VLFamily(Qwen2_5_VLFamily):
     name = "qwen3_vl"
     class_names = ("Qwen3VLForConditionalGeneration",)
     visual_keys = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "mm_token_type_ids")
-    in_llm = False  # FastV would need DeepStack's additions after layers 0..2 in the pruned decoder loop
 
     def video_items(self, grid: list[int]) -> list[list[int]]:
         """One item per temporal step: frames are separate runs, timestamps between them."""
@@ -46,6 +46,10 @@ class Qwen3VLFamily(Qwen2_5_VLFamily):
                   for level in range(levels)]
         rows.extra["deepstack"] = torch.stack([torch.nn.utils.rnn.pad_sequence(s, batch_first=True) for s in stacks])
         return rows
+
+    def decoder_additions(self, model: nn.Module, rows: VisualRows, layout: Layout) -> Tensor:
+        """The DeepStack levels of every placeholder. # -> (levels, T, D)"""
+        return rows.extra["deepstack"][:, layout.row, layout.index]
 
     def llm_inputs(self, model: nn.Module, rows: VisualRows, layout: Layout, index: Tensor,
                    mask: Tensor) -> dict[str, Any]:
