@@ -32,14 +32,17 @@ def processed(folder: str, images: list) -> dict:
     return processor(text=[prompt], images=images, return_tensors="pt")
 
 
-@pytest.mark.parametrize("arch,budget,sizes", [("llava", "0.25", [(30, 30), (64, 20)]), ("llava_next", "7", [(70, 30)])])
-def test_prints_answer_counts_per_row_and_time_to_first_token(tmp_path, arch, budget, sizes):
+@pytest.mark.parametrize("arch,method,budget,sizes", [("llava", "divprune", "0.25", [(30, 30), (64, 20)]),
+                                                      ("llava_next", "script", "7", [(70, 30)])])
+def test_prints_answer_counts_per_row_and_time_to_first_token(tmp_path, arch, method, budget, sizes):
+    """The NeXT case runs the default method (script) with the CLI's default relevance, llm_text (LLaVA has none)."""
     folder = save_tiny_llava_hf(tmp_path / "model", arch)
     paths = []
     for i, (w, h) in enumerate(sizes):
         paths.append(str(tmp_path / f"image{i}.png"))
         random_image(w, h, seed=i).save(paths[-1])
-    result = run_ask("--model", folder, "--image", *paths, "--question", QUESTION, "--method", "divprune",
+    method_args = [] if method == "script" else ["--method", method]
+    result = run_ask("--model", folder, "--image", *paths, "--question", QUESTION, *method_args,
                      "--budget", budget, "--max-new-tokens", "3", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -61,7 +64,7 @@ def test_prints_answer_counts_per_row_and_time_to_first_token(tmp_path, arch, bu
         assert k < int(tokens[1]) < placeholders
     ttft = re.search(r"time to first token: ([\d.]+) ms", out)
     assert ttft and float(ttft[1]) > 0
-    assert re.search(r"method: divprune", out)
+    assert f"method: {method}" in out
 
 
 def test_bad_arguments_are_refused_before_the_model_loads(tmp_path, capsys):

@@ -10,7 +10,7 @@ import torch
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 import script_prune as sp
-from tests.test_patch import IMAGE, cache_length, left_padded, question_mean, reference_logits
+from tests.test_patch import IMAGE, VISION_METHODS, cache_length, left_padded, question_mean, reference_logits
 
 from script_prune.patch import InternVLFamily  # noqa: E402
 from tests.helpers import check_vision_side_refusals, skip_below_family_minimum  # noqa: E402
@@ -64,6 +64,22 @@ def test_logits_equal_stock_model_on_hand_shortened_prompt(method, budget):
     assert out.logits.shape == ref.shape
     torch.testing.assert_close(out.logits[short.bool()], ref[short.bool()], atol=1e-4, rtol=0)
     assert cache_length(out) == short.shape[1]
+
+
+@pytest.mark.parametrize("method", VISION_METHODS)
+@torch.no_grad()
+def test_kept_equals_select_on_the_stock_tiles_for_every_selection_method(method):
+    model = build()
+    inputs = batch()
+    sp.patch.apply(model, method=method, budget=5)
+    model(**inputs)
+    kept = torch.stack(sp.patch.kept(model))
+    sp.patch.remove(model)
+    rows = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output  # (5, 16, D)
+    query = question_mean(model, inputs["input_ids"], inputs["attention_mask"])[[0, 0, 0, 1, 1]][:, None]
+    params = {"negate": False} if "negate" in sp.get_method(method).params else {}
+    expected = sp.select(rows, 5, method, image_embeds=rows, query_embeds=query, **params)
+    assert torch.equal(kept, expected.sort(dim=1).values)
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGener
 import script_prune as sp
 from script_prune.patch.llava_onevision import set_video_pooling
 from tests import test_patch
-from tests.test_patch import left_padded, pruned_image_tokens, stock_layout_ids
+from tests.test_patch import VISION_METHODS, left_padded, pruned_image_tokens, stock_layout_ids
 
 from script_prune.patch import LlavaOnevisionFamily  # noqa: E402
 from tests.helpers import check_vision_side_refusals, skip_below_family_minimum  # noqa: E402
@@ -61,15 +61,22 @@ def pruned_image(model, packed, crops, kept):
     return pruned_image_tokens(model, packed, ids, dict(enumerate(kept)))
 
 
-@pytest.mark.parametrize("budget", [3, 0.5])
-@torch.no_grad()
-def test_anyres_images_logits_equal_stock_model_on_hand_shortened_prompt(budget):
-    model = build()
+def anyres_batch(model):
+    """Two prompts of different lengths (left padded), a 1 x 2 and a 2 x 2 tiled image. -> ids, mask, pixels,
+    sizes, the stock packed features per image"""
     sizes = torch.tensor([[40, 70], [75, 75]])  # 1 x 2 tiles (+ base), 2 x 2 tiles (+ base)
     pixels = torch.randn(2, 5, 3, SIZE, SIZE)
     packed = model.model.get_image_features(pixel_values=pixels, image_sizes=sizes).pooler_output
     ids, mask = left_padded([[1, 5, 6] + [IMAGE] * packed[0].shape[0] + [7, 8],
                              [1] + [IMAGE] * packed[1].shape[0] + [9, 10, 11]])
+    return ids, mask, pixels, sizes, packed
+
+
+@pytest.mark.parametrize("budget", [3, 0.5])
+@torch.no_grad()
+def test_anyres_images_logits_equal_stock_model_on_hand_shortened_prompt(budget):
+    model = build()
+    ids, mask, pixels, sizes, packed = anyres_batch(model)
     sp.patch.apply(model, method="divprune", budget=budget)
     out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes)
     kept = sp.patch.kept(model)
@@ -83,6 +90,24 @@ def test_anyres_images_logits_equal_stock_model_on_hand_shortened_prompt(budget)
     assert out.logits.shape == ref.shape
     torch.testing.assert_close(out.logits[short.bool()], ref[short.bool()], atol=1e-4, rtol=0)
     assert out.cache.get_seq_length() == short.shape[1]
+
+
+@pytest.mark.parametrize("method", VISION_METHODS)
+@torch.no_grad()
+def test_kept_equals_select_on_the_stock_crops_for_every_selection_method(method):
+    model = build()
+    ids, mask, pixels, sizes, _ = anyres_batch(model)
+    sp.patch.apply(model, method=method, budget=4)
+    model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes)
+    kept = sp.patch.kept(model)
+    sp.patch.remove(model)
+    rows = torch.cat([projected(model, pixels[0, :3]), projected(model, pixels[1])])  # (8, 25, D)
+    embed = model.get_input_embeddings()
+    query = torch.stack([embed(torch.tensor([7, 8])).mean(0), embed(torch.tensor([9, 10, 11])).mean(0)])
+    params = {"negate": False} if "negate" in sp.get_method(method).params else {}
+    expected = sp.select(rows, 4, method, image_embeds=rows, query_embeds=query[[0, 0, 0, 1, 1, 1, 1, 1]][:, None],
+                         **params)
+    assert torch.equal(torch.stack(kept), expected.sort(dim=1).values)
 
 
 @pytest.mark.parametrize("pooling", ["bilinear", "average"])

@@ -11,7 +11,7 @@ import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 import script_prune as sp
-from tests.test_patch import cache_length, left_padded, masked_forward
+from tests.test_patch import VISION_METHODS, cache_length, left_padded, masked_forward
 
 from script_prune.patch import Qwen2_5_VLFamily  # noqa: E402
 from tests.helpers import check_vision_side_refusals, skip_below_family_minimum  # noqa: E402
@@ -180,6 +180,23 @@ def test_script_kept_equals_select_with_llm_text_relevance():
                                         query_embeds=query[sample][None, None])[0].sort().values)
 
 
+@pytest.mark.parametrize("method", VISION_METHODS)
+@torch.no_grad()
+def test_kept_equals_select_on_the_stock_rows_for_every_selection_method(method):
+    """Rows of different lengths (6, 4, 4, 16): each keeps select's choice at its resolved budget, relevance from
+    the LLM's embeddings of the sample's question (not negated, llm_text's sign)."""
+    model = build()
+    inputs = batch()
+    _, kept = pruned_forward(model, inputs, method, 0.5)
+    embed = model.get_input_embeddings()
+    query = [embed(torch.tensor([END, 7, 8, 9])).mean(0), embed(torch.tensor([END, 10, 11])).mean(0)]
+    params = {"negate": False} if "negate" in sp.get_method(method).params else {}
+    for k, row, sample in zip(kept, stock_rows(model, inputs), [0, 0, 0, 1]):
+        expected = sp.select(row[None], sp.resolve_budget(0.5, row.shape[0]), method, image_embeds=row[None],
+                             query_embeds=query[sample][None, None], **params)[0]
+        assert torch.equal(k, expected.sort().values), method
+
+
 @torch.no_grad()
 def test_greedy_decoding_equals_reference():
     model = build()
@@ -221,6 +238,10 @@ def test_beams_and_sampled_sequences_equal_reference():
     assert torch.equal(beams, model.generate(**reference, **BEAMS))
     torch.manual_seed(3)
     assert torch.equal(sampled, model.generate(**reference, **SAMPLED))
+    stock = model.generate(**inputs, **BEAMS)  # a whole-row budget: the stock forward on the per-prompt expansion
+    sp.patch.apply(model, method="divprune", budget=16)
+    assert torch.equal(model.generate(**inputs, **BEAMS), stock)
+    sp.patch.remove(model)
 
 
 @torch.no_grad()

@@ -84,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="visual tokens kept per row (int) or the fraction kept (float in (0, 1)); default: the family's")
     p.add_argument("--param", "--pruning-param", dest="params", action="append", default=[], metavar="KEY=VALUE",
                    help="method parameter (repeatable), e.g. --param gsp_ratio=0.3 or --param layer=2 (fastv)")
-    p.add_argument("--relevance", default=None, choices=["llm_text"],
-                   help="query relevance for methods that need it (default: the family's, llm_text)")
+    p.add_argument("--relevance", default="llm_text", choices=["llm_text"],
+                   help="query relevance for the methods that need it: the LLM's embeddings of the question "
+                        "(clip_text needs a CLIP text tower, see script_prune.patch.ClipText)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="default: float16 on CUDA, else float32")
