@@ -223,7 +223,7 @@ def run_fingerprint(args: argparse.Namespace, pruning, samples: Sequence["EvalSa
 
     model_path = os.path.expanduser(args.model_path)
     _, dtype = resolve_device_dtype(args.device, args.dtype)
-    decoding = {k: v for k, v in _generation_kwargs(args).items() if k != "use_cache"}
+    decoding = {k: v for k, v in generation_kwargs(args).items() if k != "use_cache"}
     return {
         "model_path": os.path.abspath(model_path) if os.path.isdir(model_path) else model_path,
         "model_sha256": checkpoint_digest(model_path),
@@ -463,7 +463,7 @@ def check_images_exist(image_folder: str, image_files: Sequence[str]) -> None:
 
 
 @dataclass
-class _Item:
+class PreparedQuestion:
     """One prepared question: its position in the run's question list, input_ids (L,), the image's views
     ((3, S, S) or NeXT (V, 3, S, S); None without image) and size, or the error that reading its image raised."""
 
@@ -475,8 +475,8 @@ class _Item:
     image_error: str | None = None
 
 
-class _SampleDataset:
-    """Torch-style dataset of `_Item`s (image reading errors are caught and returned, not raised)."""
+class SampleDataset:
+    """Torch-style dataset of `PreparedQuestion`s (image reading errors are caught and returned, not raised)."""
 
     def __init__(self, samples: list[EvalSample], tokenizer, image_processor, model_config, conv_mode: str):
         self.samples, self.tokenizer, self.image_processor = samples, tokenizer, image_processor
@@ -501,14 +501,14 @@ class _SampleDataset:
         s = self.samples[i]
         input_ids = self.prompt_ids(i)
         if s.load_image is None:
-            return _Item(i, s, input_ids)
+            return PreparedQuestion(i, s, input_ids)
         try:
             image = s.load_image()
             pixels = process_images([image], self.image_processor, self.model_config)
         except Exception as err:  # noqa: BLE001 - any failure to read or decode the image
-            return _Item(i, s, input_ids, image_error=f"cannot read the image {s.load_image} of question "
+            return PreparedQuestion(i, s, input_ids, image_error=f"cannot read the image {s.load_image} of question "
                                                       f"{s.question_id!r} ({type(err).__name__}: {err})")
-        return _Item(i, s, input_ids, pixels[0], image.size)  # process_images' batch of one -> its views
+        return PreparedQuestion(i, s, input_ids, pixels[0], image.size)  # process_images' batch of one -> its views
 
 
 def _as_list(batch):
@@ -566,7 +566,7 @@ def left_pad(rows: Sequence, pad_id: int):
     return ids, mask
 
 
-def _generation_kwargs(args: argparse.Namespace) -> dict:
+def generation_kwargs(args: argparse.Namespace) -> dict:
     kw: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams, "use_cache": True}
     if args.temperature > 0:
         kw.update(do_sample=True, temperature=args.temperature)
@@ -577,7 +577,7 @@ def _generation_kwargs(args: argparse.Namespace) -> dict:
     return kw
 
 
-def _generate_answers(model, tokenizer, items: Sequence[_Item], gen_kwargs: dict) -> list[tuple[str, int]]:
+def generate_answers(model, tokenizer, items: Sequence[PreparedQuestion], gen_kwargs: dict) -> list[tuple[str, int]]:
     """Greedy (or sampled) answer text and the number of visual tokens that reached the LLM (0 without image)
     for each item, in one left-padded generate call; the items either all have an image or none has."""
     param = next(model.parameters())
@@ -736,11 +736,11 @@ def run_generation(args: argparse.Namespace, samples: list[EvalSample]) -> int:
         raise
     on_gpu = next(model.parameters()).device.type == "cuda"
     num_workers = args.num_workers if args.num_workers is not None else (4 if on_gpu else 0)
-    dataset = _SampleDataset(todo, tokenizer, image_processor, model.config, args.conv_mode)
+    dataset = SampleDataset(todo, tokenizer, image_processor, model.config, args.conv_mode)
     lengths = [dataset.prompt_ids(i).numel() for i in range(len(todo))] if args.group_by_length else [0] * len(todo)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_order(lengths, args.batch_size, args.group_by_length),
                                          num_workers=num_workers, collate_fn=_as_list)
-    gen_kwargs = _generation_kwargs(args)
+    gen_kwargs = generation_kwargs(args)
     written, pending = 0, {}  # pending: position -> answer line, written once every earlier position is
     bar = tqdm(total=len(chunk), initial=len(chunk) - len(todo),
                desc=f"{model_name} {fingerprint['method']}@{args.visual_token_num}", dynamic_ncols=True)
@@ -757,7 +757,7 @@ def run_generation(args: argparse.Namespace, samples: list[EvalSample]) -> int:
             for group in ([it for it in batch if it.image_error is None and it.views is not None],
                           [it for it in batch if it.image_error is None and it.views is None]):
                 if group:
-                    for it, (text, visual_tokens) in zip(group, _generate_answers(model, tokenizer, group, gen_kwargs)):
+                    for it, (text, visual_tokens) in zip(group, generate_answers(model, tokenizer, group, gen_kwargs)):
                         pending[it.position] = _answer_line(it.sample, text, model_name, fingerprint, visual_tokens)
                         bar.set_postfix(visual_tokens=visual_tokens)
             while written in pending:   # question order: positions 0, 1, ... of `todo`
