@@ -102,13 +102,8 @@ def test_toy_batch_8_answers_equal_batch_1(toy_questions, tmp_path, method, grou
 
 # ----------------------------------------------------------------------------- the tiny checkpoints
 @pytest.fixture(scope="module")
-def tiny15(request, tmp_path_factory):
-    try:
-        return str(request.getfixturevalue("tiny_llava15_path"))
-    except pytest.FixtureLookupError:
-        from llava.model.tiny import make_tiny_checkpoint
-
-        return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny15")), arch="llava-1.5")
+def tiny15(tiny_llava15_path):
+    return str(tiny_llava15_path)      # tests/conftest.py's tiny LLaVA-1.5 checkpoint
 
 
 def _pope_args(ckpt, data: Path, answers: Path, *extra: str) -> list[str]:

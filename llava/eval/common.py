@@ -3,7 +3,8 @@
 - `add_generation_args`: LLaVA's flags plus `--visual-token-num` (alias `--visual_token_num`),
   `--pruning-method` (a `script_prune` method or "none"), `--pruning-param key=value` (repeatable; the
   value is read as JSON when it parses, e.g. `tau=0.1`, `negate=false`, else kept as a string),
-  `--device`, `--dtype`, `--num-workers`, `--attn-implementation`, `--on-image-error`, `--merge-from`.
+  `--device`, `--dtype`, `--num-workers`, `--attn-implementation`, `--on-image-error`, `--merge-from`,
+  `--batch-size`, `--group-by-length`.
 - `split_list` / `get_chunk`: contiguous chunks of ceil(len / n) items (LLaVA's sharding).
 - `ResumableJsonlWriter`: the one writer of an answers file (an exclusive lock beside it); on open it
   drops a truncated last line left by a killed run (a corrupt line anywhere else is an error) and
@@ -12,8 +13,9 @@
   resumed file must carry the current one (`check_same_run` lists the differing fields otherwise).
 - `merge_answers`: chunk files -> one file in question order holding exactly the question set.
 - `run_generation`: checks all of the above before the model loads, then tokenises the prompts, loads
-  images in a DataLoader, generates greedily (by default) and writes `{question_id, prompt, text,
-  answer_id, model_id, metadata}` lines with a tqdm bar that shows the visual token count reaching the LLM.
+  images in a DataLoader, generates greedily (by default) in left-padded batches of `--batch-size`
+  questions (`batch_order`, `generate_answers`) and writes `{question_id, prompt, text, answer_id, model_id,
+  metadata}` lines in question order with a tqdm bar that shows the visual token count reaching the LLM.
 
 Testing hook: with the environment variable LLAVA_EVAL_CRASH_AFTER=N a run writes N answers, then half
 of the next line, and exits with status 75 without cleanup (what a kill mid-write leaves behind).
@@ -506,8 +508,8 @@ class SampleDataset:
             image = s.load_image()
             pixels = process_images([image], self.image_processor, self.model_config)
         except Exception as err:  # noqa: BLE001 - any failure to read or decode the image
-            return PreparedQuestion(i, s, input_ids, image_error=f"cannot read the image {s.load_image} of question "
-                                                      f"{s.question_id!r} ({type(err).__name__}: {err})")
+            error = f"cannot read the image {s.load_image} of question {s.question_id!r} ({type(err).__name__}: {err})"
+            return PreparedQuestion(i, s, input_ids, image_error=error)
         return PreparedQuestion(i, s, input_ids, pixels[0], image.size)  # process_images' batch of one -> its views
 
 
