@@ -124,13 +124,13 @@ step cuda_tests 90 "" -- "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/te
 step bench_torch 45 "" -- "$PYTHON" "${BENCH_COMMON[@]}" --greedy torch --dtype float32 --json "$OUT/bench_torch.json"
 step bench_fused 45 "" -- "$PYTHON" "${BENCH_COMMON[@]}" --greedy auto --trusted --dtype float16 --json "$OUT/bench_fused.json"
 efficiency_cmd sdpa "$OUT/efficiency_sdpa.json"
-step efficiency_sdpa 120 "$EFF_ATTN_NOTE" -- "${EFF_CMD[@]}"
+step efficiency_sdpa 150 "$EFF_ATTN_NOTE" -- "${EFF_CMD[@]}"
 step toy_throughput 60 "" -- "$PYTHON" -m llava.toy.throughput --device cuda --dtype float16 \
     --methods script,divprune,fastv --batch-sizes 1,8,32 --questions 64 --repeats 2 \
     --data "$OUT/toy_data" --json "$OUT/toy_throughput.json"
 efficiency_cmd flash_attention_2 "$OUT/efficiency_flash.json"
 if [ -n "$EFF_ATTN_NOTE" ]; then FLASH_NOTE="${FLASH_NOTE:+$FLASH_NOTE; }$EFF_ATTN_NOTE"; fi
-step efficiency_flash 120 "$FLASH_NOTE" -- "${EFF_CMD[@]}"
+step efficiency_flash 150 "$FLASH_NOTE" -- "${EFF_CMD[@]}"
 
 if [ "$DRY_RUN" = 1 ]; then
     echo "  [report] $(show_cmd "$PYTHON" "$REPO_ROOT/scripts/gpu_check_report.py" "$OUT")"

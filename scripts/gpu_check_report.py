@@ -88,7 +88,9 @@ def bench_rows(payload: dict | None, variant: str) -> list[dict]:
         return []
     rows = []
     for r in payload.get("rows", []):
+        per_step = 1000 * r["median_ms"] / r["k"] if r.get("median_ms") is not None and r.get("k") else None
         rows.append({**r, "variant": variant, "dtype": payload.get("dtype"), "validate": payload.get("validate"),
+                     "us_per_step": per_step,
                      "case": BENCH_CASE_NAMES.get((r.get("B"), r.get("N")), f"{r.get('B')}x{r.get('N')}")})
     return rows
 
@@ -122,11 +124,15 @@ def markdown(report: dict) -> str:
                       f"{tests['skipped']} skipped" + (f" (failing: {', '.join(tests['failures'])})" if tests["failures"] else "")]
     if report["bench"]:
         lines += ["", "## Selection (script_prune.bench --device cuda)", "",
-                  "| case | B x N x D, k | method | variant | dtype | ms per image | min ms | host syncs | kernel launches | greedy |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "A call selects for one image (1 crop / 5 NeXT crops) or one video (64 frames). Per greedy step: the "
+                  "call's median over the k steps of its walk, an upper bound (the call also builds the similarities).",
+                  "",
+                  "| case | B x N x D, k | method | variant | dtype | ms per image | min ms | µs per greedy step | host syncs | kernel launches | greedy |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in report["bench"]:
             lines.append(f"| {r['case']} | {r['B']}x{r['N']}x{r['D']}, {r['k']} | {r['method']} | {r['variant']} | "
                          f"{r['dtype']} | {_fmt(r.get('median_ms'), '.3f')} | {_fmt(r.get('min_ms'), '.3f')} | "
+                         f"{_fmt(r.get('us_per_step'), '.1f')} | "
                          f"{_fmt(r.get('syncs'), 'd')} | {_fmt(r.get('launches'), 'd')} | {r.get('greedy') or r.get('note', '')} |")
     if report["efficiency"]:
         lines += ["", "## LLaVA-NeXT-7B shape, random weights, float16, 32 layers (llava.eval.efficiency)", "",

@@ -104,6 +104,7 @@ def test_report_reads_the_tools_own_output(tmp_path):
     md = (tmp_path / "gpu_check.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| LLaVA-1.5, 1 image |"))
     assert f"| {bench['median_ms']:.3f} |" in row and f"| {bench['syncs']} |" in row and "| torch walk, validating |" in row
+    assert f"| {1000 * bench['median_ms'] / 64:.1f} |" in row          # per greedy step: the call over its k = 64 steps
     assert "| sdpa | unpruned | 2880 |" in md and "| sdpa | script | 320 |" in md
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [r["method"] for r in report["efficiency"]] == ["none", "script"]
