@@ -34,15 +34,14 @@ BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
 [[ "$BUDGET_S" =~ ^[1-9][0-9]*$ ]] || { echo "error: GPU_CHECK_BUDGET_S must be a positive integer (seconds), got '$BUDGET_S'" >&2; exit 2; }
 REPORT_RESERVE_S=15   # kept for the report
 
-py_true() { "$PYTHON" -c "$1" >/dev/null 2>&1; }
-
+# one interpreter start for both probes: "<cuda available> <flash_attn importable>", 0 or 1 each
+read -r HAVE_CUDA HAVE_FLASH < <("$PYTHON" -c 'import importlib.util, torch
+print(int(torch.cuda.is_available()), int(importlib.util.find_spec("flash_attn") is not None))' 2>/dev/null || echo "0 0")
 DRY_RUN=${GPU_CHECK_DRY_RUN:-0}
-if [ "$DRY_RUN" != 1 ] && ! py_true 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+if [ "$DRY_RUN" != 1 ] && [ "${HAVE_CUDA:-0}" != 1 ]; then
     DRY_RUN=1
     echo "[gpu_check] no CUDA device: dry run (nothing is measured, nothing written). On a CUDA machine it runs:"
 fi
-HAVE_FLASH=0
-py_true 'import flash_attn' && HAVE_FLASH=1
 
 # ----------------------------------------------------------------------------- the command lines
 # The paper's shapes in script_prune.bench: case 0 = (1, 576, 4096, 64), 2 = (5, 576, 4096, 64), 3 = (64, 169, 3584, 16).
@@ -54,7 +53,8 @@ efficiency_cmd() {
     EFF_CMD=("$PYTHON" -m llava.eval.efficiency --random-weights --shape llava-v1.6-vicuna-7b --device cuda
              --dtype float16 --methods script,divprune,visionzip,fastv,trim --budgets 64 --repeats 5 --warmup 2
              --vision-repeats 3 --json "$2")
-    if "$PYTHON" -m llava.eval.efficiency --help 2>/dev/null | grep -q -- "--attn-implementation"; then
+    if [ -z "${EFF_HELP+set}" ]; then EFF_HELP=$("$PYTHON" -m llava.eval.efficiency --help 2>/dev/null); fi
+    if grep -q -- "--attn-implementation" <<< "$EFF_HELP"; then
         EFF_CMD+=(--attn-implementation "$1")
         EFF_ATTN_NOTE=""
     elif [ "$1" = sdpa ]; then
