@@ -65,6 +65,7 @@ def _run(version, bench, ckpt: Path, workdir: Path, *, budget=BUDGET, extra_env=
     env.pop("CUDA_VISIBLE_DEVICES", None)
     env.pop(CRASH_ENV, None)
     env.pop("CHUNKS", None)
+    env.pop("BATCH", None)
     env.update(extra_env or {})
     return subprocess.run(["bash", str(REPO / f"scripts/{version}/eval/{bench}.sh"), str(budget), *args],
                           env=env, capture_output=True, text=True, timeout=300, cwd=str(workdir))
@@ -183,3 +184,26 @@ def test_method_and_params_pass_through(ckpts, tmp_path):
 def test_chunks_must_be_a_positive_integer(ckpts, workdir):
     res = _run("v1_5", "vizwiz", ckpts["v1_5"], workdir, extra_env={"CHUNKS": "two"})
     assert res.returncode == 1 and "CHUNKS must be a positive integer" in res.stderr
+
+
+def test_batch_gives_the_batch_1_answers_and_is_checked(ckpts, tmp_path):
+    """BATCH=3 on LLaVA-NeXT (4 questions: batches of 3 and 1) merges to the answers of the default batch 1; the
+    run is the same (batch size is not in the fingerprint), so its summary row is replaced, not added."""
+    ckpt = ckpts["v1_6"]
+    make_eval_data(tmp_path / "data")
+    one = _run("v1_6", "pope", ckpt, tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    merged = _merged(tmp_path, "pope", ckpt, f"script_{BUDGET * 5}")
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "answer_id"} for r in rows]  # noqa: E731
+    reference = strip(_rows(merged))
+    for f in merged.parent.glob("*.jsonl"):
+        f.unlink()
+    batched = _run("v1_6", "pope", ckpt, tmp_path, extra_env={"BATCH": "3"})
+    assert batched.returncode == 0, batched.stderr[-3000:]
+    assert "batch=3" in batched.stderr
+    assert strip(_rows(merged)) == reference
+    assert len([s for s in _summary(tmp_path) if s["benchmark"] == "pope"]) == 1
+    bad = _run("v1_6", "pope", ckpt, tmp_path, extra_env={"BATCH": "0"})
+    assert bad.returncode == 1 and "BATCH must be a positive integer" in bad.stderr
+    flag = _run("v1_6", "pope", ckpt, tmp_path, args=GEN_ARGS + ["--batch-size", "2"])
+    assert flag.returncode == 1 and "use BATCH=N" in flag.stderr

@@ -3,7 +3,8 @@
 - `add_generation_args`: LLaVA's flags plus `--visual-token-num` (alias `--visual_token_num`),
   `--pruning-method` (a `script_prune` method or "none"), `--pruning-param key=value` (repeatable; the
   value is read as JSON when it parses, e.g. `tau=0.1`, `negate=false`, else kept as a string),
-  `--device`, `--dtype`, `--num-workers`, `--attn-implementation`, `--on-image-error`, `--merge-from`.
+  `--device`, `--dtype`, `--num-workers`, `--attn-implementation`, `--on-image-error`, `--merge-from`,
+  `--batch-size`, `--group-by-length`.
 - `split_list` / `get_chunk`: contiguous chunks of ceil(len / n) items (LLaVA's sharding).
 - `ResumableJsonlWriter`: the one writer of an answers file (an exclusive lock beside it); on open it
   drops a truncated last line left by a killed run (a corrupt line anywhere else is an error) and
@@ -12,8 +13,9 @@
   resumed file must carry the current one (`check_same_run` lists the differing fields otherwise).
 - `merge_answers`: chunk files -> one file in question order holding exactly the question set.
 - `run_generation`: checks all of the above before the model loads, then tokenises the prompts, loads
-  images in a DataLoader, generates greedily (by default) and writes `{question_id, prompt, text,
-  answer_id, model_id, metadata}` lines with a tqdm bar that shows the visual token count reaching the LLM.
+  images in a DataLoader, generates greedily (by default) in left-padded batches of `--batch-size`
+  questions (`batch_order`, `generate_answers`) and writes `{question_id, prompt, text, answer_id, model_id,
+  metadata}` lines in question order with a tqdm bar that shows the visual token count reaching the LLM.
 
 Testing hook: with the environment variable LLAVA_EVAL_CRASH_AFTER=N a run writes N answers, then half
 of the next line, and exits with status 75 without cleanup (what a kill mid-write leaves behind).
@@ -39,6 +41,7 @@ from llava.eval.io_utils import FileLock, atomic_write_jsonl, require_path
 CRASH_ENV = "LLAVA_EVAL_CRASH_AFTER"
 CRASH_EXIT_CODE = 75
 DTYPES = ("float16", "bfloat16", "float32")
+LENGTH_WINDOW_BATCHES = 16  # --group-by-length sorts within windows of this many batches
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -222,7 +225,7 @@ def run_fingerprint(args: argparse.Namespace, pruning, samples: Sequence["EvalSa
 
     model_path = os.path.expanduser(args.model_path)
     _, dtype = resolve_device_dtype(args.device, args.dtype)
-    decoding = {k: v for k, v in _generation_kwargs(args).items() if k != "use_cache"}
+    decoding = {k: v for k, v in generation_kwargs(args).items() if k != "use_cache"}
     return {
         "model_path": os.path.abspath(model_path) if os.path.isdir(model_path) else model_path,
         "model_sha256": checkpoint_digest(model_path),
@@ -340,6 +343,11 @@ def add_generation_args(parser: argparse.ArgumentParser, *, max_new_tokens: int,
     parser.add_argument("--dtype", default=None, choices=DTYPES, help="default: float16 on GPU, float32 on CPU")
     parser.add_argument("--attn-implementation", default="sdpa")
     parser.add_argument("--num-workers", type=int, default=None, help="image loading workers (default 4 on GPU, 0 on CPU)")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="questions per generate call (left-padded; greedy answers equal those of batch 1)")
+    parser.add_argument("--group-by-length", action="store_true",
+                        help="batch questions of similar prompt length (sorted within windows of "
+                             f"{LENGTH_WINDOW_BATCHES} batches; answers are still written in question order)")
     parser.add_argument("--on-image-error", default="stop", choices=["stop", "record"],
                         help="an unreadable image: stop the run naming it (default), or record an answer flagged "
                              "with 'error' (empty text, counted wrong, listed in the summary) and go on")
@@ -457,19 +465,20 @@ def check_images_exist(image_folder: str, image_files: Sequence[str]) -> None:
 
 
 @dataclass
-class _Item:
-    """One prepared question: input_ids (L,), pixel values and image size (None without image), or the error
-    that reading its image raised."""
+class PreparedQuestion:
+    """One prepared question: its position in the run's question list, input_ids (L,), the image's views
+    ((3, S, S) or NeXT (V, 3, S, S); None without image) and size, or the error that reading its image raised."""
 
+    position: int
     sample: EvalSample
     input_ids: Any
-    pixels: Any = None
+    views: Any = None
     image_size: Any = None
     image_error: str | None = None
 
 
-class _SampleDataset:
-    """Torch-style dataset of `_Item`s (image reading errors are caught and returned, not raised)."""
+class SampleDataset:
+    """Torch-style dataset of `PreparedQuestion`s (image reading errors are caught and returned, not raised)."""
 
     def __init__(self, samples: list[EvalSample], tokenizer, image_processor, model_config, conv_mode: str):
         self.samples, self.tokenizer, self.image_processor = samples, tokenizer, image_processor
@@ -478,36 +487,48 @@ class _SampleDataset:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
+    def prompt_ids(self, i: int):
+        """Prompt token ids (L,) of sample `i`, with IMAGE_TOKEN_INDEX where the image goes."""
         from llava.constants import IMAGE_TOKEN_INDEX
-        from llava.mm_utils import process_images, tokenizer_image_token
+        from llava.mm_utils import tokenizer_image_token
 
         s = self.samples[i]
-        has_image = s.load_image is not None
-        prompt = build_prompt(s.question, has_image, self.conv_mode,
+        prompt = build_prompt(s.question, s.load_image is not None, self.conv_mode,
                               bool(getattr(self.model_config, "mm_use_im_start_end", False)))
-        input_ids = tokenizer_image_token(prompt, self.tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")
-        if not has_image:
-            return _Item(s, input_ids)
+        return tokenizer_image_token(prompt, self.tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")
+
+    def __getitem__(self, i: int):
+        from llava.mm_utils import process_images
+
+        s = self.samples[i]
+        input_ids = self.prompt_ids(i)
+        if s.load_image is None:
+            return PreparedQuestion(i, s, input_ids)
         try:
             image = s.load_image()
             pixels = process_images([image], self.image_processor, self.model_config)
         except Exception as err:  # noqa: BLE001 - any failure to read or decode the image
-            return _Item(s, input_ids, image_error=f"cannot read the image {s.load_image} of question "
-                                                   f"{s.question_id!r} ({type(err).__name__}: {err})")
-        return _Item(s, input_ids, pixels, image.size)
+            error = f"cannot read the image {s.load_image} of question {s.question_id!r} ({type(err).__name__}: {err})"
+            return PreparedQuestion(i, s, input_ids, image_error=error)
+        return PreparedQuestion(i, s, input_ids, pixels[0], image.size)  # process_images' batch of one -> its views
 
 
-def _first(batch):
-    return batch[0]
+def _as_list(batch):
+    return list(batch)
 
 
-def _to_device(pixels, device, dtype):
-    if pixels is None:
-        return None
-    if isinstance(pixels, (list, tuple)):
-        return [p.to(device=device, dtype=dtype) for p in pixels]
-    return pixels.to(device=device, dtype=dtype)
+def batch_order(lengths: Sequence[int], batch_size: int, group_by_length: bool) -> list[list[int]]:
+    """Batches of positions: consecutive runs of `batch_size`, or with `group_by_length` the positions of
+    each window of LENGTH_WINDOW_BATCHES batches sorted by length (longest first, ties in question order)
+    and cut into batches. A window bounds how far answers wait to be written in question order."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"--batch-size: expected an int >= 1, got {batch_size!r}")
+    positions = list(range(len(lengths)))
+    if group_by_length:
+        window = batch_size * LENGTH_WINDOW_BATCHES
+        positions = [p for start in range(0, len(positions), window)
+                     for p in sorted(positions[start:start + window], key=lambda q: -lengths[q])]
+    return [positions[i:i + batch_size] for i in range(0, len(positions), batch_size)]
 
 
 # ----------------------------------------------------------------------------- the generation loop
@@ -528,12 +549,26 @@ def load_model(args: argparse.Namespace):
 def _strip_prompt_ids(output_ids, input_ids):
     """Generated ids only (some generate paths return the prompt too)."""
     n = input_ids.shape[1]
-    if output_ids.shape[1] > n and bool((output_ids[0, :n] == input_ids[0].to(output_ids.device)).all()):
+    if output_ids.shape[1] > n and bool((output_ids[:, :n] == input_ids.to(output_ids.device)).all()):
         return output_ids[:, n:]
     return output_ids
 
 
-def _generation_kwargs(args: argparse.Namespace) -> dict:
+def left_pad(rows: Sequence, pad_id: int):
+    """Prompt ids of different lengths (L_i,) -> ids (B, L) padded on the left with `pad_id` and the
+    attention mask (B, L) (1 on real tokens)."""
+    import torch
+
+    length = max(r.numel() for r in rows)
+    ids = rows[0].new_full((len(rows), length), pad_id)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, length - r.numel():] = r
+        mask[b, length - r.numel():] = 1
+    return ids, mask
+
+
+def generation_kwargs(args: argparse.Namespace) -> dict:
     kw: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams, "use_cache": True}
     if args.temperature > 0:
         kw.update(do_sample=True, temperature=args.temperature)
@@ -544,18 +579,22 @@ def _generation_kwargs(args: argparse.Namespace) -> dict:
     return kw
 
 
-def _generate_answer(model, tokenizer, sample: EvalSample, input_ids, pixels, image_size, gen_kwargs: dict) -> tuple[str, int]:
-    """Greedy (or sampled) answer text and the number of visual tokens that reached the LLM (0 without image)."""
+def generate_answers(model, tokenizer, items: Sequence[PreparedQuestion], gen_kwargs: dict) -> list[tuple[str, int]]:
+    """Greedy (or sampled) answer text and the number of visual tokens that reached the LLM (0 without image)
+    for each item, in one left-padded generate call; the items either all have an image or none has."""
     param = next(model.parameters())
-    input_ids = input_ids.unsqueeze(0).to(param.device)  # (1, L)
-    images = _to_device(pixels, param.device, param.dtype)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids, mask = left_pad([it.input_ids for it in items], pad_id)
+    input_ids, mask = input_ids.to(param.device), mask.to(param.device)  # (B, L)
     extra_inputs: dict[str, Any] = {}
-    if images is not None:
-        extra_inputs = {"images": images, "image_sizes": [image_size], "texts": [sample.query]}
-    output_ids = model.generate(input_ids, **extra_inputs, **gen_kwargs)
-    text = tokenizer.batch_decode(_strip_prompt_ids(output_ids, input_ids), skip_special_tokens=True)[0].strip()
-    counts = getattr(model, "last_visual_token_counts", None) if images is not None else None
-    return text, int(counts[0]) if counts else 0
+    with_images = items[0].views is not None
+    if with_images:
+        extra_inputs = {"images": [it.views.to(device=param.device, dtype=param.dtype) for it in items],
+                        "image_sizes": [it.image_size for it in items], "texts": [it.sample.query for it in items]}
+    output_ids = model.generate(input_ids, attention_mask=mask, **extra_inputs, **gen_kwargs)
+    texts = tokenizer.batch_decode(_strip_prompt_ids(output_ids, input_ids), skip_special_tokens=True)
+    counts = getattr(model, "last_visual_token_counts", None) if with_images else None
+    return [(text.strip(), int(counts[b]) if counts else 0) for b, text in enumerate(texts)]
 
 
 def _answer_line(sample: EvalSample, text: str, model_id: str, fingerprint: dict, visual_tokens: int,
@@ -659,6 +698,7 @@ def run_generation(args: argparse.Namespace, samples: list[EvalSample]) -> int:
     from tqdm import tqdm
 
     pruning = build_pruning_config(args)  # validate the flags even when there is nothing left to answer
+    batch_order([], args.batch_size, args.group_by_length)  # checks --batch-size
     check_unique_questions(samples, args.question_file)
     fingerprint = run_fingerprint(args, pruning, samples)
     answers_file = os.path.expanduser(args.answers_file)
@@ -698,32 +738,42 @@ def run_generation(args: argparse.Namespace, samples: list[EvalSample]) -> int:
         raise
     on_gpu = next(model.parameters()).device.type == "cuda"
     num_workers = args.num_workers if args.num_workers is not None else (4 if on_gpu else 0)
-    dataset = _SampleDataset(todo, tokenizer, image_processor, model.config, args.conv_mode)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, num_workers=num_workers,
-                                         collate_fn=_first)
-    gen_kwargs = _generation_kwargs(args)
-    written = 0
+    dataset = SampleDataset(todo, tokenizer, image_processor, model.config, args.conv_mode)
+    lengths = [dataset.prompt_ids(i).numel() for i in range(len(todo))] if args.group_by_length else [0] * len(todo)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_order(lengths, args.batch_size, args.group_by_length),
+                                         num_workers=num_workers, collate_fn=_as_list)
+    gen_kwargs = generation_kwargs(args)
+    written, pending = 0, {}  # pending: position -> answer line, written once every earlier position is
     bar = tqdm(total=len(chunk), initial=len(chunk) - len(todo),
                desc=f"{model_name} {fingerprint['method']}@{args.visual_token_num}", dynamic_ncols=True)
     with writer, torch.inference_mode():
-        for item in loader:
-            if item.image_error is not None:
-                if args.on_image_error != "record":
-                    raise RuntimeError(
-                        f"{item.image_error}. The {len(writer.answers)} answers written so far are kept in "
-                        f"{answers_file}: fix or replace the image and rerun to resume, or rerun with "
-                        "--on-image-error record to record this question as a failed answer and go on")
-                print(f"[image error] {item.image_error}: recorded as a failed answer", file=sys.stderr)
-                text, visual_tokens = "", 0
+        for batch in loader:
+            failed = [it for it in batch if it.image_error is not None]
+            stop = failed and args.on_image_error != "record"
+            if stop:   # answer what comes before the first unreadable image, as batch 1 would, then stop
+                batch = [it for it in batch if it.position < min(f.position for f in failed)]
             else:
-                text, visual_tokens = _generate_answer(model, tokenizer, item.sample, item.input_ids, item.pixels,
-                                                       item.image_size, gen_kwargs)
-            row = _answer_line(item.sample, text, model_name, fingerprint, visual_tokens, item.image_error)
-            if crash_after and written >= crash_after:
-                writer.write_partial_and_die(row)
-            writer.write(row)
-            written += 1
-            bar.set_postfix(visual_tokens=visual_tokens)
-            bar.update(1)
+                for it in failed:
+                    print(f"[image error] {it.image_error}: recorded as a failed answer", file=sys.stderr)
+                    pending[it.position] = _answer_line(it.sample, "", model_name, fingerprint, 0, it.image_error)
+            for group in ([it for it in batch if it.image_error is None and it.views is not None],
+                          [it for it in batch if it.image_error is None and it.views is None]):
+                if group:
+                    for it, (text, visual_tokens) in zip(group, generate_answers(model, tokenizer, group, gen_kwargs)):
+                        pending[it.position] = _answer_line(it.sample, text, model_name, fingerprint, visual_tokens)
+                        bar.set_postfix(visual_tokens=visual_tokens)
+            while written in pending:   # question order: positions 0, 1, ... of `todo`
+                row = pending.pop(written)
+                if crash_after and written >= crash_after:
+                    writer.write_partial_and_die(row)
+                writer.write(row)
+                written += 1
+                bar.update(1)
+            if stop:
+                first = min(failed, key=lambda it: it.position)
+                raise RuntimeError(
+                    f"{first.image_error}. The {len(writer.answers)} answers written so far are kept in "
+                    f"{answers_file}: fix or replace the image and rerun to resume, or rerun with "
+                    "--on-image-error record to record this question as a failed answer and go on")
     bar.close()
     return written

@@ -2,6 +2,7 @@
 
     python -m llava.toy.bench [--model-path llava/toy/checkpoint] [--data DIR] [--out DIR]
         [--methods script,divprune,...] [--fractions 1,1/3,1/9,1/18,1/36] [--limit N] [--scenes 50] [--device cpu]
+        [--batch-size N]
 
 For every method of ``script_prune.list_methods()`` (the in-LLM ones with ``TOY_PARAMS``) and every kept fraction of the visual tokens
 (144 tokens: 144, 48, 16, 8, 4) it answers the test questions with ``llava.eval.model_vqa_loader`` (the
@@ -141,7 +142,7 @@ def score(questions_dir: Path, answers_file: Path) -> dict:
 
 
 def run_config(model_path: str, questions_dir: Path, images: Path, answers_file: Path, method: str, budget: int,
-               device: str) -> float:
+               device: str, batch_size: int = 1) -> float:
     """Answer the question file with model_vqa_loader; returns seconds taken."""
     from llava.eval import model_vqa_loader
 
@@ -152,6 +153,7 @@ def run_config(model_path: str, questions_dir: Path, images: Path, answers_file:
                            "--image-folder", str(images), "--answers-file", str(answers_file),
                            "--pruning-method", method, "--visual-token-num", str(budget),
                            "--device", device, "--dtype", "float32", "--max_new_tokens", "8", "--num-workers", "0",
+                           "--batch-size", str(batch_size),
                            *[arg for param in TOY_PARAMS.get(method, ()) for arg in ("--pruning-param", param)]])
     return time.time() - t0
 
@@ -190,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--scenes", type=int, default=TEST_SCENES,
                     help=f"test split size in scenes (one question per type each; default {TEST_SCENES})")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch-size", type=int, default=1, help="questions per generate call (answers do not change)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args(argv)
     if args.threads is not None:
@@ -218,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
         answers_file = out / "answers" / f"{method}@{budget}.jsonl"
         try:
             seconds = run_config(args.model_path, questions_dir, split / "images", answers_file, method, budget,
-                                 args.device)
+                                 args.device, args.batch_size)
         except ValueError as err:     # e.g. an LLM-stage method the model does not support yet
             if method == "none":
                 raise

@@ -10,6 +10,7 @@
 #   CHUNKS (number of shards; default: one per GPU in CUDA_VISIBLE_DEVICES, else 1)
 #   RESULTS_DIR (default ./results; rows go to RESULTS_DIR/summary.csv)  PYTHON (default python)
 #   CONV_MODE (default vicuna_v1)
+#   BATCH (questions per generate call, default 1; greedy answers do not depend on it, see EVAL.md)
 #   RUN_TAG (results folder name; default METHOD_NOMINAL; set it when you change any other setting, e.g.
 #            --pruning-param, --no-negate-relevance, --max_new_tokens: an answers file holds one run, resuming it
 #            with other settings is refused; a set RUN_TAG also gets its own row in the summarize table)
@@ -35,7 +36,10 @@ eval_setup() {
     EXTRA_ARGS=("$@")
     local a
     for a in "${EXTRA_ARGS[@]}"; do   # sharding is the script's: an extra --num-chunks would answer only part of the questions
-        case "$a" in --num-chunks|--num-chunks=*|--chunk-idx|--chunk-idx=*) die "$a is set by the script; use CHUNKS=N instead (see EVAL.md)" ;; esac
+        case "$a" in
+            --num-chunks|--num-chunks=*|--chunk-idx|--chunk-idx=*) die "$a is set by the script; use CHUNKS=N instead (see EVAL.md)" ;;
+            --batch-size|--batch-size=*) die "$a is set by the script; use BATCH=N instead (see EVAL.md)" ;;
+        esac
     done
     PYTHON=${PYTHON:-python}
     DATA_DIR=${DATA_DIR:-./playground/data/eval}
@@ -43,6 +47,8 @@ eval_setup() {
     CKPT_DIR=${CKPT_DIR:-liuhaotian}
     CONV_MODE=${CONV_MODE:-vicuna_v1}
     RESULTS_DIR=${RESULTS_DIR:-./results}
+    BATCH=${BATCH:-1}
+    [[ "$BATCH" =~ ^[1-9][0-9]*$ ]] || die "BATCH must be a positive integer (questions per generate call), got '$BATCH'"
     SUMMARY_CSV=$RESULTS_DIR/summary.csv
     case "$VERSION" in
         v1_5) CKPT=${CKPT:-llava-v1.5-7b}; NOMINAL=$BUDGET ;;
@@ -52,8 +58,8 @@ eval_setup() {
     MODEL_PATH=$CKPT_DIR/$CKPT
     TAG=${RUN_TAG:-${METHOD}_${NOMINAL}}
     GEN_ARGS=(--model-path "$MODEL_PATH" --conv-mode "$CONV_MODE" --temperature 0
-              --visual-token-num "$BUDGET" --pruning-method "$METHOD")
-    echo "[$BENCH] checkpoint=$MODEL_PATH method=$METHOD budget=$BUDGET per row (nominal $NOMINAL) data=$DATA_DIR" >&2
+              --visual-token-num "$BUDGET" --pruning-method "$METHOD" --batch-size "$BATCH")
+    echo "[$BENCH] checkpoint=$MODEL_PATH method=$METHOD budget=$BUDGET per row (nominal $NOMINAL) batch=$BATCH data=$DATA_DIR" >&2
 }
 
 # require_data PATH...: one clear message per missing file/folder, then exit
