@@ -44,7 +44,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -648,7 +648,9 @@ def _tflops_text(v: float | None) -> str:
 
 
 def _flops_cell(r: dict[str, Any]) -> str:
-    return "? (no rule in flops.py)" if r["tflops"] is None else f"{_tflops_text(r['tflops'])} (x{r['flops_reduction']:.1f})"
+    if r["tflops"] is None:
+        return "? (no rule in flops.py)"
+    return f"{_tflops_text(r['tflops'])} (x{r['flops_reduction']:.1f})"
 
 
 def _fmt(v: Any, spec: str = ".1f") -> str:
@@ -747,7 +749,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vision-tower layers to build with --random-weights (default all)")
     p.add_argument("--methods", default="script", help="comma-separated script_prune methods")
     p.add_argument("--pruning-method", default=None, help="alias of --methods with one method")
-    p.add_argument("--budgets", default="64", help="comma-separated tokens kept per visual row (image, crop, tile, frame)")
+    p.add_argument("--budgets", default="64",
+                   help="comma-separated tokens kept per visual row (image, crop, tile, frame)")
     p.add_argument("--no-baseline", action="store_true", help="skip the unpruned row")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)

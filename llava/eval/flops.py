@@ -211,7 +211,8 @@ def paper_proportional_tflops(n_visual: int, n_full: int, llm: LLMShape = LLAMA_
 
 
 def fastv_layer_tokens(n_full: int, n_kept: int, layers: int, params: dict) -> list[int]:
-    """FastV: the first K = ``params["layer"]`` (default 2) layers see all ``n_full`` visual tokens, the others ``n_kept``."""
+    """FastV: the first K = ``params["layer"]`` (default 2) layers see all ``n_full`` visual tokens, the others
+    ``n_kept``."""
     k = params.get("layer", 2)
     if not 0 <= k <= layers:
         raise ValueError(f"k (FastV layer) must be in [0, {layers}], got {k}")
@@ -312,8 +313,8 @@ def full_prefill_breakdown(
         },
         "projector": {
             "tmacs": proj / TERA,
-            "convention": f"linear chain {shape.vision.hidden * shape.merge}->{'->'.join(map(str, shape.projector_hidden))}"
-            f"->{llm.hidden} over {shape.projector_inputs} feature vectors",
+            "convention": f"linear chain {shape.vision.hidden * shape.merge}->"
+            f"{'->'.join(map(str, shape.projector_hidden))}->{llm.hidden} over {shape.projector_inputs} feature vectors",
         },
         "total": {
             "tmacs": (llm_all + vision + proj) / TERA,

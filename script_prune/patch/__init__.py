@@ -52,6 +52,7 @@ EXPAND = "_expand_inputs_for_generation"
 from .relevance import ClipText, LLMText, RelevanceSource, resolve_source
 
 __all__ = [
+    "STAGES",
     "check_transformers_version",
     "ClipText",
     "DecoderAccess",
