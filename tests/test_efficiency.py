@@ -39,7 +39,7 @@ def test_json_schema(tiny_rows):
     # the stages come from the layer's timer for pruned rows; FastV selects inside the LLM stage
     assert by["script"]["select_ms"] > 0 and by["script"]["stage_source"] == "script_prune.patch.set_stage_timer"
     assert by["fastv"]["select_ms"] is None and by["none"]["select_ms"] is None
-    assert by["none"]["stage_source"].startswith("stock forward")
+    assert by["none"]["stage_source"].startswith("stock model")
 
 
 def test_sequence_and_kv_cache_match_hand_formula(tiny_rows):

@@ -17,8 +17,9 @@ over ``--repeats``:
 - the stages of the pruned prefill, from the layer's stage timer (``script_prune.patch.set_stage_timer``):
   ``vision_ms`` (vision tower + projector), ``select_ms`` (relevance inputs + selection),
   ``llm_prefill_ms`` (the language model on the shortened prompt; in-LLM methods such as FastV select
-  inside it). The unpruned row runs the stock forward, which has no stages: its ``llm_prefill_ms`` is a
-  stock forward over ``inputs_embeds`` of the same length and its ``vision_ms`` the difference;
+  inside it). The unpruned row runs the stock forward, which has no stages: its ``vision_ms`` is the stock
+  ``get_image_features`` and its ``llm_prefill_ms`` the stock forward over ``inputs_embeds`` of the same
+  length, each run apart;
 - ``kv_cache_mb``: the cache tensors generate() returns, at the prefill's positions; ``peak_mem_mb``:
   CUDA peak allocated on a GPU, the process's peak RSS on a CPU (``peak_mem_kind`` says which);
 - ``llm_visual_tokens``: visual tokens that reached the LLM (``script_prune.patch.visual_tokens``: kept,
@@ -35,6 +36,7 @@ layer-aware through its ``IN_LLM_LAYER_TOKENS``).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -530,17 +532,20 @@ def pruned(bench: Bench, method: str, budget: int, params: dict[str, Any], timer
         sp.patch.remove(model)
 
 
-def stock_llm_prefill(bench: Bench, length: int) -> float:
-    """ms of the stock forward over ``inputs_embeds`` of ``length`` positions (no pixels): the unpruned row's LLM
-    stage, which the stock forward does not time apart."""
-    embeds = bench.model.get_input_embeddings()(bench.inputs["input_ids"][:, :1]).expand(-1, length, -1)
-    mask = torch.ones(1, length, dtype=torch.long, device=bench.device)
-    clock = CLOCKS[bench.clock]
-    _sync(bench.device)
-    start = clock()
-    bench.model(inputs_embeds=embeds.contiguous(), attention_mask=mask, use_cache=True, logits_to_keep=1)
-    _sync(bench.device)
-    return (clock() - start) * 1e3
+def stock_stages(bench: Bench, timer: StageTimer) -> None:
+    """The unpruned row's stages, which the stock forward does not time apart: ``"vision"``, the stock
+    ``get_image_features`` on the prompt's pixels; ``"llm"``, the stock forward over ``inputs_embeds`` of the
+    prompt's length (no pixels)."""
+    model, inputs = bench.model, bench.inputs
+    accepts = inspect.signature(model.get_image_features).parameters
+    pixels = {key: value for key, value in inputs.items() if key in accepts and key not in ("input_ids", "attention_mask")}
+    length = inputs["input_ids"].shape[1]
+    embeds = model.get_input_embeddings()(inputs["input_ids"][:, :1]).expand(-1, length, -1).contiguous()
+    with timer("vision"):
+        model.get_image_features(**pixels)
+    with timer("llm"):
+        model(inputs_embeds=embeds, attention_mask=torch.ones_like(inputs["input_ids"]), use_cache=True,
+              logits_to_keep=1)
 
 
 def measure_row(bench: Bench, method: str, budget: int, settings: BenchSettings) -> dict[str, Any]:
@@ -549,7 +554,7 @@ def measure_row(bench: Bench, method: str, budget: int, settings: BenchSettings)
     device, clock = bench.device, CLOCKS[bench.clock]
     timer = StageTimer(clock, device)
     kind = _reset_peak(device)
-    samples: dict[str, list[float]] = {"prefill": [], "decode": [], "stock_llm": []}
+    samples: dict[str, list[float]] = {"prefill": [], "decode": []}
     try:
         with pruned(bench, method, budget, params, timer):
             for rep in range(settings.warmup + settings.repeats):
@@ -568,17 +573,16 @@ def measure_row(bench: Bench, method: str, budget: int, settings: BenchSettings)
                 del out, cache
             visual = sum(sp.patch.visual_tokens(bench.model))
             kept = sum(len(k) for k in sp.patch.kept(bench.model))
+            stock = not timer.times  # the stock forward ran (whole rows kept): time its stages apart
+            for rep in range(settings.warmup + settings.repeats if stock else 0):
+                if rep == settings.warmup:
+                    timer.times.clear()
+                stock_stages(bench, timer)
             stages = {name: _median(times) for name, times in timer.times.items()}
-            if "llm" not in stages:  # the stock forward ran (whole rows kept): time its LLM over the same length
-                for rep in range(settings.warmup + settings.repeats):
-                    t = stock_llm_prefill(bench, bench.inputs["input_ids"].shape[1])
-                    if rep >= settings.warmup:
-                        samples["stock_llm"].append(t)
     except ValueError as err:  # the layer refuses this method / budget for the family: say so in the row
         return {"measured": False, "note": f"{method}: {err}"}
     prefill_ms, spec = _median(samples["prefill"]), None if method == BASELINE else sp.get_method(method)
-    llm_ms = stages.get("llm", _median(samples["stock_llm"]))
-    vision_ms = stages.get("vision", None if "llm" in stages else prefill_ms - llm_ms)
+    llm_ms = stages["llm"]
     text_positions = bench.inputs["input_ids"].shape[1] - bench.placeholders
     row = {
         "measured": True,
@@ -587,7 +591,7 @@ def measure_row(bench: Bench, method: str, budget: int, settings: BenchSettings)
         "text_positions": text_positions,
         "seq_len": bench.inputs["input_ids"].shape[1],  # the unpruned prompt
         "cached_positions": positions,  # positions held in the KV cache after the prefill
-        "vision_ms": vision_ms,
+        "vision_ms": stages["vision"],
         "select_ms": None if method == BASELINE else stages.get("select"),
         "llm_prefill_ms": llm_ms,
         "prefill_ms": prefill_ms,
@@ -597,9 +601,8 @@ def measure_row(bench: Bench, method: str, budget: int, settings: BenchSettings)
         "kv_cache_mb": kv_bytes / MIB,
         "kv_cache_source": f"measured from the cache tensors generate() returns, {positions} prefill positions, "
                            f"{bench.layers_run} layers, {str(bench.dtype).replace('torch.', '')}",
-        "stage_source": ("script_prune.patch.set_stage_timer" if "llm" in stages else
-                         "stock forward: llm = stock forward over inputs_embeds of the prompt's length, "
-                         "vision = prefill - llm"),
+        "stage_source": ("stock model, stages run apart: get_image_features, and the forward over inputs_embeds of "
+                         "the prompt's length" if stock else "script_prune.patch.set_stage_timer"),
         "peak_mem_mb": _peak_mb(device),
         "peak_mem_kind": kind,
     }
