@@ -538,7 +538,8 @@ def stock_stages(bench: Bench, timer: StageTimer) -> None:
     prompt's length (no pixels)."""
     model, inputs = bench.model, bench.inputs
     accepts = inspect.signature(model.get_image_features).parameters
-    pixels = {key: value for key, value in inputs.items() if key in accepts and key not in ("input_ids", "attention_mask")}
+    pixels = {key: value for key, value in inputs.items()
+              if key in accepts and key not in ("input_ids", "attention_mask")}
     length = inputs["input_ids"].shape[1]
     embeds = model.get_input_embeddings()(inputs["input_ids"][:, :1]).expand(-1, length, -1).contiguous()
     with timer("vision"):
