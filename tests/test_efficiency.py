@@ -1,76 +1,176 @@
-"""Efficiency tool: JSON schema on the tiny shape, KV cache against the hand formula, the prompt
-really carries the pruned token count, VisionZip's attention inputs against transformers' eager
-attention weights, FLOPs-only mode, bad input."""
+"""Efficiency tool on the public pruning layer: JSON schema, the KV cache against the hand formula, the visual tokens
+reaching the LLM against the resolved budget for every family (tiny widths, CPU), the real shapes' sizes against
+their published parameter counts and placeholder arithmetic (built on the meta device), FLOPs by hand, the layer's
+stage timer, FLOPs-only mode, a checkpoint, bad input."""
 
 import json
 
 import pytest
 import torch
 
+import script_prune as sp
 from llava.eval import efficiency as E
 from llava.eval import flops as F
 
 REQUIRED = {"shape", "method", "budget", "tflops"}
-MEASURED = {"prefill_ms", "decode_ms_per_token", "kv_cache_mb", "peak_mem_mb", "select_ms"}
+MEASURED = {"prefill_ms", "llm_prefill_ms", "vision_ms", "decode_ms_per_token", "kv_cache_mb", "peak_mem_mb"}
+RUN = ["--random-weights", "--repeats", "1", "--warmup", "0", "--decode-tokens", "3", "--text-tokens", "10"]
+
+
+def kv_mb_by_hand(llm: F.LLMShape, layers: int, positions: int, bytes_per_value: int = 4) -> float:
+    """2 (K and V) x layers x kv_heads x head_dim x positions x bytes, in MiB."""
+    return 2 * layers * llm.kv_heads * (llm.hidden // llm.heads) * positions * bytes_per_value / 2**20
 
 
 @pytest.fixture(scope="module")
 def tiny_rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("eff") / "rows.json"
-    E.main(["--random-weights", "--shape", "tiny", "--methods", "script,random,trim,fastv", "--budgets", "4",
-            "--repeats", "1", "--warmup", "0", "--decode-tokens", "2", "--text-tokens", "10", "--json", str(out)])
+    E.main([*RUN, "--shape", "tiny", "--methods", "script,random,trim,fastv", "--budgets", "4", "--json", str(out)])
     return json.loads(out.read_text())
 
 
 def test_json_schema(tiny_rows):
     assert [r["method"] for r in tiny_rows] == ["none", "script", "random", "trim", "fastv"]
     for row in tiny_rows:
-        assert REQUIRED <= set(row)
+        assert REQUIRED <= set(row) and MEASURED <= set(row), row
         assert row["measured"]
-        assert MEASURED <= set(row)
-        # FastV selects inside the prefill: no separate selection time
-        in_llm = {"select_ms"} if row["method"] == "fastv" else set()
-        assert all(row[k] >= 0 for k in MEASURED - in_llm)
-        assert all(row[k] is None for k in in_llm)
+        assert all(row[k] > 0 for k in MEASURED), row
+    by = {r["method"]: r for r in tiny_rows}
+    # the stages come from the layer's timer for pruned rows; FastV selects inside the LLM stage
+    assert by["script"]["select_ms"] > 0 and by["script"]["stage_source"] == "script_prune.patch.set_stage_timer"
+    assert by["fastv"]["select_ms"] is None and by["none"]["select_ms"] is None
+    assert by["none"]["stage_source"].startswith("stock model")
 
 
 def test_sequence_and_kv_cache_match_hand_formula(tiny_rows):
-    # tiny LLM: 2 layers, 4 KV heads x 16 dims, float32; prompt = 10 text tokens + visual tokens.
+    # tiny: 2 LLM layers, 4 KV heads x 16 dims, float32; 10 text tokens + 16 visual tokens (one 4 x 4 crop)
     shape = F.get_shape("tiny")
     assert shape.tokens_per_crop == 16
-    # visual tokens entering the LLM, and held in the KV cache after the prefill
-    entering = {"none": 16, "script": 4, "random": 4, "trim": 4, "fastv": 16}  # trim: budget-1 kept + 1 merged
-    cached = {"none": 16, "script": 4, "random": 4, "trim": 4, "fastv": 4}  # FastV shortens every layer's cache
+    in_cache = {"none": 16, "script": 4, "random": 4, "trim": 4, "fastv": 4}  # trim: 3 kept + 1 merged
     for row in tiny_rows:
-        assert row["measured"], row
         m = row["method"]
-        assert row["llm_visual_tokens"] == entering[m]
-        assert row["seq_len"] == 10 + entering[m]
-        assert row["cached_positions"] == 10 + cached[m]
-        by_hand = 2 * 2 * 4 * 16 * (10 + cached[m]) * 4 / 2**20
-        assert row["kv_cache_mb"] == pytest.approx(by_hand)
+        assert row["text_positions"] == 10 and row["seq_len"] == 26
+        assert row["llm_visual_tokens"] == in_cache[m]
+        assert row["cached_positions"] == 10 + in_cache[m]
+        assert row["kv_cache_mb"] == pytest.approx(kv_mb_by_hand(shape.llm, 2, 10 + in_cache[m]))
 
 
-def test_budget_is_per_crop_for_next_shapes(tmp_path):
-    # 5 crops (base + 2x2 tiles) of 16 tokens, budget 3 per crop: 15 tokens reach the LLM (FastV: after layer K)
-    rows = E.main(["--random-weights", "--shape", "tiny-next", "--methods", "divprune,fastv", "--budgets", "3",
-                   "--repeats", "1", "--warmup", "0", "--decode-tokens", "2", "--text-tokens", "10",
-                   "--vision-repeats", "1"])
-    by_method = {r["method"]: r for r in rows}
-    assert by_method["none"]["llm_visual_tokens"] == 80 and by_method["none"]["cached_positions"] == 90
-    assert by_method["divprune"]["llm_visual_tokens"] == 15 and by_method["divprune"]["cached_positions"] == 25
-    assert by_method["fastv"]["llm_visual_tokens"] == 80 and by_method["fastv"]["cached_positions"] == 25
-    assert by_method["divprune"]["visual_tokens"] == 15
+# (shape, rows, tokens per row, layout tokens (NeXT: a newline per row of the 8 x 8 tile grid; video: one newline),
+#  extra text positions)
+FAMILIES = [("tiny-next", 5, 16, 8, 0), ("tiny-video", 3, 4, 1, 0), ("tiny-internvl", 5, 16, 0, 0),
+            ("tiny-qwen-vl", 1, 16, 0, 2)]
+
+
+@pytest.mark.parametrize("name,rows,per_row,layout,markers", FAMILIES)
+def test_every_family_reaches_the_llm_with_the_resolved_budget(name, rows, per_row, layout, markers):
+    shape = F.get_shape(name)
+    assert (shape.crops, shape.tokens_per_crop) == (rows, per_row)
+    out = E.main([*RUN, "--shape", name, "--methods", "divprune,fastv", "--budgets", "3", "--layers", "3"])
+    by = {r["method"]: r for r in out}
+    assert by["none"]["llm_visual_tokens"] == rows * per_row + layout  # the stock placeholder count
+    assert by["fastv"]["fastv_layer_run"] == 2  # K = 2 fits the 3-layer LLM
+    for method in ("divprune", "fastv"):
+        row = by[method]
+        assert row["measured"], row
+        assert row["kept_tokens"] == rows * sp.resolve_budget(3, per_row)  # 3 per row
+        if name != "tiny-next":  # NeXT keeps a grid row's newline only when the row keeps a token (data dependent)
+            assert row["llm_visual_tokens"] == 3 * rows + layout
+    for row in out:
+        assert row["text_positions"] == 10 + markers  # Qwen2.5-VL: vision start / end around the image
+        assert row["cached_positions"] == row["text_positions"] + row["llm_visual_tokens"]
+        assert row["kv_cache_mb"] == pytest.approx(kv_mb_by_hand(shape.llm, 3, row["cached_positions"]))
+    assert by["fastv"]["tflops"] > by["divprune"]["tflops"]  # its first K layers see every token
+
+
+# published parameter counts (model cards) and placeholder counts by hand
+REAL = [("llava-v1.5-7b", "LlavaForConditionalGeneration", 7.06e9, 24 * 24),
+        ("llava-v1.6-vicuna-7b", "LlavaNextForConditionalGeneration", 7.06e9, 576 + 48 * 49),
+        ("llava-video-7b", "LlavaOnevisionForConditionalGeneration", 8.03e9, 64 * 169 + 1),
+        ("internvl3-8b", "InternVLForConditionalGeneration", 7.94e9, 5 * 256),
+        ("qwen2.5-vl-7b", "Qwen2_5_VLForConditionalGeneration", 8.29e9, 32 * 32)]
+
+
+@pytest.mark.parametrize("name,cls,params,placeholders", REAL)
+def test_real_shapes_have_the_published_size_and_token_counts(name, cls, params, placeholders):
+    shape = F.get_shape(name)
+    config = E.model_config(shape, shape.llm.layers, shape.vision.layers)
+    model = E.build_model(config, "meta")  # shapes only, no memory
+    assert type(model).__name__ == cls
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(params, rel=0.005)
+    inputs, count = E.visual_prompt(shape, E.SHAPE_FAMILY[name], config, 60, torch.Generator().manual_seed(0),
+                                    torch.device("cpu"), torch.float32)
+    assert count == placeholders
+    assert inputs["input_ids"].shape == (1, 60 + count + 2 * (name == "qwen2.5-vl-7b"))
+
+
+def test_flops_of_the_new_shapes_by_hand():
+    # Qwen2.5-7B LLM of InternVL3-8B: d = 3584, m = 18944, 28 layers, 4 KV heads of 128 -> k/v width 512
+    d, m, kv = 3584, 18944, 512
+    per_layer = lambda n: 2 * n * d * d + 2 * n * d * kv + 2 * n * n * d + 3 * n * d * m  # noqa: E731
+    internvl = F.get_shape("internvl3-8b")
+    assert internvl.full_visual_tokens == 1280 and internvl.visual_tokens(64) == 320
+    assert F.method_tflops(internvl, "script", 256) == pytest.approx(28 * per_layer(1280) / 1e12, rel=1e-12)
+    assert F.method_tflops(internvl, "fastv", 64) == pytest.approx((2 * per_layer(1280) + 26 * per_layer(320)) / 1e12,
+                                                                   rel=1e-12)
+    video = F.get_shape("llava-video-7b")
+    assert video.full_visual_tokens == 64 * 169
+    assert F.method_tflops(video, "divprune", 32) == pytest.approx(28 * per_layer(64 * 32) / 1e12, rel=1e-12)
+    qwen = F.get_shape("qwen2.5-vl-7b")
+    assert qwen.full_visual_tokens == 1024
+    # projector inputs: 4 patches per merged token; Qwen2.5-VL's merger 5120 -> 5120 -> 3584 over 1024 vectors
+    assert qwen.projector_inputs == 1024 and F.projector_macs(qwen, 1024) == 1024 * (5120 * 5120 + 5120 * 3584)
+
+
+def test_in_llm_method_without_a_flops_rule_gets_none_not_a_wrong_number(monkeypatch):
+    monkeypatch.delitem(F.IN_LLM_LAYER_TOKENS, "fastv")
+    settings = E.BenchSettings(methods=["fastv"], budgets=[64])
+    row = E.flops_row(F.get_shape("llava-v1.5-7b"), "fastv", 64, settings, full=True)
+    assert row["tflops"] is None and "IN_LLM_LAYER_TOKENS" in row["tflops_convention"]
+    assert "?" in E.format_table([row])
+
+
+def test_stage_timer_reports_the_pruned_prefill_stages_in_order():
+    bench = E.random_bench("tiny-internvl", layers=3, text_tokens=6)
+    model, seen = bench.model, []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __enter__(self):
+            seen.append(self.name)
+
+        def __exit__(self, *exc):
+            seen.append("/" + self.name)
+
+    with torch.no_grad():
+        for method, params, stages in (("divprune", {}, ["vision", "select", "llm"]),
+                                       ("fastv", {"layer": 1}, ["vision", "llm"])):
+            sp.patch.apply(model, method=method, budget=3, **params)
+            sp.patch.set_stage_timer(model, Recorder)
+            model(**bench.inputs)
+            assert seen == [s for name in stages for s in (name, "/" + name)], method
+            seen.clear()
+            sp.patch.set_stage_timer(model, None)
+            model(**bench.inputs)
+            assert seen == []
+            sp.patch.remove(model)
+        sp.patch.apply(model, method="divprune", budget=16)  # whole rows: the stock forward, no stages
+        sp.patch.set_stage_timer(model, Recorder)
+        model(**bench.inputs)
+        assert seen == []
+        with pytest.raises(ValueError, match="timer"):
+            sp.patch.set_stage_timer(model, "not callable")
+        sp.patch.remove(model)
 
 
 def test_fastv_flops_layer_aware(tiny_rows):
-    fastv = next(r for r in tiny_rows if r["method"] == "fastv")
-    script = next(r for r in tiny_rows if r["method"] == "script")
+    by = {r["method"]: r for r in tiny_rows}
     # tiny has 2 layers and FastV prunes after layer 2: no LLM layer of the full model sees the pruned sequence.
-    assert fastv["tflops"] == pytest.approx(next(r for r in tiny_rows if r["method"] == "none")["tflops"])
-    assert fastv["tflops"] > script["tflops"]
+    assert by["fastv"]["tflops"] == pytest.approx(by["none"]["tflops"])
+    assert by["fastv"]["tflops"] > by["script"]["tflops"]
     # the 2-layer LLM that ran has no layer after K=2: it ran FastV at K=1 and says so
-    assert fastv["fastv_k_run"] == 1 and "K=1" in fastv["note"]
+    assert by["fastv"]["fastv_layer_run"] == 1 and "K=1" in by["fastv"]["note"]
 
 
 def test_flops_only_needs_no_model(capsys):
@@ -80,39 +180,21 @@ def test_flops_only_needs_no_model(capsys):
     assert "FLOPs (T)" in capsys.readouterr().out
 
 
-def test_visionzip_inputs_match_eager_attention():
-    from transformers import CLIPVisionModel
-
-    from llava.eval.efficiency import _clip_vision_config
-
-    cfg = _clip_vision_config(F.TINY_VISION)
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(3)
-    clip = CLIPVisionModel(cfg).eval()
-    vs = F.TINY_VISION
-    pixels = torch.randn(2, 3, vs.image_size, vs.image_size)
-    with torch.no_grad():
-        vis = E.clip_vision_outputs(clip, pixels)
-        got = E.clip_attention_inputs(clip, vis)
-        ref = clip(pixel_values=pixels, output_attentions=True, output_hidden_states=True)
-    # hidden_states[-2] is produced by the second-to-last encoder layer
-    torch.testing.assert_close(vis.features, ref.hidden_states[-2][:, 1:])
-    attn = ref.attentions[-2]  # (R, H, T, T)
-    torch.testing.assert_close(got["cls_attention"], attn[:, :, 0, 1:].mean(1), rtol=1e-5, atol=1e-6)
-    assert got["keys"].shape == (2, vs.patches, vs.hidden // vs.heads)
+def test_refused_method_gets_a_row_saying_why():
+    rows = E.main([*RUN, "--shape", "tiny-qwen-vl", "--methods", "visionzip", "--budgets", "3", "--no-baseline"])
+    assert rows[0]["measured"] is False and "visionzip" in rows[0]["note"]
 
 
 def test_filled_weights_are_finite_and_varied():
-    pipe = E.random_pipeline("tiny", 1, with_text_tower=True)
-    for module in (pipe.llm, pipe.projector):
-        for name, p in module.named_parameters():
-            assert torch.isfinite(p).all(), name
-            if p.ndim > 1:
-                assert p.std() > 0, name
-                assert not torch.equal(p[0], p[-1]), name  # rows differ (no short period)
+    bench = E.random_bench("tiny", 1)
+    for name, p in bench.model.named_parameters():
+        assert torch.isfinite(p).all(), name
+        if p.ndim > 1:
+            assert p.std() > 0, name
+            assert not torch.equal(p[0], p[-1]), name  # rows differ (no short period)
 
 
-def test_checkpoint_pipeline_runs(tiny_llava15_path, tmp_path):
+def test_checkpoint_runs(tiny_llava15_path, tmp_path):
     out = tmp_path / "ckpt.json"
     rows = E.main(["--model-path", tiny_llava15_path, "--methods", "script", "--budgets", "4", "--repeats", "1",
                    "--warmup", "0", "--decode-tokens", "2", "--text-tokens", "8", "--json", str(out)])
@@ -128,6 +210,10 @@ def test_bad_input():
         E.BenchSettings(methods=["script"], budgets=[0])
     with pytest.raises(ValueError, match="repeats"):
         E.BenchSettings(methods=["script"], budgets=[4], repeats=0)
+    with pytest.raises(ValueError, match="decode_tokens"):
+        E.BenchSettings(methods=["script"], budgets=[4], decode_tokens=1)
+    with pytest.raises(ValueError, match="layers"):
+        E.random_bench("tiny", 0)
     with pytest.raises(SystemExit):
         E.main(["--flops-only", "--shape", "nope"])
     with pytest.raises(SystemExit):

@@ -1,40 +1,44 @@
 """Efficiency of visual token pruning, measured and theoretical (the paper's Table 6, in the open).
 
     python -m llava.eval.efficiency --flops-only --shape llava-v1.6-vicuna-7b --budgets 576,128,64,32
-    python -m llava.eval.efficiency --random-weights --shape llava-v1.6-vicuna-7b --layers 2 \
-        --methods script,divprune --budgets 64 --repeats 3 --json out.json
+    python -m llava.eval.efficiency --random-weights --shape internvl3-8b --layers 2 --vision-layers 2 \
+        --methods script,divprune,fastv --budgets 64 --repeats 3 --json out.json
     python -m llava.eval.efficiency --model-path PATH --methods script --budgets 64
 
-For every (method, budget) the tool runs the pipeline a LLaVA model runs, stage by stage, and
-times each stage separately (warm-up runs first, then the median over ``--repeats``):
+Every measured row is one transformers VLM (``LlavaForConditionalGeneration``, ``LlavaNext...``,
+``LlavaOnevision...`` for LLaVA-Video, ``InternVL...``, ``Qwen2_5_VL...``) of the requested shape, built
+from transformers' config classes with random weights (or a checkpoint), pruned by the public layer
+``script_prune.patch.apply(model, method, budget, ...)`` and run by ``model.generate`` on one prompt
+(``--text-tokens`` text positions around the visual placeholders), warm-up runs first, then the median
+over ``--repeats``:
 
-1. vision tower: CLIP ViT over all crops, selected layer (-2) patch features (shared by all rows);
-2. method inputs: the CLIP text tower + visual projection for query methods, the [CLS]
-   attention and keys of the selected layer for VisionZip (``inputs_ms``);
-3. selection: the ``script_prune`` call alone (``select_ms``), plus the projector (``projector_ms``);
-   selection methods select on the projected tokens, merging methods reduce the pre-projector
-   features and project what is kept, as the pruning layer (``script_prune.patch``) does;
-4. LLM prefill over ``inputs_embeds`` = text prefix + kept visual tokens + text suffix
-   (``--text-tokens`` in all), logits for the last position only (``prefill_ms``);
-5. greedy decoding of ``--decode-tokens`` tokens with the KV cache (``decode_ms_per_token``).
+- ``prefill_ms``: generate()'s first step (vision tower, selection, LLM prefill, first token) and
+  ``decode_ms_per_token``: the next ``--decode-tokens - 1`` steps, from a streamer's timestamps;
+- the stages of the pruned prefill, from the layer's stage timer (``script_prune.patch.set_stage_timer``):
+  ``vision_ms`` (vision tower + projector), ``select_ms`` (relevance inputs + selection),
+  ``llm_prefill_ms`` (the language model on the shortened prompt; in-LLM methods such as FastV select
+  inside it). The unpruned row runs the stock forward, which has no stages: its ``vision_ms`` is the stock
+  ``get_image_features`` and its ``llm_prefill_ms`` the stock forward over ``inputs_embeds`` of the same
+  length, each run apart;
+- ``kv_cache_mb``: the cache tensors generate() returns, at the prefill's positions; ``peak_mem_mb``:
+  CUDA peak allocated on a GPU, the process's peak RSS on a CPU (``peak_mem_kind`` says which);
+- ``llm_visual_tokens``: visual tokens that reached the LLM (``script_prune.patch.visual_tokens``: kept,
+  merged and layout tokens; in-LLM methods: those left after their layer), ``kept_tokens``: the selected
+  tokens over all rows (``script_prune.patch.kept``).
 
-KV cache: ``kv_cache_mb`` is measured from the cache tensors after prefill (all tokens, the layers
-that ran, the run dtype, MiB); ``kv_visual_fp16_mb`` is Table 6's convention (visual tokens only,
-full depth, fp16: 1440 MiB at 2880 tokens). Peak memory: CUDA peak allocated on a GPU, the
-process's peak RSS (VmHWM, reset per row where the kernel allows) on a CPU; ``peak_mem_kind`` says which.
-
-Methods that act inside the LLM (``MethodSpec.stage == "llm"``, FastV) run through the model's own
-implementation (``llava.model.fastv.fastv_prefill``): all visual tokens enter the LLM, layers < K see
-them all, later layers and the KV cache only the kept ones; their selection time is inside
-``prefill_ms``. A truncated LLM (``--layers``) with no layer after K runs FastV at K = layers - 1 (the
-row says so). Their FLOPs follow the layer-aware count on the full model (first K layers see all
-visual tokens).
+Every registry method is measured the same way; in-LLM methods get ``layer=--fastv-k`` when they take
+``layer`` (K = layers - 1 when a truncated LLM has no layer after K; the row says so). A method the
+layer refuses for the family (e.g. VisionZip on InternVL) gets a row with ``measured: false`` and the
+reason. FLOPs: the paper's convention on the full-depth shape (``llava/eval/flops.py``; in-LLM methods
+layer-aware through its ``IN_LLM_LAYER_TOKENS``).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import math
 import os
 import statistics
 import sys
@@ -49,7 +53,7 @@ import torch
 
 import script_prune as sp
 from llava.eval import flops as F
-from llava.model.hf_compat import CACHE_ARG, OUTPUT_CACHE_FIELD, output_cache
+from script_prune.patch.family import output_cache_field
 
 BASELINE = "none"  # the unpruned model's row
 MIB = 2**20
@@ -70,7 +74,6 @@ class BenchSettings:
     fastv_k: int = 2
     seed: int = 0
     include_baseline: bool = True
-    vision_repeats: int | None = None  # timed vision-tower passes (default: repeats)
 
     def __post_init__(self) -> None:
         known = set(sp.list_methods()) | {BASELINE}
@@ -79,50 +82,63 @@ class BenchSettings:
             raise ValueError(f"methods {bad} are not known; choose from {sorted(known)}")
         if not self.budgets or any(not isinstance(b, int) or b < 1 for b in self.budgets):
             raise ValueError(f"budgets must be a non-empty list of ints >= 1, got {self.budgets!r}")
-        for name in ("repeats", "decode_tokens", "text_tokens", "query_tokens"):
+        for name in ("repeats", "text_tokens", "query_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.vision_repeats is not None and self.vision_repeats < 1:
-            raise ValueError(f"vision_repeats must be >= 1, got {self.vision_repeats}")
-        if self.warmup < 0 or self.fastv_k < 0:
-            raise ValueError(f"warmup and fastv_k must be >= 0, got {self.warmup}, {self.fastv_k}")
+        if self.decode_tokens < 2:
+            raise ValueError(f"decode_tokens must be >= 2 (the first token comes from the prefill), "
+                             f"got {self.decode_tokens}")
+        if self.warmup < 0 or self.fastv_k < 1:
+            raise ValueError(f"warmup must be >= 0 and fastv_k >= 1, got {self.warmup}, {self.fastv_k}")
 
 
-# ----------------------------------------------------------------------------------------- pipeline
+# ----------------------------------------------------------------------------------------- models
+#: Which transformers family builds each shape of ``llava.eval.flops.SHAPES``.
+SHAPE_FAMILY = {"llava-v1.5-7b": "llava", "llava-v1.5-13b": "llava", "tiny": "llava",
+                "llava-v1.6-vicuna-7b": "llava_next", "llava-v1.6-vicuna-13b": "llava_next", "tiny-next": "llava_next",
+                "llava-video-7b": "llava_video", "tiny-video": "llava_video",
+                "internvl3-8b": "internvl", "tiny-internvl": "internvl",
+                "qwen2.5-vl-7b": "qwen2_5_vl", "tiny-qwen-vl": "qwen2_5_vl"}
+#: Visual placeholder ids: the last ids of the vocabulary (text ids are drawn below them).
+IMAGE_ID, VIDEO_ID, START_ID, END_ID = -1, -2, -3, -4
+RESERVED = 8
+
+
 @dataclass
-class VisionOutputs:
-    """Vision tower outputs for R crops."""
+class Bench:
+    """A VLM ready to measure: the model, its shape, one prompt, and how the layer gets relevance.
 
-    features: torch.Tensor  # (R, N, C) selected-layer patch features
-    hidden_before: torch.Tensor | None = None  # (R, N+1, C) input of the selected layer (random-weights mode)
-    cls_attention: torch.Tensor | None = None  # (R, N) when the tower computed it (checkpoint mode)
-    keys: torch.Tensor | None = None  # (R, N, Dh)
+    inputs: generate()'s keyword arguments for one prompt (input_ids (1, L), attention_mask, pixels...);
+    placeholders: visual placeholder positions of the prompt; relevance: ``apply``'s ``relevance``
+    (None: the family's default); query: texts for ``set_query`` (the ``clip_text`` source), or None;
+    pooling: LLaVA-Video's frame pooling set on the model (``set_video_pooling``), or None.
+    """
 
-
-@dataclass
-class Pipeline:
-    """The parts of a LLaVA model the benchmark times, stage by stage."""
-
-    shape: F.ModelShape  # the real model's shape (FLOPs use its full depth)
-    vision_fn: Callable[[torch.Tensor, bool], VisionOutputs]  # (pixels (R,3,S,S), with_attention) -> outputs
-    projector: torch.nn.Module  # LLaVA mm_projector
-    llm: torch.nn.Module  # LlamaForCausalLM-like (inputs_embeds, KV cache, logits_to_keep)
-    relevance_fn: Callable[[VisionOutputs], dict[str, torch.Tensor]] | None = None  # image/query embeds
-    attention_fn: Callable[[VisionOutputs], dict[str, torch.Tensor]] | None = None  # cls_attention/keys
+    model: torch.nn.Module
+    shape: F.ModelShape
+    inputs: dict[str, torch.Tensor]
+    placeholders: int
+    relevance: Any = None
+    query: list[str] | None = None
     source: str = "random-weights"
     clock: str = "wall"  # a key of CLOCKS
+    pooling: str | None = None
 
     @property
     def device(self) -> torch.device:
-        return next(self.llm.parameters()).device
+        return self.inputs["input_ids"].device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.llm.parameters()).dtype
+        return self.model.dtype
+
+    @property
+    def text_config(self) -> Any:
+        return self.model.config.get_text_config()
 
     @property
     def layers_run(self) -> int:
-        return len(self.llm.get_decoder().layers)
+        return int(self.text_config.num_hidden_layers)
 
 
 @contextmanager
@@ -161,120 +177,203 @@ def _fill_parameters(module: torch.nn.Module, seed: int, std: float = 0.02) -> N
             flat[full * size:].copy_(window[: n - full * size])
 
 
-def _clip_vision_config(vs: F.VisionShape):
-    from transformers import CLIPVisionConfig
-
-    cfg = CLIPVisionConfig(hidden_size=vs.hidden, intermediate_size=vs.intermediate, num_hidden_layers=vs.layers,
-                           num_attention_heads=vs.heads, image_size=vs.image_size, patch_size=vs.patch_size,
-                           projection_dim=vs.projection_dim, hidden_act="quick_gelu")
-    cfg._attn_implementation = "sdpa"
-    return cfg
+def _text_config(llm: F.LLMShape, layers: int, model_type: str) -> dict[str, Any]:
+    return dict(model_type=model_type, hidden_size=llm.hidden, intermediate_size=llm.intermediate,
+                num_hidden_layers=layers, num_attention_heads=llm.heads, num_key_value_heads=llm.kv_heads,
+                vocab_size=llm.vocab, max_position_embeddings=32768, tie_word_embeddings=False, pad_token_id=0)
 
 
-def _clip_text_config(vs: F.VisionShape):
-    from transformers import CLIPTextConfig
-
-    big = vs.hidden >= 512
-    cfg = CLIPTextConfig(hidden_size=768 if big else 32, intermediate_size=3072 if big else 64,
-                         num_hidden_layers=12 if big else 2, num_attention_heads=12 if big else 4,
-                         projection_dim=vs.projection_dim, vocab_size=49408, max_position_embeddings=77,
-                         hidden_act="quick_gelu")
-    cfg._attn_implementation = "sdpa"
-    return cfg
+def _vit_config(vision: F.VisionShape, layers: int, **extra: Any) -> dict[str, Any]:
+    return dict(hidden_size=vision.hidden, intermediate_size=vision.intermediate, num_hidden_layers=layers,
+                num_attention_heads=vision.heads, image_size=vision.image_size, patch_size=vision.patch_size, **extra)
 
 
-def _llama_config(llm: F.LLMShape, layers: int):
-    from transformers import LlamaConfig
+def model_config(shape: F.ModelShape, layers: int, vision_layers: int) -> Any:
+    """transformers' config of ``shape`` with ``layers`` LLM and ``vision_layers`` vision-tower layers."""
+    from transformers import (InternVLConfig, LlavaConfig, LlavaNextConfig, LlavaOnevisionConfig,
+                              Qwen2_5_VLConfig)
 
-    cfg = LlamaConfig(hidden_size=llm.hidden, intermediate_size=llm.intermediate, num_hidden_layers=layers,
-                      num_attention_heads=llm.heads, num_key_value_heads=llm.kv_heads, vocab_size=llm.vocab,
-                      max_position_embeddings=4096, rms_norm_eps=1e-5)
-    cfg._attn_implementation = "sdpa"
-    return cfg
+    family, llm, vision = SHAPE_FAMILY[shape.name], shape.llm, shape.vision
+    ids = {name: llm.vocab + offset for name, offset in
+           (("image", IMAGE_ID), ("video", VIDEO_ID), ("start", START_ID), ("end", END_ID))}
+    if family in ("llava", "llava_next"):
+        text = _text_config(llm, layers, "llama")
+        clip = dict(model_type="clip_vision_model", projection_dim=vision.projection_dim, hidden_act="quick_gelu",
+                    **_vit_config(vision, vision_layers))
+        common = dict(text_config=text, vision_config=clip, image_token_index=ids["image"], vision_feature_layer=-2,
+                      vision_feature_select_strategy="default")
+        if family == "llava":
+            return LlavaConfig(**common)
+        tile = vision.image_size
+        pinpoints = [[tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile], [tile, 3 * tile], [3 * tile, tile]]
+        return LlavaNextConfig(image_grid_pinpoints=pinpoints, **common)
+    qwen = _text_config(llm, layers, "qwen2")
+    if family == "llava_video":
+        siglip = dict(model_type="siglip_vision_model", **_vit_config(vision, vision_layers))
+        return LlavaOnevisionConfig(text_config=qwen, vision_config=siglip, image_token_index=ids["image"],
+                                    video_token_index=ids["video"], vision_feature_layer=-1,
+                                    vision_feature_select_strategy="full")
+    if family == "internvl":
+        tile = _vit_config(vision, vision_layers)
+        tile.update(image_size=[vision.image_size] * 2, patch_size=[vision.patch_size] * 2)
+        return InternVLConfig(text_config=qwen, vision_config=tile, image_token_id=ids["image"],
+                              vision_feature_layer=-1, vision_feature_select_strategy="default",
+                              downsample_ratio=0.5)
+    head_dim = llm.hidden // llm.heads  # M-RoPE sections (t, h, w) of half the head dim, as Qwen2.5-VL: 1/4, 3/8, 3/8
+    sections = [head_dim // 8, 3 * head_dim // 16, head_dim // 2 - head_dim // 8 - 3 * head_dim // 16]
+    qwen["rope_parameters"] = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": sections}
+    window = 8 * vision.patch_size * 2  # 112 px at patch 14: 4 x 4 merged tokens per window
+    full_attention = [i for i in range(vision_layers) if i % 8 == 7] or [vision_layers - 1]
+    vit = dict(depth=vision_layers, hidden_size=vision.hidden, intermediate_size=vision.intermediate,
+               num_heads=vision.heads, out_hidden_size=llm.hidden, patch_size=vision.patch_size, spatial_merge_size=2,
+               temporal_patch_size=vision.temporal_patch, window_size=window, fullatt_block_indexes=full_attention,
+               tokens_per_second=2)
+    return Qwen2_5_VLConfig(text_config=qwen, vision_config=vit, image_token_id=ids["image"],
+                            video_token_id=ids["video"], vision_start_token_id=ids["start"],
+                            vision_end_token_id=ids["end"])
 
 
-def random_pipeline(shape_name: str, layers: int | None = None, *, device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32, with_text_tower: bool = True, seed: int = 0,
-                    query_tokens: int = 12) -> Pipeline:
-    """A model with a real LLaVA shape and random weights (``layers`` LLM layers; default all).
-
-    The query for relevance methods is ``query_tokens`` random CLIP token ids."""
-    from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection, LlamaForCausalLM
+def build_model(config: Any, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
+                cls: Any = None) -> torch.nn.Module:
+    """The transformers model of ``config`` (``cls``, default: transformers' VLM class for it) with random weights,
+    built in place on ``device`` (no fp32 copy first; on ``"meta"``: shapes only, no values)."""
+    from transformers import AutoModelForImageTextToText
     from transformers.initialization import no_init_weights
 
+    config._attn_implementation = "sdpa"
+    with no_init_weights(), torch.device(device), _default_dtype(dtype):
+        model = AutoModelForImageTextToText.from_config(config) if cls is None else cls(config)
+    if torch.device(device).type != "meta":
+        _fill_parameters(model, seed)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _text_ids(count: int, vocab: int, gen: torch.Generator) -> list[int]:
+    return torch.randint(3, vocab - RESERVED, (count,), generator=gen).tolist()
+
+
+def visual_prompt(shape: F.ModelShape, family: str, config: Any, text_tokens: int, gen: torch.Generator,
+                  device: torch.device, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], int]:
+    """One prompt for ``shape`` on ``family`` (a value of ``SHAPE_FAMILY``): 3/5 of the text, the visual placeholders
+    as the family's processor lays them out, the rest of the text; random pixels. -> generate()'s inputs, placeholder
+    count."""
+    vision = shape.vision
+    side, tile = vision.patches_per_side, vision.image_size
+    vocab = config.get_text_config().vocab_size
+    text = _text_ids(text_tokens, vocab, gen)
+    prefix, suffix = text[: text_tokens * 3 // 5], text[text_tokens * 3 // 5:]
+    pixels = lambda *size: torch.randn(*size, generator=gen).to(device, dtype)  # noqa: E731
+    inputs: dict[str, torch.Tensor] = {}
+    if family == "llava":
+        count, marker = side * side, config.image_token_index
+        inputs["pixel_values"] = pixels(1, 3, tile, tile)
+    elif family == "llava_next":  # a 2x2-tile square image: base row + 2s x 2s grid with a newline per grid row
+        grid = math.isqrt(shape.crops - 1)
+        if grid * grid != shape.crops - 1 or [grid * tile] * 2 not in config.image_grid_pinpoints:
+            raise ValueError(f"shape {shape.name}: the LLaVA-NeXT prompt is a square image of {shape.crops - 1} tiles, "
+                             f"which needs pinpoint {[grid * tile] * 2} in image_grid_pinpoints")
+        count, marker = side * side + grid * side * (grid * side + 1), config.image_token_index
+        inputs.update(pixel_values=pixels(1, shape.crops, 3, tile, tile),
+                      image_sizes=torch.tensor([[grid * tile, grid * tile]], device=device))
+    elif family == "llava_video":  # frames pooled 2x2 (LLaVA-Video), one newline after the video
+        count, marker = shape.crops * shape.tokens_per_crop + 1, config.video_token_index
+        inputs["pixel_values_videos"] = pixels(1, shape.crops, 3, tile, tile)
+    elif family == "internvl":  # tiles + thumbnail, 256 tokens each, one contiguous run
+        count, marker = shape.crops * shape.tokens_per_crop, config.image_token_id
+        inputs["pixel_values"] = pixels(shape.crops, 3, tile, tile)
+    elif family == "qwen2_5_vl":  # one image of side x side patches, 2x2 merged, between vision start / end
+        count, marker = shape.tokens_per_crop, config.image_token_id
+        prefix, suffix = prefix + [config.vision_start_token_id], [config.vision_end_token_id] + suffix
+        inputs.update(pixel_values=pixels(side * side, 3 * vision.temporal_patch * vision.patch_size ** 2),
+                      image_grid_thw=torch.tensor([[1, side, side]], device=device))
+    else:
+        raise ValueError(f"no prompt layout for family {family!r}")
+    ids = torch.tensor([prefix + [marker] * count + suffix], device=device)
+    inputs.update(input_ids=ids, attention_mask=torch.ones_like(ids))
+    if family == "qwen2_5_vl":
+        inputs["mm_token_type_ids"] = (ids == marker).int()
+    return inputs, count
+
+
+class FixedIds:
+    """A stand-in CLIP tokenizer for random weights: every question is the same ``count`` random token ids."""
+
+    def __init__(self, count: int, vocab: int, seed: int) -> None:
+        self.ids = torch.randint(1, vocab - 1, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+    def __call__(self, text: str) -> Any:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids=list(self.ids))
+
+
+def random_clip_text(vision: F.VisionShape, query_tokens: int, device: Any, dtype: torch.dtype,
+                     seed: int) -> sp.patch.ClipText:
+    """The ``clip_text`` relevance source of a LLaVA shape with random weights: CLIP's text tower at the
+    ViT-L/14 text shape (tiny shapes: a tiny one), a visual projection, ``query_tokens`` fixed random ids."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    big = vision.hidden >= 512
+    cfg = CLIPTextConfig(hidden_size=768 if big else 32, intermediate_size=3072 if big else 64,
+                         num_hidden_layers=12 if big else 2, num_attention_heads=12 if big else 4,
+                         projection_dim=vision.projection_dim, vocab_size=49408, max_position_embeddings=77,
+                         hidden_act="quick_gelu")
+    text = build_model(cfg, device, dtype, seed + 1, cls=CLIPTextModelWithProjection)
+    projection = torch.nn.Linear(vision.hidden, vision.projection_dim, bias=False, device=device, dtype=dtype)
+    _fill_parameters(projection, seed + 2)
+    return sp.patch.ClipText(text, projection, FixedIds(query_tokens, cfg.vocab_size, seed))
+
+
+def random_bench(shape_name: str, layers: int | None = None, vision_layers: int | None = None, *,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
+                 text_tokens: int = 60, query_tokens: int = 12, with_text_tower: bool = True) -> Bench:
+    """A VLM with a real shape and random weights (``layers`` LLM / ``vision_layers`` ViT layers; default all)."""
     shape = F.get_shape(shape_name)
     n_layers = shape.llm.layers if layers is None else layers
-    if n_layers < 1:
-        raise ValueError(f"layers must be >= 1, got {layers}")
-    widths = (shape.vision.hidden, *shape.projector_hidden, shape.llm.hidden)
-    with no_init_weights(), torch.device(device), _default_dtype(dtype):  # built in place: no fp32 copy first
-        vision = CLIPVisionModelWithProjection(_clip_vision_config(shape.vision))
-        llm = LlamaForCausalLM(_llama_config(shape.llm, n_layers))
-        text = CLIPTextModelWithProjection(_clip_text_config(shape.vision)) if with_text_tower else None
-        parts: list[torch.nn.Module] = []
-        for a, b in zip(widths[:-1], widths[1:]):
-            parts += [torch.nn.Linear(a, b), torch.nn.GELU()]
-        projector = torch.nn.Sequential(*parts[:-1])  # mlp2x_gelu: Linear, GELU, Linear
-    for k, module in enumerate((vision, llm, text, projector)):
-        if module is not None:
-            _fill_parameters(module, seed + k)
-            module.to(device=device, dtype=dtype).eval()
-    clip = vision.vision_model
-    query_ids = torch.randint(1, 49000, (1, query_tokens), generator=torch.Generator().manual_seed(seed)).to(device)
-    return Pipeline(
-        shape=shape,
-        vision_fn=lambda pixels, with_attention: clip_vision_outputs(clip, pixels),
-        projector=projector,
-        llm=llm,
-        relevance_fn=None if text is None else (
-            lambda vis: clip_relevance_inputs(clip, vision.visual_projection, text, vis, query_ids)),
-        attention_fn=lambda vis: clip_attention_inputs(clip, vis),
-        source="random-weights",
-    )
+    n_vision = shape.vision.layers if vision_layers is None else vision_layers
+    if n_layers < 1 or n_vision < 1:
+        raise ValueError(f"layers and vision_layers must be >= 1, got {layers}, {vision_layers}")
+    config = model_config(shape, n_layers, n_vision)
+    model = build_model(config, device, dtype, seed)
+    device = torch.device(device)
+    family = SHAPE_FAMILY[shape.name]
+    inputs, count = visual_prompt(shape, family, config, text_tokens, torch.Generator().manual_seed(seed), device,
+                                  dtype)
+    bench = Bench(model, shape, inputs, count)
+    if family in ("llava", "llava_next") and with_text_tower:
+        bench.relevance = random_clip_text(shape.vision, query_tokens, device, dtype, seed)
+        bench.query = ["(random query ids)"]
+    if family == "llava_video":
+        bench.pooling = "average"
+    return bench
 
 
-def checkpoint_pipeline(model_path: str, *, device: str = "cpu", dtype: torch.dtype | None = None,
-                        query: str = "Is there a person in the image?") -> Pipeline:
-    """The stages of a LLaVA checkpoint loaded with ``llava.model.builder.load_pretrained_model`` (transformers'
-    own LLaVA class): its vision tower (VisionZip's [CLS] attention recomputed from the selected layer's input,
-    as in random-weights mode), the pruning layer's CLIP relevance source (query ``query``), its projector and
-    its language model."""
+def checkpoint_bench(model_path: str, *, device: str = "cpu", dtype: torch.dtype | None = None,
+                     query: str = "Is there a person in the image?", text_tokens: int = 60, seed: int = 0) -> Bench:
+    """A LLaVA checkpoint loaded with ``llava.model.builder.load_pretrained_model`` (its transformers model,
+    ``.hf``), its CLIP relevance source with ``query``, random pixels: 1 image (LLaVA-1.5) or a 2x2-tile
+    square image (LLaVA-NeXT)."""
     if not os.path.isdir(model_path):
         raise FileNotFoundError(f"model_path {model_path!r} is not a directory")
     from llava.model.builder import load_pretrained_model
 
-    _, model, _, _ = load_pretrained_model(model_path, device=device, torch_dtype=dtype)
-    model.eval()
-    hf = model.hf  # transformers' own LlavaForConditionalGeneration / LlavaNextForConditionalGeneration
-    tower = hf.model.vision_tower
-    clip = getattr(tower, "vision_model", tower)
-    select = hf.config.vision_feature_layer
-    cfg = hf.config.text_config
-    llm_shape = F.LLMShape(hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, layers=cfg.num_hidden_layers,
-                           heads=cfg.num_attention_heads,
-                           kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
-                           vocab=cfg.vocab_size)
-    vcfg = hf.config.vision_config
-    vshape = F.VisionShape(hidden=vcfg.hidden_size, intermediate=vcfg.intermediate_size,
-                           layers=vcfg.num_hidden_layers, heads=vcfg.num_attention_heads,
-                           image_size=vcfg.image_size, patch_size=vcfg.patch_size,
+    _, adapter, _, _ = load_pretrained_model(model_path, device=device, torch_dtype=dtype)
+    hf = adapter.hf.eval()
+    cfg, vcfg = hf.config.text_config, hf.config.vision_config
+    llm = F.LLMShape(hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, layers=cfg.num_hidden_layers,
+                     heads=cfg.num_attention_heads, kv_heads=getattr(cfg, "num_key_value_heads", None) or
+                     cfg.num_attention_heads, vocab=cfg.vocab_size)
+    vision = F.VisionShape(hidden=vcfg.hidden_size, intermediate=vcfg.intermediate_size, layers=vcfg.num_hidden_layers,
+                           heads=vcfg.num_attention_heads, image_size=vcfg.image_size, patch_size=vcfg.patch_size,
                            projection_dim=getattr(vcfg, "projection_dim", 768))
     projector = hf.model.multi_modal_projector
     widths = tuple(m.out_features for m in projector.modules() if isinstance(m, torch.nn.Linear))[:-1]
-    shape = F.ModelShape(os.path.basename(os.path.normpath(model_path)), llm_shape, vshape,
-                         crops=5 if model.next_layout else 1, projector_hidden=widths)
-
-    def vision_fn(pixels: torch.Tensor, with_attention: bool) -> VisionOutputs:
-        return clip_vision_outputs(clip, pixels, select)
-
-    def relevance_fn(vis: VisionOutputs) -> dict[str, torch.Tensor]:
-        return model.clip_embeddings(vis.features, query)  # the clip_text source of the pruning layer
-
-    def attention_fn(vis: VisionOutputs) -> dict[str, torch.Tensor]:
-        return clip_attention_inputs(clip, vis, select)
-
-    return Pipeline(shape=shape, vision_fn=vision_fn, projector=projector, llm=hf, relevance_fn=relevance_fn,
-                    attention_fn=attention_fn, source=model_path)
+    family = "llava_next" if adapter.next_layout else "llava"
+    shape = F.ModelShape(os.path.basename(os.path.normpath(model_path)), llm, vision,
+                         crops=5 if adapter.next_layout else 1, projector_hidden=widths)
+    inputs, count = visual_prompt(shape, family, hf.config, text_tokens, torch.Generator().manual_seed(seed), hf.device,
+                                  hf.dtype)
+    return Bench(hf, shape, inputs, count, relevance=adapter.relevance_source(), query=[query], source=model_path)
 
 
 # ----------------------------------------------------------------------------------------- timing
@@ -289,14 +388,43 @@ CLOCKS: dict[str, Callable[[], float]] = {
 }
 
 
-def timed(fn: Callable[[], Any], pipe: "Pipeline") -> tuple[Any, float]:
-    """Run ``fn`` once; return its result and its time in ms on ``pipe.clock`` (device synchronised)."""
-    clock = CLOCKS[pipe.clock]
-    _sync(pipe.device)
-    t0 = clock()
-    out = fn()
-    _sync(pipe.device)
-    return out, (clock() - t0) * 1e3
+class StageTimer:
+    """The layer's stage timer (``script_prune.patch.set_stage_timer``): device-synchronised ms per stage."""
+
+    def __init__(self, clock: Callable[[], float], device: torch.device) -> None:
+        self.clock, self.device = clock, device
+        self.times: dict[str, list[float]] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        _sync(self.device)
+        start = self.clock()
+        yield
+        _sync(self.device)
+        self.times.setdefault(stage, []).append((self.clock() - start) * 1e3)
+
+
+class StepClock:
+    """A generate() streamer that only notes when each step's tokens are ready (device synchronised):
+    the prompt, then the first token (after the prefill), then one per decoding step."""
+
+    def __init__(self, clock: Callable[[], float], device: torch.device) -> None:
+        self.clock, self.device = clock, device
+        self.stamps: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        _sync(self.device)
+        self.stamps.append(self.clock())
+
+    def end(self) -> None:
+        pass
+
+    def split(self) -> tuple[float, float]:
+        """(prefill ms, decode ms per token) of the generate() call that just ran."""
+        if len(self.stamps) < 3:
+            raise RuntimeError(f"generate() produced {len(self.stamps) - 1} token(s); timing needs at least 2")
+        first, last = self.stamps[1], self.stamps[-1]
+        return (first - self.stamps[0]) * 1e3, (last - first) * 1e3 / (len(self.stamps) - 2)
 
 
 def _reset_peak(device: torch.device) -> str:
@@ -326,288 +454,207 @@ def _peak_mb(device: torch.device) -> float | None:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MIB
 
 
-def cache_nbytes(cache: Any) -> int:
-    """Bytes held by a transformers KV cache (keys and values of every layer)."""
+def cache_nbytes(cache: Any, positions: int | None = None) -> int:
+    """Bytes of a transformers KV cache's keys and values (every layer); with ``positions``, of its first
+    ``positions`` sequence positions only (the prefill's, when generate() has appended decoded tokens)."""
     total = 0
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        for layer in layers:
-            for name in ("keys", "values"):
-                t = getattr(layer, name, None)
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-        return total
-    for kv in cache:  # legacy tuple of (k, v)
-        total += sum(t.numel() * t.element_size() for t in kv)
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values):  # (B, kv_heads, S, head_dim)
+            if isinstance(t, torch.Tensor) and t.numel():
+                kept = t.shape[2] if positions is None else min(positions, t.shape[2])
+                total += t.numel() // t.shape[2] * kept * t.element_size()
     return total
 
 
-# ----------------------------------------------------------------------------------------- stages
-def clip_vision_outputs(vision: torch.nn.Module, pixels: torch.Tensor, select_layer: int = -2) -> VisionOutputs:
-    """CLIP forward with hidden states; LLaVA's selected layer without the [CLS] token."""
-    hs = vision(pixel_values=pixels, output_hidden_states=True).hidden_states
-    return VisionOutputs(features=hs[select_layer][:, 1:], hidden_before=hs[select_layer - 1])
-
-
-def clip_relevance_inputs(vision: torch.nn.Module, visual_projection: torch.nn.Module, text_tower: torch.nn.Module,
-                          vis: VisionOutputs, query_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """image_embeds (R, N, E) = visual_projection(post_layernorm(patch features)); query_embeds (1, E)."""
-    image_embeds = visual_projection(vision.post_layernorm(vis.features))
-    query_embeds = text_tower(input_ids=query_ids).text_embeds  # (1, E)
-    return {"image_embeds": image_embeds, "query_embeds": query_embeds}
-
-
-def clip_attention_inputs(vision: torch.nn.Module, vis: VisionOutputs, select_layer: int = -2) -> dict[str, torch.Tensor]:
-    """cls_attention (R, N): [CLS] row of the selected layer's attention, mean over heads;
-    keys (R, N, Dh): that layer's patch keys, mean over heads. Only the [CLS] row is computed."""
-    # hidden_states[s] is the output of encoder layer s - 1 (s >= 0) or of layer s (s < 0)
-    layer = vision.encoder.layers[select_layer if select_layer < 0 else select_layer - 1]
-    attn = layer.self_attn
-    x = layer.layer_norm1(vis.hidden_before)  # (R, T, C)
-    r, t, _ = x.shape
-    heads, hd = attn.num_heads, attn.head_dim
-    q = attn.q_proj(x[:, :1]).view(r, 1, heads, hd).transpose(1, 2)  # (R, H, 1, hd)
-    k = attn.k_proj(x).view(r, t, heads, hd).transpose(1, 2)  # (R, H, T, hd)
-    probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1)  # (R, H, 1, T)
-    return {"cls_attention": probs[:, :, 0, 1:].mean(1), "keys": k[:, :, 1:].float().mean(1)}
-
-
-@dataclass
-class Selected:
-    tokens: torch.Tensor  # (R, k + e, D) projected visual tokens for the LLM
-    select_ms: float
-    projector_ms: float
-
-
-def run_selection(pipe: Pipeline, method: str, budget: int, features: torch.Tensor,
-                  inputs: dict[str, torch.Tensor], params: dict[str, Any]) -> Selected:
-    """Projector + script_prune call, timed separately (same order as script_prune.patch's prefill)."""
-    dev = pipe.device
-    n = features.shape[1]
-    if method == BASELINE or sp.keeps_all(budget, n) or sp.get_method(method).stage == "llm":
-        tokens, proj_ms = timed(lambda: pipe.projector(features), pipe)
-        return Selected(tokens, 0.0, proj_ms)
-    spec = sp.get_method(method)
-    if spec.merges:
-        red, sel_ms = timed(lambda: sp.reduce(features, budget, method, **inputs, **params), pipe)
-        kept = torch.gather(features, 1, red.indices.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
-        if red.merged is not None:
-            kept = torch.cat([kept, red.merged.to(features.dtype)], dim=1)
-        tokens, proj_ms = timed(lambda: pipe.projector(kept), pipe)
-        return Selected(tokens, sel_ms, proj_ms)
-    projected, proj_ms = timed(lambda: pipe.projector(features), pipe)
-    idx, sel_ms = timed(lambda: sp.select(projected, budget, method, **inputs, **params), pipe)
-    tokens = torch.gather(projected, 1, idx.unsqueeze(-1).expand(-1, -1, projected.shape[-1]))
-    return Selected(tokens, sel_ms, proj_ms)
-
-
-def build_prompt(pipe: Pipeline, visual: torch.Tensor, text_tokens: int,
-                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """inputs_embeds (1, T, D): a text prefix (the system prompt's length share), the visual tokens of all
-    crops, then the question; ``text_tokens`` text positions in all (random ids: timing does not depend on them).
-    Also returns visual_rows (1, T) long: the crop index of each visual token, -1 for text (for FastV)."""
-    vocab = pipe.llm.get_input_embeddings().num_embeddings
-    ids = torch.randint(3, vocab, (1, text_tokens), generator=gen).to(pipe.device)
-    text = pipe.llm.get_input_embeddings()(ids)  # (1, T_text, D)
-    n_prefix = (text_tokens * 3) // 5
-    vis = visual.reshape(1, -1, visual.shape[-1]).to(text.dtype)
-    rows = torch.arange(visual.shape[0], device=pipe.device).repeat_interleave(visual.shape[1])
-    text_rows = torch.full((text_tokens,), -1, dtype=torch.long, device=pipe.device)
-    visual_rows = torch.cat([text_rows[:n_prefix], rows, text_rows[n_prefix:]])[None]
-    return torch.cat([text[:, :n_prefix], vis, text[:, n_prefix:]], dim=1), visual_rows
-
-
-def prefill(pipe: Pipeline, embeds: torch.Tensor) -> Any:
-    """LLM forward over the whole prompt with a fresh KV cache; logits of the last position only."""
-    return pipe.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
-
-
-def fastv_k_run(settings: BenchSettings, layers_run: int) -> int:
-    """FastV's layer K for the LLM that runs: the configured K, or the last layer but one when the
-    (truncated) LLM has no layer after K."""
-    return max(1, min(settings.fastv_k, layers_run - 1))
-
-
-def llm_stage_prefill(pipe: Pipeline, embeds: torch.Tensor, visual_rows: torch.Tensor, method: str, budget: int,
-                      k: int) -> Any:
-    """Prefill with an in-LLM method (FastV) through the model's own implementation, ``llava.model.fastv``:
-    layers < K see every token, later layers and the KV cache only the kept ones."""
-    from types import SimpleNamespace
-
-    from llava.model.fastv import LLMPruning, fastv_prefill
-
-    base, _ = fastv_prefill(pipe.llm.get_decoder(), embeds, None, None, None, True, visual_rows,
-                            LLMPruning(layer=k, budget=budget, method=method))
-    logits = pipe.llm.get_output_embeddings()(base.last_hidden_state[:, -1:])
-    return SimpleNamespace(logits=logits, **{OUTPUT_CACHE_FIELD: output_cache(base)})
-
-
-def decode(pipe: Pipeline, out: Any, steps: int) -> float:
-    """Greedy decoding of ``steps`` tokens from a prefill output; returns ms per token. After a FastV
-    prefill the steps use its shortened cache (mask and original position ids from ``llava.model.fastv``)."""
-    dev = pipe.device
-    cache, token = output_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
-
-    def loop() -> None:
-        nonlocal cache, token
-        for _ in range(steps):
-            extra: dict[str, Any] = {}
-            from llava.model.fastv import decode_inputs, fastv_state
-
-            state = fastv_state(cache)
-            if state is not None:
-                extra["attention_mask"], extra["position_ids"] = decode_inputs(state, cache, None, None, 1)
-            step = pipe.llm(input_ids=token, use_cache=True, logits_to_keep=1, **{CACHE_ARG: cache}, **extra)
-            cache, token = output_cache(step), step.logits[:, -1].argmax(-1, keepdim=True)
-
-    _, ms = timed(loop, pipe)
-    return ms / steps
+def _median(xs: list[float]) -> float | None:
+    return float(statistics.median(xs)) if xs else None
 
 
 # ----------------------------------------------------------------------------------------- rows
+def method_params(bench: Bench, method: str, settings: BenchSettings) -> tuple[dict[str, Any], str | None]:
+    """The parameters ``apply`` gets for ``method`` (in-LLM: ``layer``, fitted to the LLM that runs) and a note."""
+    if method == BASELINE:
+        return {}, None
+    spec = sp.get_method(method)
+    if spec.stage != "llm" or "layer" not in spec.params:
+        return {}, None
+    k = max(1, min(settings.fastv_k, bench.layers_run - 1))
+    note = None if k == settings.fastv_k else (
+        f"{method}: K={k} in the {bench.layers_run}-layer LLM that ran (K={settings.fastv_k} needs more layers); "
+        f"tflops use K={settings.fastv_k} on the full model")
+    return {"layer": k}, note
+
+
 def flops_row(shape: F.ModelShape, method: str, budget: int, settings: BenchSettings, full: bool) -> dict[str, Any]:
-    """The theoretical part of a row (paper convention; FastV layer-aware)."""
+    """The theoretical part of a row (paper convention; in-LLM methods layer-aware, or None without a rule)."""
     n_vis = shape.visual_tokens(budget)
-    tflops = F.method_tflops(shape, method, budget, fastv_k=settings.fastv_k)
+    params = {"layer": settings.fastv_k}
     row: dict[str, Any] = {
         "shape": shape.name, "method": method, "budget": budget, "visual_tokens": n_vis,
-        "tflops": tflops, "tflops_convention": F.PAPER_CONVENTION + (
-            f"; FastV: first {settings.fastv_k} layers at {shape.full_visual_tokens} tokens" if method == "fastv" else ""),
         "tflops_paper_proportional": F.paper_proportional_tflops(n_vis, shape.full_visual_tokens, shape.llm),
-        "flops_reduction": F.paper_tflops(shape.full_visual_tokens, shape.llm) / tflops,
         "kv_visual_fp16_mb": F.kv_cache_bytes(shape.llm, n_vis, 2) / MIB,
     }
+    in_llm = method != BASELINE and sp.get_method(method).stage == "llm"
+    if in_llm and method not in F.IN_LLM_LAYER_TOKENS:
+        row.update(tflops=None, flops_reduction=None, tflops_convention=(
+            f"no FLOPs rule for in-LLM method {method!r} (add it to IN_LLM_LAYER_TOKENS in llava/eval/flops.py)"))
+        return row
+    tflops = F.method_tflops(shape, method, budget, params=params)
+    row.update(tflops=tflops, flops_reduction=F.paper_tflops(shape.full_visual_tokens, shape.llm) / tflops,
+               tflops_convention=F.PAPER_CONVENTION + (
+                   f"; {method}: visual tokens per layer from IN_LLM_LAYER_TOKENS, layer={settings.fastv_k}, "
+                   f"first layers at {shape.full_visual_tokens} tokens" if in_llm else ""))
     if full:
-        k = settings.fastv_k if method == "fastv" else None
-        row["flops_full"] = F.full_prefill_breakdown(shape, n_vis, settings.text_tokens, fastv_k=k)
+        row["flops_full"] = F.full_prefill_breakdown(shape, n_vis, settings.text_tokens,
+                                                     method=method if in_llm else None, params=params)
     return row
 
 
-def _median(xs: list[float]) -> float:
-    return float(statistics.median(xs))
+@contextmanager
+def pruned(bench: Bench, method: str, budget: int, params: dict[str, Any], timer: StageTimer) -> Iterator[None]:
+    """``bench.model`` pruned by the public layer for the duration (the unpruned row: whole rows kept, which
+    runs the stock forward, or for LLaVA-Video's 2x2 pooling the layer's prefill keeping everything)."""
+    from script_prune.patch.llava_onevision import set_video_pooling
+
+    model = bench.model
+    if bench.pooling is not None:
+        set_video_pooling(model, bench.pooling)
+    if method == BASELINE:
+        sp.patch.apply(model, method="random", budget=bench.shape.tokens_per_crop)
+    else:
+        sp.patch.apply(model, method=method, budget=budget, relevance=bench.relevance, **params)
+    try:
+        if bench.query is not None:
+            sp.patch.set_query(model, bench.query)
+        sp.patch.set_stage_timer(model, timer)
+        yield
+    finally:
+        sp.patch.remove(model)
 
 
-def measure_row(pipe: Pipeline, vis: VisionOutputs, vision_ms: float, method: str, budget: int,
-                settings: BenchSettings) -> dict[str, Any]:
-    """Measured part of one row: inputs, selection, prefill, decode, KV cache, peak memory."""
-    dev = pipe.device
-    spec = None if method == BASELINE else sp.get_method(method)
-    in_llm = spec is not None and spec.stage == "llm"
-    note = None
-    if in_llm:
-        if "layer" not in spec.params or pipe.layers_run < 2:
-            return {"measured": False, "note": f"{method} acts inside the LLM; only FastV-style methods (param "
-                                               "'layer') on an LLM of >= 2 layers can be measured"}
-        k = fastv_k_run(settings, pipe.layers_run)
-        if k != settings.fastv_k:
-            note = (f"{method}: K={k} in the {pipe.layers_run}-layer LLM that ran (K={settings.fastv_k} needs more "
-                    f"layers); tflops use K={settings.fastv_k} on the full model")
-    params: dict[str, Any] = {}
-    if spec is not None and "negate" in spec.params:
-        params["negate"] = True  # LLaVA's convention (the clip_text source's sign)
-    gen = torch.Generator().manual_seed(settings.seed)
-    samples: dict[str, list[float]] = {k: [] for k in ("inputs", "select", "proj", "prefill", "decode")}
-    kind = _reset_peak(dev)
-    kv_bytes, seq_len, n_llm_visual = 0, 0, 0
-    for rep in range(settings.warmup + settings.repeats):
-        inputs: dict[str, torch.Tensor] = {}
-        t_inputs = 0.0
-        if spec is not None and any(x in spec.inputs for x in ("image_embeds", "query_embeds")):
-            if pipe.relevance_fn is None:
-                raise ValueError(f"method {method!r} needs the CLIP text tower, which this pipeline lacks")
-            got, t = timed(lambda: pipe.relevance_fn(vis), pipe)
-            inputs.update(got)
-            t_inputs += t
-        if spec is not None and any(x in spec.inputs for x in ("cls_attention", "keys")):
-            got, t = timed(lambda: pipe.attention_fn(vis), pipe)
-            inputs.update(got)
-            t_inputs += t
-        sel = run_selection(pipe, method, budget, vis.features, inputs, params)
-        embeds, visual_rows = build_prompt(pipe, sel.tokens, settings.text_tokens, gen)
-        if in_llm:
-            out, t_prefill = timed(lambda: llm_stage_prefill(pipe, embeds, visual_rows, method, budget, k), pipe)
-        else:
-            out, t_prefill = timed(lambda: prefill(pipe, embeds), pipe)
-        kv_bytes, seq_len = cache_nbytes(output_cache(out)), embeds.shape[1]
-        cached = output_cache(out).get_seq_length()
-        n_llm_visual = sel.tokens.shape[0] * sel.tokens.shape[1]
-        t_decode = decode(pipe, out, settings.decode_tokens)
-        del out
-        if rep >= settings.warmup:
-            for key, v in (("inputs", t_inputs), ("select", sel.select_ms), ("proj", sel.projector_ms),
-                           ("prefill", t_prefill), ("decode", t_decode)):
-                samples[key].append(v)
-    prefill_ms = _median(samples["prefill"])
-    select_ms = _median(samples["select"])
+def stock_stages(bench: Bench, timer: StageTimer) -> None:
+    """The unpruned row's stages, which the stock forward does not time apart: ``"vision"``, the stock
+    ``get_image_features`` on the prompt's pixels; ``"llm"``, the stock forward over ``inputs_embeds`` of the
+    prompt's length (no pixels)."""
+    model, inputs = bench.model, bench.inputs
+    accepts = inspect.signature(model.get_image_features).parameters
+    pixels = {key: value for key, value in inputs.items()
+              if key in accepts and key not in ("input_ids", "attention_mask")}
+    length = inputs["input_ids"].shape[1]
+    embeds = model.get_input_embeddings()(inputs["input_ids"][:, :1]).expand(-1, length, -1).contiguous()
+    with timer("vision"):
+        model.get_image_features(**pixels)
+    with timer("llm"):
+        model(inputs_embeds=embeds, attention_mask=torch.ones_like(inputs["input_ids"]), use_cache=True,
+              logits_to_keep=1)
+
+
+def measure_row(bench: Bench, method: str, budget: int, settings: BenchSettings) -> dict[str, Any]:
+    """Measured part of one row: stages, prefill, decode, KV cache, peak memory, visual tokens."""
+    params, note = method_params(bench, method, settings)
+    device, clock = bench.device, CLOCKS[bench.clock]
+    timer = StageTimer(clock, device)
+    kind = _reset_peak(device)
+    samples: dict[str, list[float]] = {"prefill": [], "decode": []}
+    try:
+        with pruned(bench, method, budget, params, timer):
+            for rep in range(settings.warmup + settings.repeats):
+                if rep == settings.warmup:
+                    timer.times.clear()
+                steps = StepClock(clock, device)
+                out = bench.model.generate(**bench.inputs, max_new_tokens=settings.decode_tokens,
+                                           min_new_tokens=settings.decode_tokens, do_sample=False, streamer=steps,
+                                           return_dict_in_generate=True, pad_token_id=0)
+                if rep >= settings.warmup:
+                    for key, value in zip(("prefill", "decode"), steps.split()):
+                        samples[key].append(value)
+                cache = getattr(out, output_cache_field(type(out)))
+                positions = cache.get_seq_length() - (settings.decode_tokens - 1)  # the prefill's positions
+                kv_bytes = cache_nbytes(cache, positions)
+                del out, cache
+            visual = sum(sp.patch.visual_tokens(bench.model))
+            kept = sum(len(k) for k in sp.patch.kept(bench.model))
+            stock = not timer.times  # the stock forward ran (whole rows kept): time its stages apart
+            for rep in range(settings.warmup + settings.repeats if stock else 0):
+                if rep == settings.warmup:
+                    timer.times.clear()
+                stock_stages(bench, timer)
+            stages = {name: _median(times) for name, times in timer.times.items()}
+    except ValueError as err:  # the layer refuses this method / budget for the family: say so in the row
+        return {"measured": False, "note": f"{method}: {err}"}
+    prefill_ms, spec = _median(samples["prefill"]), None if method == BASELINE else sp.get_method(method)
+    llm_ms = stages["llm"]
+    text_positions = bench.inputs["input_ids"].shape[1] - bench.placeholders
     row = {
         "measured": True,
-        "llm_visual_tokens": n_llm_visual,  # visual tokens entering the LLM (FastV: before layer K)
-        "seq_len": seq_len,  # prompt positions entering the LLM
-        "cached_positions": cached,  # positions held in the KV cache after prefill (FastV: shortened)
-        "vision_ms": vision_ms,
-        "inputs_ms": _median(samples["inputs"]),
-        "select_ms": None if in_llm else select_ms,  # in-LLM methods select inside the prefill
-        "projector_ms": _median(samples["proj"]),
+        "llm_visual_tokens": visual,  # visual tokens that reached the LLM (in-LLM methods: after their layer)
+        "kept_tokens": kept,  # selected tokens over all rows
+        "text_positions": text_positions,
+        "seq_len": bench.inputs["input_ids"].shape[1],  # the unpruned prompt
+        "cached_positions": positions,  # positions held in the KV cache after the prefill
+        "vision_ms": stages["vision"],
+        "select_ms": None if method == BASELINE else stages.get("select"),
+        "llm_prefill_ms": llm_ms,
         "prefill_ms": prefill_ms,
-        "select_pct_of_prefill": None if in_llm else 100.0 * select_ms / prefill_ms,
+        "select_pct_of_llm_prefill": (None if method == BASELINE or stages.get("select") is None
+                                      else 100.0 * stages["select"] / llm_ms),
         "decode_ms_per_token": _median(samples["decode"]),
         "kv_cache_mb": kv_bytes / MIB,
-        "kv_cache_source": f"measured from cache tensors after prefill ({cached} positions, "
-                           f"{pipe.layers_run} layers, {str(pipe.dtype).replace('torch.', '')})",
-        "peak_mem_mb": _peak_mb(dev),
+        "kv_cache_source": f"measured from the cache tensors generate() returns, {positions} prefill positions, "
+                           f"{bench.layers_run} layers, {str(bench.dtype).replace('torch.', '')}",
+        "stage_source": ("stock model, stages run apart: get_image_features, and the forward over inputs_embeds of "
+                         "the prompt's length" if stock else "script_prune.patch.set_stage_timer"),
+        "peak_mem_mb": _peak_mb(device),
         "peak_mem_kind": kind,
     }
-    if in_llm:
-        row["fastv_k_run"] = k
-        row["select_note"] = "in-LLM: score row + selection happen inside prefill_ms"
+    if spec is not None and spec.stage == "llm":
+        row["select_note"] = "in-LLM: score row + selection happen inside llm_prefill_ms"
+        row.update({f"{method}_{name}_run": value for name, value in params.items()})
     if note:
         row["note"] = note
     return row
 
 
-def run_benchmark(pipe: Pipeline | None, shape: F.ModelShape, settings: BenchSettings, *,
+def run_benchmark(bench: Bench | None, shape: F.ModelShape, settings: BenchSettings, *,
                   full: bool = False, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """All rows: the baseline (unpruned) first, then every method x budget. ``pipe=None``: FLOPs only."""
+    """All rows: the baseline (unpruned) first, then every method x budget. ``bench=None``: FLOPs only."""
     combos = [(BASELINE, shape.tokens_per_crop)] if settings.include_baseline else []
     combos += [(m, b) for b in settings.budgets for m in settings.methods if m != BASELINE]
     rows = [flops_row(shape, m, b, settings, full) for m, b in combos]
-    if pipe is None:
+    if bench is None:
         return rows
     torch.manual_seed(settings.seed)
-    dev, dt = pipe.device, pipe.dtype
-    gen = torch.Generator().manual_seed(settings.seed)
-    vs = shape.vision
-    pixels = torch.randn(shape.crops, 3, vs.image_size, vs.image_size, generator=gen).to(dev, dt)
-    with_attention = any(m != BASELINE and "cls_attention" in sp.get_method(m).inputs for m in settings.methods)
     with torch.inference_mode():
-        vision_times = []
-        vision_repeats = settings.repeats if settings.vision_repeats is None else settings.vision_repeats
-        for rep in range(settings.warmup + vision_repeats):
-            vis, t = timed(lambda: pipe.vision_fn(pixels, with_attention), pipe)
-            if rep >= settings.warmup:
-                vision_times.append(t)
-        vision_ms = _median(vision_times)
         for row in rows:
             if progress:
                 progress(f"measuring {row['method']} @ {row['budget']}")
-            row.update(measure_row(pipe, vis, vision_ms, row["method"], row["budget"], settings))
-            row.update({"device": str(dev), "dtype": str(dt).replace("torch.", ""), "layers_run": pipe.layers_run,
-                        "clock": pipe.clock, "threads": torch.get_num_threads(),
-                        "repeats": settings.repeats, "warmup": settings.warmup, "source": pipe.source,
+            row.update(measure_row(bench, row["method"], row["budget"], settings))
+            row.update({"device": str(bench.device), "dtype": str(bench.dtype).replace("torch.", ""),
+                        "layers_run": bench.layers_run, "clock": bench.clock, "threads": torch.get_num_threads(),
+                        "repeats": settings.repeats, "warmup": settings.warmup, "source": bench.source,
                         "text_tokens": settings.text_tokens, "decode_tokens": settings.decode_tokens})
     base = next((r for r in rows if r["method"] == BASELINE and r.get("measured")), None)
     if base is not None:
         for row in rows:
             if row.get("measured"):
                 row["prefill_speedup"] = base["prefill_ms"] / row["prefill_ms"]
+                row["llm_prefill_speedup"] = base["llm_prefill_ms"] / row["llm_prefill_ms"]
                 row["decode_speedup"] = base["decode_ms_per_token"] / row["decode_ms_per_token"]
     return rows
 
 
 # ----------------------------------------------------------------------------------------- output
-def _tflops_text(v: float) -> str:
-    """3 decimals like the paper; small (tiny-model) values in scientific notation."""
+def _tflops_text(v: float | None) -> str:
+    """3 decimals like the paper; small (tiny-model) values in scientific notation; no rule: "?"."""
+    if v is None:
+        return "?"
     return f"{v:.3f}" if v >= 0.01 else f"{v:.2e}"
+
+
+def _flops_cell(r: dict[str, Any]) -> str:
+    if r["tflops"] is None:
+        return "? (no rule in flops.py)"
+    return f"{_tflops_text(r['tflops'])} (x{r['flops_reduction']:.1f})"
 
 
 def _fmt(v: Any, spec: str = ".1f") -> str:
@@ -615,25 +662,26 @@ def _fmt(v: Any, spec: str = ".1f") -> str:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Table 6's layout: method, tokens, FLOPs (xreduction), prefill (xspeedup), decode, KV, memory, selection."""
+    """Table 6's layout: method, tokens, FLOPs (xreduction), prefill and LLM prefill (xspeedup), decode, KV, memory,
+    then the stages (vision, selection and its share of the LLM prefill)."""
     if not any("measured" in r for r in rows):
         return _format_flops_table(rows)
-    head = ["Method", "# Token", "FLOPs (T)", "Prefill (ms)", "Decode (ms/tok)", "KV cache (MB)",
-            "Peak mem (MB)", "Select (ms)", "Select % prefill", "Inputs (ms)"]
+    head = ["Method", "# Token", "FLOPs (T)", "Prefill (ms)", "LLM prefill (ms)", "Decode (ms/tok)", "KV cache (MB)",
+            "Peak mem (MB)", "Vision (ms)", "Select (ms)", "Select % LLM"]
     lines = []
     for r in rows:
         name = "unpruned" if r["method"] == BASELINE else r["method"]
-        flops = f"{_tflops_text(r['tflops'])} (x{r['flops_reduction']:.1f})"
         if r.get("measured"):
             pre = f"{r['prefill_ms']:.1f} (x{r.get('prefill_speedup', 1.0):.2f})"
+            llm = f"{r['llm_prefill_ms']:.1f} (x{r.get('llm_prefill_speedup', 1.0):.2f})"
             dec = f"{r['decode_ms_per_token']:.1f} (x{r.get('decode_speedup', 1.0):.2f})"
-            cells = [pre, dec, _fmt(r["kv_cache_mb"]), _fmt(r["peak_mem_mb"], ".0f"), _fmt(r["select_ms"], ".2f"),
-                     _fmt(r["select_pct_of_prefill"], ".2f"), _fmt(r["inputs_ms"], ".1f")]
+            cells = [pre, llm, dec, _fmt(r["kv_cache_mb"]), _fmt(r["peak_mem_mb"], ".0f"), _fmt(r["vision_ms"]),
+                     _fmt(r["select_ms"], ".2f"), _fmt(r["select_pct_of_llm_prefill"], ".2f")]
         elif "measured" in r:
-            cells = ["not measured"] + ["-"] * 6
+            cells = ["not measured"] + ["-"] * 7
         else:
-            cells = ["-"] * 7
-        lines.append([name, str(r["visual_tokens"]), flops, *cells])
+            cells = ["-"] * 8
+        lines.append([name, str(r["visual_tokens"]), _flops_cell(r), *cells])
     out = _aligned(head, lines)
     notes = [f"  {r['method']}@{r['budget']}: {r['note']}" for r in rows if r.get("note")]
     return "\n".join(out + notes)
@@ -649,7 +697,7 @@ def _format_flops_table(rows: list[dict[str, Any]]) -> str:
     """--flops-only: formula TFLOPs, the paper's proportional scaling, Table 6's KV-cache convention."""
     head = ["Method", "# Token", "FLOPs (T), formula", "n/N scaling (T) (paper's NeXT rows)", "KV cache fp16, visual (MB)"]
     lines = [["unpruned" if r["method"] == BASELINE else r["method"], str(r["visual_tokens"]),
-              f"{_tflops_text(r['tflops'])} (x{r['flops_reduction']:.1f})", _tflops_text(r["tflops_paper_proportional"]),
+              _flops_cell(r), _tflops_text(r["tflops_paper_proportional"]),
               f"{r['kv_visual_fp16_mb']:.1f}"] for r in rows]
     return "\n".join(_aligned(head, lines))
 
@@ -700,21 +748,23 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--model-path", help="LLaVA checkpoint folder to measure")
     src.add_argument("--random-weights", action="store_true", help="real shapes, random weights")
     p.add_argument("--shape", default="llava-v1.5-7b", help=f"one of {sorted(F.SHAPES)}")
-    p.add_argument("--layers", type=int, default=None, help="LLM layers to build with --random-weights")
+    p.add_argument("--layers", type=int, default=None, help="LLM layers to build with --random-weights (default all)")
+    p.add_argument("--vision-layers", type=int, default=None,
+                   help="vision-tower layers to build with --random-weights (default all)")
     p.add_argument("--methods", default="script", help="comma-separated script_prune methods")
     p.add_argument("--pruning-method", default=None, help="alias of --methods with one method")
-    p.add_argument("--budgets", default="64", help="comma-separated tokens kept per image row / NeXT crop")
+    p.add_argument("--budgets", default="64",
+                   help="comma-separated tokens kept per visual row (image, crop, tile, frame)")
     p.add_argument("--no-baseline", action="store_true", help="skip the unpruned row")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--vision-repeats", type=int, default=None,
-                   help="timed vision-tower passes (default: --repeats); the tower runs once per benchmark")
-    p.add_argument("--decode-tokens", type=int, default=8)
+    p.add_argument("--decode-tokens", type=int, default=8, help="tokens generated per run (>= 2)")
     p.add_argument("--text-tokens", type=int, default=60, help="text positions in the prompt")
     p.add_argument("--query-tokens", type=int, default=12,
-                   help="random query length fed to the CLIP text tower (--random-weights)")
+                   help="random query length fed to the CLIP text tower (--random-weights, LLaVA shapes)")
     p.add_argument("--query", default="Is there a person in the image?", help="query text (--model-path)")
-    p.add_argument("--fastv-k", type=int, default=2, help="FastV prunes after this LLM layer")
+    p.add_argument("--fastv-k", type=int, default=2,
+                   help="in-LLM methods with a 'layer' parameter (FastV) prune after this LLM layer")
     p.add_argument("--flops-only", action="store_true", help="theoretical FLOPs only (no model, instant)")
     p.add_argument("--full", action="store_true", help="also count text tokens, vision tower and projector")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -735,40 +785,42 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         settings = BenchSettings(methods=methods, budgets=_int_list(args.budgets, "budgets"), repeats=args.repeats,
                                  warmup=args.warmup, decode_tokens=args.decode_tokens, text_tokens=args.text_tokens,
                                  query_tokens=args.query_tokens, fastv_k=args.fastv_k, seed=args.seed,
-                                 include_baseline=not args.no_baseline, vision_repeats=args.vision_repeats)
+                                 include_baseline=not args.no_baseline)
         dtype = _dtype(args.dtype, args.device)
         if args.threads:
             torch.set_num_threads(args.threads)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        pipe = None
+        bench = None
         if args.flops_only:
             shape = F.get_shape(args.shape)
         elif args.model_path:
-            pipe = checkpoint_pipeline(args.model_path, device=args.device, dtype=dtype, query=args.query)
-            shape = pipe.shape
+            bench = checkpoint_bench(args.model_path, device=args.device, dtype=dtype, query=args.query,
+                                    text_tokens=args.text_tokens, seed=args.seed)
+            shape = bench.shape
         elif args.random_weights:
             needs_text = any("query_embeds" in sp.get_method(m).inputs for m in methods if m != BASELINE)
-            pipe = random_pipeline(args.shape, args.layers, device=args.device, dtype=dtype,
-                                   with_text_tower=needs_text, seed=args.seed, query_tokens=args.query_tokens)
-            shape = pipe.shape
+            bench = random_bench(args.shape, args.layers, args.vision_layers, device=args.device, dtype=dtype,
+                                seed=args.seed, text_tokens=args.text_tokens, query_tokens=args.query_tokens,
+                                with_text_tower=needs_text)
+            shape = bench.shape
         else:
             raise ValueError("pass --flops-only, --random-weights or --model-path")
-        if pipe is not None:
-            if args.clock == "process" and pipe.device.type != "cpu":
+        if bench is not None:
+            if args.clock == "process" and bench.device.type != "cpu":
                 raise ValueError("clock 'process' measures CPU time; use --clock wall on a GPU")
-            pipe.clock = args.clock
+            bench.clock = args.clock
         if settings.fastv_k > shape.llm.layers:
             raise ValueError(f"fastv_k must be <= the model's {shape.llm.layers} layers, got {settings.fastv_k}")
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
-    rows = run_benchmark(pipe, shape, settings, full=args.full,
+    rows = run_benchmark(bench, shape, settings, full=args.full,
                          progress=lambda s: print(s, file=sys.stderr, flush=True))
-    where = "theoretical only" if pipe is None else (
-        f"{pipe.source}, {pipe.layers_run} LLM layers run, {rows[0].get('device')}, {rows[0].get('dtype')}, "
-        f"median of {settings.repeats} after {settings.warmup} warm-up, {pipe.clock} clock, "
+    where = "theoretical only" if bench is None else (
+        f"{bench.source}, {bench.layers_run} LLM layers run, {rows[0].get('device')}, {rows[0].get('dtype')}, "
+        f"median of {settings.repeats} after {settings.warmup} warm-up, {bench.clock} clock, "
         f"{torch.get_num_threads()} thread(s)")
-    print(f"# {shape.name} ({where}); vision tower "
-          f"{_fmt(rows[0].get('vision_ms'))} ms for {shape.crops} crop(s)" if pipe else f"# {shape.name} ({where})")
+    print(f"# {shape.name} ({where}); {shape.crops} visual row(s) of {shape.tokens_per_crop} tokens, "
+          f"{rows[0].get('seq_len')} prompt positions" if bench else f"# {shape.name} ({where})")
     print(format_table(rows))
     if args.full:
         print(format_full(rows))

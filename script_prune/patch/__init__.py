@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import Any, Callable
 
 from torch import Tensor, nn
 
@@ -44,13 +45,14 @@ from .internvl import InternVLFamily
 from .llava_onevision import LlavaOnevisionFamily
 from .qwen2_5_vl import Qwen2_5_VLFamily
 from .qwen3_vl import Qwen3VLFamily
-from .prefill import STATE_ATTR, PatchConfig, PatchState, expand_for_generation, kept_indices, patched_forward
+from .prefill import STAGES, STATE_ATTR, PatchConfig, PatchState, expand_for_generation, kept_indices, patched_forward
 
 #: generate()'s input expansion, patched so per-image inputs repeat per prompt (see expand_for_generation)
 EXPAND = "_expand_inputs_for_generation"
 from .relevance import ClipText, LLMText, RelevanceSource, resolve_source
 
 __all__ = [
+    "STAGES",
     "check_transformers_version",
     "ClipText",
     "DecoderAccess",
@@ -65,6 +67,7 @@ __all__ = [
     "kept",
     "remove",
     "set_query",
+    "set_stage_timer",
     "supported_classes",
     "visual_tokens",
 ]
@@ -243,3 +246,16 @@ def set_query(model: nn.Module, texts: list[str] | None) -> None:
     if texts is not None and (not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts)):
         raise ValueError(f"texts must be a list of strings (one per prompt) or None, got {texts!r}")
     state.texts = None if texts is None else list(texts)
+
+
+def set_stage_timer(model: nn.Module, timer: Callable[[str], AbstractContextManager[Any]] | None) -> None:
+    """Time the stages of every pruned prefill: ``timer(stage)`` is entered around each of them, ``stage`` one of
+    ``STAGES``: ``"vision"`` (the family's encoding: vision tower + projector), ``"select"`` (relevance inputs and
+    the method's selection; merging methods also project their merged tokens), ``"llm"`` (the language model on
+    the shortened prompt; in-LLM methods: the whole decoder stack, their selection included). A prefill whose
+    budget keeps whole rows runs the stock forward: no stage is reported. The timer synchronises the device if it
+    needs to; ``None`` (the default) removes it, and then the layer adds no clock and no synchronisation.
+    ``llava.eval.efficiency`` uses it."""
+    if timer is not None and not callable(timer):
+        raise ValueError(f"timer must be a callable stage name -> context manager, or None, got {timer!r}")
+    _state(model).timer = timer

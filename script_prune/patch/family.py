@@ -327,7 +327,17 @@ class Family:
         return {}
 
 
+# How the installed transformers names the KV cache, read from its own signatures / output classes: 5.24 renamed
+# ``past_key_values`` to ``cache`` (argument of the decoder layers, of *Model / *ForCausalLM forward and of
+# create_causal_mask, field of the outputs) and ignores the old name when both are given, so passing the wrong
+# one silently leaves a cache unfilled. Every use in script_prune.patch goes through these two functions.
 def cache_keyword(fn: Any) -> str:
     """``"cache"`` (transformers >= 5.24) or ``"past_key_values"``: how ``fn`` takes the KV cache."""
     params = inspect.signature(fn).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache_field(output_type: type) -> str:
+    """``"cache"`` (transformers >= 5.24) or ``"past_key_values"``: the KV-cache field of a model output class
+    (reading the other name would trigger its deprecation warning)."""
+    return "cache" if "cache" in getattr(output_type, "__dataclass_fields__", {}) else "past_key_values"

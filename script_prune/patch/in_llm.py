@@ -47,12 +47,12 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 import script_prune as sp
 from script_prune import inllm
 
-from .family import TEXT, DecoderAccess, VisualRows, cache_keyword
+from .family import TEXT, DecoderAccess, VisualRows, cache_keyword, output_cache_field
 from .prefill import PatchState, Prompt, PromptState, first_given, gather_tokens, pack, without_pixels
 from .relevance import question_mask
 
 #: How this transformers version passes the cache to decoder layers / the mask function / outputs.
-OUTPUT_CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+OUTPUT_CACHE_FIELD = output_cache_field(BaseModelOutputWithPast)
 MASK_CACHE_KEYWORD = cache_keyword(create_causal_mask)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 import script_prune as sp
 from script_prune.budget import keeps_all, resolve_budget
 
-from .family import Family, VisualRows, device_index, fit_layout
+from .family import Family, VisualRows, device_index, fit_layout, output_cache_field
 from .relevance import Query, RelevanceSource, question_mask
 
 STATE_ATTR = "_script_prune_patch"
@@ -94,7 +95,17 @@ class PatchState:
     visual_counts: Tensor | None = None  # (B,) visual tokens per sample that reached the LLM (see visual_tokens)
     prompt: PromptState | None = None
     texts: list[str] | None = None
+    timer: Callable[[str], AbstractContextManager[Any]] | None = None  # see script_prune.patch.set_stage_timer
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+#: The stages of a pruned prefill that ``script_prune.patch.set_stage_timer`` sees, in order.
+STAGES = ("vision", "select", "llm")
+
+
+def stage(state: PatchState, name: str) -> AbstractContextManager[Any]:
+    """The user's timer around one stage of the prefill; nothing (no sync, no clock) when none is set."""
+    return nullcontext() if state.timer is None else state.timer(name)
 
 
 # ------------------------------------------------------------------------------------------ packing
@@ -153,8 +164,7 @@ def call_cache(call: dict[str, Any]) -> Any:
 def output_cache(output: Any) -> Any:
     """The KV cache of a model output, read under the field name this transformers version uses (reading
     the other name would trigger its deprecation warning)."""
-    fields = getattr(type(output), "__dataclass_fields__", {})
-    return getattr(output, "cache" if "cache" in fields else "past_key_values", None)
+    return getattr(output, output_cache_field(type(output)), None)
 
 
 def patched_forward(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -425,15 +435,18 @@ def prefill(model: nn.Module, state: PatchState, call: dict[str, Any]) -> Any:
         placeholder = family.placeholder_mask(model, call["input_ids"])
         state.visual_counts = (placeholder if mask is None else placeholder & mask.bool()).sum(dim=1)
         return output
-    rows = family.encode(model, call, frozenset(cfg.spec.inputs))
+    with stage(state, "vision"):
+        rows = family.encode(model, call, frozenset(cfg.spec.inputs))
     prompt = locate_rows(model, state, call, rows)
     if cfg.spec.stage == "llm":
         from .in_llm import in_llm_prefill
 
         resolve(prompt)
-        return in_llm_prefill(model, state, call, rows, prompt)
+        with stage(state, "llm"):  # the selection happens inside the decoder
+            return in_llm_prefill(model, state, call, rows, prompt)
     query = Query(call["input_ids"], question_mask(call["input_ids"], prompt.real, prompt.placeholder), state.texts)
-    keep_rows, merged = select_rows(model, state, rows, query, prompt.row_sample, lengths)  # (R, N)
+    with stage(state, "select"):  # relevance inputs + selection (+ projection of merged tokens)
+        keep_rows, merged = select_rows(model, state, rows, query, prompt.row_sample, lengths)  # (R, N)
     layout = family.layout(model, rows, keep_rows, merged)
     if merged is not None:  # without merged tokens every kept token stays in its own placeholder slot
         layout = fit_layout(layout, rows.image_lengths)
@@ -451,7 +464,8 @@ def prefill(model: nn.Module, state: PatchState, call: dict[str, Any]) -> Any:
     short_call.update(family.llm_inputs(model, rows, layout, index, short_mask))
     if call.get("labels") is not None:
         short_call["labels"] = gather_tokens(call["labels"], index).masked_fill(short_mask == 0, -100)
-    output = state.stock_forward(**short_call)
+    with stage(state, "llm"):
+        output = state.stock_forward(**short_call)
     shift = family.decode_shift(model, prompt.real, short_mask)  # (B, 1)
     remember_prompt(state, call, output, call["input_ids"].shape[1], short_mask, shift, shortest < longest)
     state.keep_rows = keep_rows

@@ -1,4 +1,5 @@
-"""Upstream API drift surfaces as a failure: the cache argument's name, our deprecation policy, FastV's cache."""
+"""Upstream API drift surfaces as a failure: the cache argument's name (read in one place,
+``script_prune.patch.family.cache_keyword`` / ``output_cache_field``), our deprecation policy, FastV's cache."""
 
 import subprocess
 import sys
@@ -13,23 +14,63 @@ from transformers.cache_utils import DynamicCache
 
 from llava.mm_utils import process_images
 from llava.model.builder import load_pretrained_model
-from llava.model.hf_compat import CACHE_ARG, pop_cache
 from llava.model.pruning import PruningConfig
+from script_prune.patch.family import cache_keyword, output_cache_field
+from script_prune.patch.prefill import output_cache
 from tests.helpers import prompt_ids, random_image
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_pop_cache_takes_either_name_and_refuses_two_caches():
-    first, second = DynamicCache(), DynamicCache()
-    for name in ("cache", "past_key_values"):
-        kwargs = {name: first, "use_cache": True}
-        assert pop_cache(kwargs) is first
-        assert kwargs == {"use_cache": True}  # removed, whatever it was called
-    assert pop_cache({"cache": first, "past_key_values": first}) is first
-    assert pop_cache({}) is None
-    with pytest.raises(ValueError, match="both `cache` and `past_key_values`"):
-        pop_cache({"cache": first, "past_key_values": second})
+def test_cache_keyword_and_output_field_read_the_signature():
+    from dataclasses import dataclass
+
+    def new(hidden, cache=None, use_cache=False): ...
+
+    def old(hidden, past_key_values=None, use_cache=False): ...
+
+    assert cache_keyword(new) == "cache" and cache_keyword(old) == "past_key_values"
+
+    @dataclass
+    class NewOutput:
+        cache: object = None
+
+    @dataclass
+    class OldOutput:
+        past_key_values: object = None
+
+    assert output_cache_field(NewOutput) == "cache" and output_cache_field(OldOutput) == "past_key_values"
+
+
+def test_installed_release_takes_the_keyword_we_read_everywhere():
+    """5.24 renamed the cache argument and output field to ``cache``; every place the layer hands or reads the cache
+    (decoder layers of the supported LLMs, the mask function, the outputs) must agree with the release's own rule."""
+    import transformers
+    from packaging.version import Version
+    from transformers.masking_utils import create_causal_mask
+    from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaModel
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    expected = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
+    for fn in (LlamaDecoderLayer.forward, Qwen2DecoderLayer.forward, LlamaModel.forward, create_causal_mask):
+        assert cache_keyword(fn) == expected, fn
+    for output in (BaseModelOutputWithPast, CausalLMOutputWithPast):
+        assert output_cache_field(output) == expected, output
+
+
+def test_the_keyword_we_read_fills_the_cache_handed_over():
+    """Behaviour, not names: a cache passed under ``cache_keyword`` is the one the model writes and returns (the
+    deprecated name would be ignored when the new one exists, leaving it empty)."""
+    from transformers import LlamaConfig, LlamaModel
+
+    model = LlamaModel(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1)).eval()
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = model(input_ids=torch.arange(7)[None], use_cache=True, **{cache_keyword(LlamaModel.forward): cache})
+    assert cache.get_seq_length() == 7
+    assert output_cache(out) is cache
 
 
 def test_our_deprecations_are_errors_and_a_dependencys_own_are_not():
@@ -56,7 +97,7 @@ def test_fastv_cache_holds_text_plus_kept_in_every_layer(tiny_llava15_path):
     n_text = ids.shape[1] - 1  # the one <image> marker is replaced by the visual tokens
     with torch.no_grad():
         out = model(ids, images=pixels, use_cache=True)
-    cache = out[CACHE_ARG] if CACHE_ARG in out else out["past_key_values"]
+    cache = output_cache(out)
     assert [layer.keys.shape[2] for layer in cache.layers] == [n_text + 3] * len(cache.layers)
 
 
