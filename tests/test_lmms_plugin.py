@@ -27,23 +27,52 @@ TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}
             "{% else %}{{ c['text'] }}{% endif %} {% endfor %}{% endfor %}{% if add_generation_prompt %}w2: {% endif %}")
 
 
+def word_tokenizer(special):
+    """A word-level tokenizer over w0..w91 (ids 3..94) whose ``special`` tokens (name -> (text, id)) keep their ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<eos>"] + [f"w{i}" for i in range(92)])}
+    free = iter([95, 96, 97])  # for specials without a fixed id
+    for text, token_id in special.values():
+        vocab[text] = token_id if token_id is not None else next(free)
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer, core.decoder = pre_tokenizers.WhitespaceSplit(), decoders.WordPiece()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>",
+                                   additional_special_tokens=[text for text, _ in special.values()],
+                                   extra_special_tokens={name: text for name, (text, _) in special.items()})
+
+
 def save_checkpoint(path):
     """Tiny LLaVA-OneVision weights, a word-level tokenizer whose <video> / <image> are ids 98 / 99, a chat
     template, and the image processor's statistics; everything ``from_pretrained`` reads offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlavaOnevisionImageProcessorPil, PreTrainedTokenizerFast
+    from transformers import LlavaOnevisionImageProcessorPil
 
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<eos>"] + [f"w{i}" for i in range(95)])}
-    vocab.update({"<video>": VIDEO, "<image>": IMAGE})
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer, core.decoder = pre_tokenizers.WhitespaceSplit(), decoders.WordPiece()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>",
-                                        additional_special_tokens=["<video>", "<image>"])
+    tokenizer = word_tokenizer({"video_token": ("<video>", VIDEO), "image_token": ("<image>", IMAGE)})
     tokenizer.chat_template = TEMPLATE
     build().save_pretrained(path)
     tokenizer.save_pretrained(path)
     LlavaOnevisionImageProcessorPil(size={"height": SIZE, "width": SIZE}, image_mean=[0.5, 0.4, 0.3],
                                     image_std=[0.2, 0.25, 0.3]).save_pretrained(path)
+
+
+INTERNVL_TEMPLATE = TEMPLATE.replace("c['type'] == 'video' %}<video>", "c['type'] == 'image' %}<IMG_CONTEXT>")
+
+
+def save_internvl_checkpoint(path):
+    """Tiny InternVL (16 tokens per 16 px tile), its tokenizer (<IMG_CONTEXT> = id 99, <img> / </img>) and a
+    tiling image processor (an image of 32 x 32: 2 x 2 tiles + thumbnail)."""
+    from transformers import GotOcr2ImageProcessorPil
+
+    from tests.test_patch_internvl import build as build_internvl
+
+    tokenizer = word_tokenizer({"context_image_token": ("<IMG_CONTEXT>", IMAGE), "start_image_token": ("<img>", None),
+                                "end_image_token": ("</img>", None)})
+    tokenizer.chat_template = INTERNVL_TEMPLATE
+    build_internvl().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    GotOcr2ImageProcessorPil(size={"height": 16, "width": 16}, crop_to_patches=True, min_patches=1,
+                             max_patches=4).save_pretrained(path)
 
 
 def write_clip(path, frames, seed):
@@ -58,14 +87,15 @@ def write_clip(path, frames, seed):
 
 
 RUN = textwrap.dedent("""
-    import json, sys, torch
+    import json, sys, numpy as np, torch
+    from PIL import Image
     from lmms_eval.api.instance import Instance
     from lmms_eval.models import get_model, list_available_models
     import script_prune as sp
 
-    ckpt, out, videos, args = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4]
+    name, ckpt, out, docs, args = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), sys.argv[5]
     result = {"models": list_available_models(include_aliases=True)}
-    cls = get_model("script_llava_video")
+    cls = get_model(name)
     result["class"] = f"{cls.__module__}.{cls.__name__}"
     for bad in ("gsp_ratio=1.5", "nope=3", "budget=0", "method=nope"):  # refused before loading (no such checkpoint)
         try:
@@ -73,13 +103,20 @@ RUN = textwrap.dedent("""
         except ValueError as error:
             result.setdefault("refused", []).append(str(error))
     lm = cls.create_from_arg_string(f"pretrained={ckpt},device=cpu,dtype=float32,{args}")
-    lm.task_dict = {"toy": {"test": {i: {"video": v} for i, v in enumerate(videos)}}}
+    lm.task_dict = {"toy": {"test": dict(enumerate(docs))}}
     seen = []
-    lm.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("pixel_values_videos")), with_kwargs=True)
+    lm.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("pixel_values_videos", kw.get("pixel_values"))),
+                                       with_kwargs=True)
+
+    def visual(doc):
+        if "video" in doc:
+            return [doc["video"]]
+        pixels = np.random.RandomState(doc["seed"]).randint(0, 256, (doc["size"][1], doc["size"][0], 3), dtype=np.uint8)
+        return [Image.fromarray(pixels)]
+
     gen = {"max_new_tokens": 3, "temperature": 0, "until": ["w7"]}
-    requests = [Instance("generate_until", (f"w{10 + i} w{20 + i} w{30 + i}"[: 7 + 4 * i], dict(gen),
-                         lambda doc: [doc["video"]], i, "toy", "test"), idx=0,
-                         metadata={"task": "toy", "doc_id": i, "repeats": 1}) for i in range(len(videos))]
+    requests = [Instance("generate_until", (f"w{10 + i} w{20 + i} w{30 + i}"[: 7 + 4 * i], dict(gen), visual, i, "toy",
+                         "test"), idx=0, metadata={"task": "toy", "doc_id": i, "repeats": 1}) for i in range(len(docs))]
     result["answers"] = lm.generate_until(requests)
     result["visual_tokens"] = lm.visual_tokens
     result["kept"] = [k.tolist() for k in sp.patch.kept(lm.model)]
@@ -96,20 +133,21 @@ def setup(tmp_path_factory):
     for i, frames in enumerate((8, 12)):
         write_clip(root / f"clip{i}.mp4", frames, seed=i)
         videos.append(str(root / f"clip{i}.mp4"))
+    save_internvl_checkpoint(root / "internvl")
     (root / "run.py").write_text(RUN)
     return root, videos
 
 
-def run_plugin(root, videos, args):
+def run_plugin(root, docs, args, name="script_llava_video", ckpt="ckpt"):
     out = root / "out.json"
-    subprocess.run([sys.executable, str(root / "run.py"), str(root / "ckpt"), str(out), ",".join(videos), args],
+    subprocess.run([sys.executable, str(root / "run.py"), name, str(root / ckpt), str(out), json.dumps(docs), args],
                    check=True, cwd=root, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
     return json.loads(out.read_text()), torch.load(str(out) + ".pt")
 
 
 def test_registry_finds_the_plugin_and_budget_and_method_reach_the_model(setup):
     root, videos = setup
-    result, pixels = run_plugin(root, videos, f"method=divprune,budget=2,max_frames_num={FRAMES},batch_size=2")
+    result, pixels = run_plugin(root, [{"video": v} for v in videos], f"method=divprune,budget=2,max_frames_num={FRAMES},batch_size=2")
     assert {"script_llava_onevision", "script_llava_video"} <= set(result["models"])
     assert result["class"] == "llava.lmms.models.ScriptLlavaOnevision"
     refused = result["refused"]
@@ -135,7 +173,7 @@ def test_frames_are_the_video_decoded_and_normalised(setup):
     from PIL import Image
 
     root, videos = setup
-    result, pixels = run_plugin(root, videos[:1], f"method=script,budget=3,max_frames_num={FRAMES}")
+    result, pixels = run_plugin(root, [{"video": videos[0]}], f"method=script,budget=3,max_frames_num={FRAMES}")
     assert result["visual_tokens"] == [FRAMES * 3 + 1]
     with av.open(videos[0]) as container:
         decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
@@ -144,3 +182,22 @@ def test_frames_are_the_video_decoded_and_normalised(setup):
     expected = np.stack([(np.asarray(Image.fromarray(f).resize((SIZE, SIZE), Image.BICUBIC)) / 255.0 - mean) / std
                          for f in chosen]).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(pixels[0][0].numpy(), expected, atol=1e-5)
+
+
+def test_internvl_tiles_are_rows_with_the_budget_and_method(setup):
+    """Two images (32 x 32 and 48 x 16) in one batch: 2 x 2 tiles + thumbnail and 3 x 1 tiles + thumbnail; with
+    budget 3 per tile, 15 and 12 visual tokens reach the LLM; the kept indices are divprune's on the STOCK
+    tile features (get_image_features) of the pixels the model received."""
+    from tests.test_patch_internvl import build as build_internvl
+
+    root, _ = setup
+    docs = [{"seed": 0, "size": [32, 32]}, {"seed": 1, "size": [48, 16]}]
+    result, pixels = run_plugin(root, docs, "method=divprune,budget=3,batch_size=2", name="script_internvl",
+                                ckpt="internvl")
+    assert result["class"] == "llava.lmms.models.ScriptInternVL" and "script_internvl" in result["models"]
+    assert len(result["refused"]) == 4
+    assert len(pixels) == 1 and pixels[0].shape == (9, 3, 16, 16)
+    assert result["visual_tokens"] == [5 * 3, 4 * 3]
+    with torch.no_grad():
+        rows = build_internvl().model.get_image_features(pixel_values=pixels[0]).pooler_output  # (9, 16, D)
+    assert result["kept"] == sp.select(rows, 3, "divprune").sort(dim=1).values.tolist()

@@ -15,6 +15,7 @@ from __future__ import annotations
 #: lmms-eval model id -> class in llava.lmms.models
 MODELS = {
     "script_llava_onevision": "ScriptLlavaOnevision",
+    "script_internvl": "ScriptInternVL",
 }
 ALIASES = {"script_llava_onevision": ("script_llava_video",)}
 

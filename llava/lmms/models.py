@@ -7,6 +7,10 @@ tower's input and normalised with the checkpoint's image-processor statistics (a
 does), pooled 2x2 by averaging (``video_pooling=average``: LLaVA-Video's 169 tokens per 384 px frame), and
 each frame is one pruned row: ``budget`` is tokens per frame.
 
+``ScriptInternVL`` (``--model script_internvl``): InternVL3 (``OpenGVLab/InternVL3-8B-hf``) on image tasks. Images
+are resized to ``image_size`` x ``image_size`` (the paper: 896, i.e. 2 x 2 tiles + thumbnail = 5 x 256 tokens),
+tiled by the checkpoint's image processor, and each tile is one pruned row: ``budget`` is tokens per tile.
+
 model_args (``key=value,...``): :class:`PluginArgs` fields, plus any parameter of ``method``
 (``script_prune.get_method(method).params``); ``method=none`` runs the unpruned model. Bad arguments are
 refused before the model loads.
@@ -46,6 +50,7 @@ class PluginArgs:
     fps: float = 1.0
     force_sample: bool = True            # LLaVA-Video samples max_frames_num frames evenly
     video_pooling: str = "average"       # "average" (LLaVA-Video, 13x13) or "bilinear" (transformers, 14x14)
+    image_size: int = 0                  # images resized to image_size x image_size first (InternVL3: 896); 0 = as given
     batch_size: int = 1                  # requests per generate() call (BATCH= in the scripts)
     device: str = "auto"                 # "auto": this process's accelerator (accelerate launch), else CPU
     dtype: str = "bfloat16"
@@ -68,9 +73,10 @@ def parse_args(kwargs: dict[str, Any]) -> tuple[PluginArgs, dict[str, Any]]:
         args.budget = sp.check_budget(args.budget, "model_args: budget")
     elif params:
         raise ValueError(f"model_args: method=none (unpruned) takes no pruning parameters, got {sorted(params)}")
-    for name in ("max_frames_num", "batch_size", "max_new_tokens"):
-        if not isinstance(getattr(args, name), int) or isinstance(getattr(args, name), bool) or getattr(args, name) < 1:
-            raise ValueError(f"model_args: {name} must be an int >= 1, got {getattr(args, name)!r}")
+    for name, low in (("max_frames_num", 1), ("batch_size", 1), ("max_new_tokens", 1), ("image_size", 0)):
+        value = getattr(args, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"model_args: {name} must be an int >= {low}, got {value!r}")
     if not isinstance(args.fps, (int, float)) or args.fps <= 0:
         raise ValueError(f"model_args: fps must be > 0, got {args.fps!r}")
     if args.dtype not in DTYPES:
@@ -269,3 +275,35 @@ class ScriptLlavaOnevision(ScriptLMM):
         ids = self.tokenizer(text.replace(self.video_token, placeholders), add_special_tokens=False).input_ids
         pixels = normalise_frames(frames, self.side, self.mean, self.std)[None]  # (1, F, 3, S, S)
         return ids, {"pixel_values_videos": pixels}
+
+
+class ScriptInternVL(ScriptLMM):
+    """InternVL3 on image tasks; every tile (and the thumbnail) is a pruned row."""
+
+    model_class = "InternVLForConditionalGeneration"
+
+    def prepare(self) -> None:
+        from transformers import AutoImageProcessor
+
+        self.processor = AutoImageProcessor.from_pretrained(self.args.pretrained)
+        tok = self.tokenizer
+        self.start, self.end = getattr(tok, "start_image_token", "<img>"), getattr(tok, "end_image_token", "</img>")
+        self.context = tok.convert_ids_to_tokens(self.model.config.image_token_id)
+        self.per_tile = sp.patch.family_of(self.model).row_length(self.model)
+
+    def encode(self, context: str, visuals: list[Any]) -> tuple[list[int], dict[str, torch.Tensor]]:
+        images = [v if isinstance(v, Image.Image) else Image.open(v) for v in visuals]
+        if not images:
+            raise ValueError("script_internvl: a request without an image (text-only tasks are not supported)")
+        images = [im.convert("RGB") for im in images]
+        if self.args.image_size:
+            images = [im.resize((self.args.image_size, self.args.image_size), Image.BICUBIC) for im in images]
+        processed = self.processor(images=images, return_tensors="pt")
+        text = self.prompt([{"type": "image"}] * len(images) + [{"type": "text", "text": context}])
+        pieces = text.split(self.context)
+        if len(pieces) != len(images) + 1:
+            raise ValueError(f"chat template gave {len(pieces) - 1} image tokens for {len(images)} images")
+        runs = [self.start + self.context * (self.per_tile * int(n)) + self.end for n in processed["num_patches"]]
+        text = pieces[0] + "".join(run + piece for run, piece in zip(runs, pieces[1:]))
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        return ids, {"pixel_values": processed["pixel_values"]}
