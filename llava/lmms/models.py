@@ -51,7 +51,8 @@ class PluginArgs:
     force_sample: bool = True            # LLaVA-Video samples max_frames_num frames evenly
     video_pooling: str = "average"       # "average" (LLaVA-Video, 13x13) or "bilinear" (transformers, 14x14)
     image_size: int = 0                  # images resized to image_size x image_size first (InternVL3: 896); 0 = as given
-    batch_size: int = 1                  # requests per generate() call (BATCH= in the scripts)
+    batch_size: int = 1                  # requests per generate() call (lmms-eval's --batch_size; BATCH= in the scripts)
+    max_batch_size: int | None = None    # lmms-eval passes it; unused
     device: str = "auto"                 # "auto": this process's accelerator (accelerate launch), else CPU
     dtype: str = "bfloat16"
     max_new_tokens: int = 16             # when the task gives none
@@ -62,6 +63,8 @@ def parse_args(kwargs: dict[str, Any]) -> tuple[PluginArgs, dict[str, Any]]:
     """``--model_args`` -> (options, method parameters), both validated; ValueError naming the argument."""
     names = {f.name for f in dataclasses.fields(PluginArgs)}
     options = {k: v for k, v in kwargs.items() if k in names}
+    if isinstance(options.get("batch_size"), str) and options["batch_size"].isdigit():  # lmms-eval's --batch_size
+        options["batch_size"] = int(options["batch_size"])
     params = {k: v for k, v in kwargs.items() if k not in names}
     args = PluginArgs(**options)
     if not args.pretrained:
@@ -134,7 +137,7 @@ class ScriptLMM(lmms):
 
         accelerator = Accelerator()
         self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
-        if self.args.device == "auto":
+        if self.args.device in ("auto", "cuda"):  # one accelerator per process under accelerate launch
             self.device = accelerator.device
         else:
             self.device = torch.device(self.args.device)
