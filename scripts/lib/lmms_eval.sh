@@ -11,13 +11,8 @@
 #   LIMIT (lmms-eval --limit, for a smoke test)
 # Data, offline use and the paper's unpruned rows: EVAL.md, "lmms-eval".
 
-set -euo pipefail
-
-LMMS_LIB_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO_ROOT="$(cd "$LMMS_LIB_DIR/../.." && pwd)"
-export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
-
-die() { echo "error: $*" >&2; exit 1; }
+# the LLaVA scripts' preamble: set -euo pipefail, REPO_ROOT on PYTHONPATH, die()
+source "$(dirname "${BASH_SOURCE[0]}")/eval_common.sh"
 
 gpu_count() {
     if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
