@@ -201,3 +201,11 @@ def test_internvl_tiles_are_rows_with_the_budget_and_method(setup):
     with torch.no_grad():
         rows = build_internvl().model.get_image_features(pixel_values=pixels[0]).pooler_output  # (9, 16, D)
     assert result["kept"] == sp.select(rows, 3, "divprune").sort(dim=1).values.tolist()
+
+
+def test_unpruned_video_keeps_every_pooled_token(setup):
+    """method=none with LLaVA-Video's average pooling: all 2 x 2 = 4 tokens of each of the 3 frames + the newline."""
+    root, videos = setup
+    result, _ = run_plugin(root, [{"video": videos[1]}], f"method=none,max_frames_num={FRAMES}")
+    assert result["visual_tokens"] == [FRAMES * 4 + 1]
+    assert result["kept"] == [[0, 1, 2, 3]] * FRAMES

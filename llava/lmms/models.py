@@ -149,9 +149,10 @@ class ScriptLMM(lmms):
         self.tokenizer.padding_side = "left"
         self.chat_template = self.tokenizer.chat_template or self._processor_chat_template()
         self.prepare()
-        if self.args.method != UNPRUNED:
-            sp.patch.apply(self.model, method=self.args.method, budget=self.args.budget,
-                           relevance=self.args.relevance, **self.params)
+        pruning = self.pruning()
+        if pruning is not None:
+            sp.patch.apply(self.model, method=pruning[0], budget=pruning[1], relevance=self.args.relevance,
+                           **self.params)
         self.visual_tokens: list[int] = []  # per answered request: visual tokens that reached the LLM
 
     def _processor_chat_template(self) -> str | None:
@@ -169,6 +170,10 @@ class ScriptLMM(lmms):
 
     def prepare(self) -> None:
         """Family setup after loading (processors, pooling)."""
+
+    def pruning(self) -> tuple[str, int | float] | None:
+        """(method, budget) applied to the model, or None to run the stock model (``method=none``)."""
+        return None if self.args.method == UNPRUNED else (self.args.method, self.args.budget)
 
     def encode(self, context: str, visuals: list[Any]) -> tuple[list[int], dict[str, torch.Tensor]]:
         """One request -> (prompt token ids with every visual placeholder, visual tensors for the model)."""
@@ -237,6 +242,10 @@ class ScriptLMM(lmms):
         mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts])
         out = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
         for key in visuals[0]:
+            shapes = {tuple(v[key].shape[1:]) for v in visuals}
+            if len(shapes) > 1:
+                raise ValueError(f"batch_size > 1 needs requests of equal {key} shapes, got {sorted(shapes)} (videos: "
+                                 "keep force_sample=True so that every video gives max_frames_num frames)")
             value = torch.cat([v[key] for v in visuals])
             out[key] = value.to(self.device, self.model.dtype if value.is_floating_point() else None)
         return out
@@ -263,11 +272,14 @@ class ScriptLlavaOnevision(ScriptLMM):
         self.mean, self.std = list(processor.image_mean), list(processor.image_std)
         self.side = int(self.model.config.vision_config.image_size)
         set_video_pooling(self.model, self.args.video_pooling)
-        if self.args.method == UNPRUNED and self.args.video_pooling == "average":
-            # the stock forward only pools bilinearly; a budget above every frame's tokens keeps them all
-            self.args.method, self.args.budget = "random", 10**6
         self.video_token = self.tokenizer.convert_ids_to_tokens(self.model.config.video_token_index)
         self.per_frame = sp.patch.family_of(self.model).frame_tokens(self.model)
+
+    def pruning(self) -> tuple[str, int | float] | None:
+        if self.args.method == UNPRUNED and self.args.video_pooling == "average":
+            # the stock forward only pools bilinearly: the patched one keeping every token of every frame
+            return "random", self.per_frame
+        return super().pruning()
 
     def encode(self, context: str, visuals: list[Any]) -> tuple[list[int], dict[str, torch.Tensor]]:
         frames = frames_of(list(visuals), self.args)
