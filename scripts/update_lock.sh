@@ -35,17 +35,19 @@ if not match:
 print(match.group(1))
 PY
 )
-    pip install -q -e ".[test]" "transformers==$lowest"
+    pip install -q -e ".[test,lmms-test]" "transformers==$lowest"
 else
-    pip install -q --upgrade --upgrade-strategy eager -e ".[test]"
+    pip install -q --upgrade --upgrade-strategy eager -e ".[test,lmms-test]"
 fi
+pip install -q --no-deps "lmms-eval>=0.7,<0.8"   # as .ci/run: without its requirements (EVAL.md "lmms-eval")
 python -c "import transformers, tokenizers, accelerate; print('transformers', transformers.__version__, '| tokenizers', tokenizers.__version__, '| accelerate', accelerate.__version__)"
 python -m pytest -q
 [ "$mode" = "--check-lowest" ] && exit 0
 
 {
     cat <<'HEADER'
-# The tested lock: every package (transitive ones included) of `pip install -e ".[test]"`, pinned to the
+# The tested lock: every package (transitive ones included) of `pip install -e ".[test,lmms-test]"` and
+# lmms-eval (installed without its requirements, as .ci/run does), pinned to the
 # versions the whole suite last passed on (CPython 3.11, Linux x86_64). The README's install lines use it as
 # a pip constraints file (-c), so a user installs exactly these versions; the project itself is not listed.
 # torch==2.13.0: pip takes the CPU build where one lies on disk (CI, the developers' machines) and the

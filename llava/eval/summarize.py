@@ -49,6 +49,9 @@ COLUMNS = (
     ("mmvet", "MM-Vet", ("accuracy",)),
 )
 MME_SCALE = 20.0
+# benchmarks recorded from lmms-eval runs (llava.lmms.table, metric "lmms_eval"): not columns of this table (their
+# rows, and those of textvqa / mme / mmbench under metric "lmms_eval", are left out of it); llava.lmms.table shows them
+LMMS_BENCHMARKS = ("mlvu", "mvbench", "longvideobench", "videomme", "ai2d", "chartqa", "ocrbench", "hallusionbench")
 
 
 @dataclass(frozen=True)
@@ -98,8 +101,9 @@ def append_row(csv_path: str, benchmark: str, checkpoint: str, method: str, budg
     The file is rewritten whole (atomically, under a lock beside it: parallel scripts may add rows at once),
     with the current header; rows of an older file without the newer columns keep them empty.
     """
-    if benchmark not in {c[0] for c in COLUMNS}:
-        raise ValueError(f"benchmark: expected one of {[c[0] for c in COLUMNS]}, got {benchmark!r}")
+    known = [c[0] for c in COLUMNS] + list(LMMS_BENCHMARKS)
+    if benchmark not in known:
+        raise ValueError(f"benchmark: expected one of {known}, got {benchmark!r}")
     path = Path(csv_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     date = date or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
