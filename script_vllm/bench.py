@@ -5,6 +5,7 @@
 Without ``--model`` a tiny random Qwen2.5-VL is built offline (numbers then measure vLLM's overheads more than
 the model). Requests/s: one ``generate`` call over all requests (each its own random image and question),
 ``--max-tokens`` greedy tokens each. TTFT: the median wall time of single requests with one output token.
+Every request has an image no earlier request had (no encoder / prefix cache hits); a warm-up pass first.
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ import time
 from pathlib import Path
 
 
-def _requests(count: int, size: tuple[int, int], budget: float | int | None) -> list[dict]:
+def _requests(count: int, size: tuple[int, int], budget: float | int | None, seed: int = 0) -> list[dict]:
+    """``count`` requests, each its own random image (seeds ``seed``...) and question; fresh seeds miss vLLM's
+    encoder and prefix caches."""
     import numpy as np
     from PIL import Image
 
     words = ["what", "is", "the", "color", "of", "the", "dog", "in", "the", "left", "?"]
     out = []
     for i in range(count):
-        rng = np.random.RandomState(i)
+        rng = np.random.RandomState(seed + i)
         picture = Image.fromarray(rng.randint(0, 256, (size[1], size[0], 3), dtype=np.uint8))
         question = " ".join(words[: 4 + i % 7])
         prompt = (f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n"
@@ -42,13 +45,13 @@ def measure(llm, count: int, size: tuple[int, int], budget, max_tokens: int) -> 
 
     many = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     one = SamplingParams(temperature=0.0, max_tokens=1)
-    llm.generate(_requests(2, size, budget), many, use_tqdm=False)  # warm-up
-    batch = _requests(count, size, budget)
+    llm.generate(_requests(count, size, budget, seed=10_000), many, use_tqdm=False)  # warm-up (shapes compiled)
+    batch = _requests(count, size, budget, seed=20_000)
     start = time.perf_counter()
     outs = llm.generate(batch, many, use_tqdm=False)
     seconds = time.perf_counter() - start
     ttft = []
-    for request in _requests(min(count, 8), size, budget):
+    for request in _requests(min(count, 16), size, budget, seed=30_000):  # uncached images
         start = time.perf_counter()
         llm.generate([request], one, use_tqdm=False)
         ttft.append(time.perf_counter() - start)
