@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the vLLM plugin's environment (requirements/vllm.txt) in a new venv: bash scripts/vllm_env.sh [DIR]
-# (default .venv-vllm), then: DIR/bin/python -m pytest -q tests/vllm
+# (default .venv-vllm), then: DIR/bin/python -m pytest -q tests/vllm_plugin
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${1:-.venv-vllm}"

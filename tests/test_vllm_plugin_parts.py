@@ -1,5 +1,5 @@
 """The vLLM plugin's torch-only parts (no vLLM needed): the exact M-RoPE offset channels, request settings,
-the version gate. The plugin end to end: tests/vllm (its own environment, scripts/vllm_env.sh)."""
+the version gate. The plugin end to end: tests/vllm_plugin (its own environment, scripts/vllm_env.sh)."""
 
 import pytest
 import torch

@@ -3,7 +3,8 @@
 import importlib.util
 import os
 
-if importlib.util.find_spec("vllm") is None:
+_spec = importlib.util.find_spec("vllm")
+if _spec is None or _spec.origin is None:  # not installed (a namespace match is some folder named vllm, not vLLM)
     collect_ignore_glob = ["test_*.py"]  # the main suite's environment: nothing to run here
 
 # vLLM's CPU backend: the KV cache space (GiB) must be set; the engine in this process (no subprocess: faster)
