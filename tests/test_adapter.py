@@ -250,3 +250,26 @@ def test_mistral_llm_prunes_like_llama_on_the_same_weights(tiny_llava15_path, tm
                                        max_new_tokens=4, do_sample=False))
             model.set_pruning(None)
         assert outs[0].tolist() == outs[1].tolist()
+
+
+def test_a_prompt_llava_would_truncate_is_named_and_kept_whole(pair):
+    # LLaVA cuts the expanded prompt to tokenizer_model_max_length; the adapter keeps it whole and says so
+    arch, (tokenizer, model, processor, _), *_ = pair
+    image = random_image(56, 56)
+    ids = prompt_ids(tokenizer, "What?")[None]
+    pixels = process_images([image], processor, model.config)
+    expanded = model.prepare_inputs(ids, None, pixels, [image.size], None)["input_ids"].shape[1]
+    limit = model.config.tokenizer_model_max_length
+    try:
+        model.config.tokenizer_model_max_length = expanded - 1
+        with pytest.warns(UserWarning, match=f"holds {expanded} tokens.*tokenizer_model_max_length={expanded - 1}"):
+            out = model.prepare_inputs(ids, None, pixels, [image.size], None)
+        assert out["input_ids"].shape[1] == expanded
+        model.config.tokenizer_model_max_length = expanded
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model.prepare_inputs(ids, None, pixels, [image.size], None)
+    finally:
+        model.config.tokenizer_model_max_length = limit

@@ -19,6 +19,7 @@ from an original checkpoint by ``llava.model.convert``) and keeps what LLaVA's c
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -202,6 +203,7 @@ class LlavaAdapter(nn.Module):
             rows.append(torch.cat(pieces))
             label_rows.append(None if lab is None else torch.cat(lab_pieces))
         length = max(r.numel() for r in rows)
+        self._warn_if_llava_would_truncate(length)
         out_ids = input_ids.new_zeros(len(rows), length)
         out_mask = torch.zeros(len(rows), length, dtype=torch.long, device=input_ids.device)
         out_labels = None if labels is None else labels.new_full((len(rows), length), IGNORE_INDEX)
@@ -215,6 +217,15 @@ class LlavaAdapter(nn.Module):
         if self._pruning is not None and self._pruning.needs_relevance:
             sp.patch.set_query(self.hf, self._query_texts(texts, input_ids, mask))
         return inputs
+
+    def _warn_if_llava_would_truncate(self, length: int) -> None:
+        """LLaVA cuts the expanded prompt (text + every visual token) to ``tokenizer_model_max_length`` before
+        the LLM; this adapter does not (the whole prompt reaches the model). Say so when it makes a difference."""
+        limit = getattr(self.config, "tokenizer_model_max_length", None)
+        if limit is not None and length > int(limit):
+            warnings.warn(f"the expanded prompt holds {length} tokens (text + unpruned visual tokens), more than "
+                          f"tokenizer_model_max_length={int(limit)}: LLaVA's own code would cut it to that length "
+                          "(dropping the end of the prompt); here the whole prompt reaches the model", stacklevel=3)
 
     def _pixel_inputs(self, views: list[torch.Tensor], sizes: list) -> dict[str, torch.Tensor]:
         """pixel_values (I, 3, S, S) / NeXT (I, V, 3, S, S) zero-padded views + image_sizes (I, 2) as (h, w)."""

@@ -44,7 +44,7 @@ from .internvl import InternVLFamily
 from .llava_onevision import LlavaOnevisionFamily
 from .qwen2_5_vl import Qwen2_5_VLFamily
 from .qwen3_vl import Qwen3VLFamily
-from .prefill import STATE_ATTR, PatchConfig, PatchState, expand_for_generation, patched_forward
+from .prefill import STATE_ATTR, PatchConfig, PatchState, expand_for_generation, kept_indices, patched_forward
 
 #: generate()'s input expansion, patched so per-image inputs repeat per prompt (see expand_for_generation)
 EXPAND = "_expand_inputs_for_generation"
@@ -216,6 +216,8 @@ def kept(model: nn.Module) -> list[Tensor]:
     reach the LLM. For in-LLM methods, the tokens left after the last stage (merged ones have no index); a row cut by the unpad step keeps at most its tokens in the prompt.
     """
     state = _state(model)
+    if state.kept is None and state.keep_rows is not None:  # read on demand: the prefill does not wait for it
+        state.kept = kept_indices(state.keep_rows)
     if state.kept is None:
         raise ValueError("no prefill with pixel_values has run since script_prune.patch.apply")
     return list(state.kept)

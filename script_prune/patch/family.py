@@ -101,6 +101,14 @@ def fit_layout(layout: Layout, image_lengths: Tensor) -> Layout:
                   layout.image[order])
 
 
+def device_index(values: list[int], device: torch.device) -> Tensor:
+    """A host list of indices as a long tensor on ``device``, copied without blocking the host."""
+    index = torch.tensor(values, dtype=torch.long)
+    if device.type == "cuda":
+        index = index.pin_memory()
+    return index.to(device, non_blocking=True)
+
+
 def rotate_half(x: Tensor) -> Tensor:
     """``[-x2, x1]`` of the two halves of the last dim (the rotate-half RoPE convention). # (..., d)"""
     half = x.shape[-1] // 2

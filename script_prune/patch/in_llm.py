@@ -245,7 +245,7 @@ def prune_stage(tokens: Tokens, scores: Tensor, stage: Stage, num_rows: int, lef
         keep = torch.cat([keep, ok], 1)
         key = torch.cat([key, (2 * last[:, None] + 1).expand_as(merged_ok).reshape(1, -1).expand(batch, -1)], 1)
         source = torch.cat([source, centre.reshape(1, -1).expand(batch, -1)], 1)
-    index, short_mask = pack(keep, left, key)  # (B, Ls')
+    index, short_mask = pack(keep, left, key=key)  # (B, Ls')
     source = source.gather(1, index)
     return tokens.take(index, short_mask, source), source
 

@@ -19,15 +19,15 @@ from transformers.models.llava_next.modeling_llava_next import (
     unpad_image,
 )
 
-from .family import LAYOUT_TOKEN, Layout, VisualRows
+from .family import LAYOUT_TOKEN, Layout, VisualRows, device_index
 from .llava import LlavaFamily, projected_rows
 
 
-def tile_grid(model: nn.Module, image_size: Tensor, n: int, device: torch.device) -> Tensor:
-    """Flat positions ``tile * n + i`` of the unpadded tile grid of one image -> (H', W') long."""
+def tile_grid(model: nn.Module, size: list[int], n: int, device: torch.device) -> Tensor:
+    """Flat positions ``tile * n + i`` of the unpadded tile grid of one image of ``size`` [height, width]
+    -> (H', W') long."""
     config = model.config
     side = config.vision_config.image_size // config.vision_config.patch_size
-    size = image_size.tolist()
     grid_h, grid_w = get_anyres_image_grid_shape(size, config.image_grid_pinpoints, config.vision_config.image_size)
     cell = torch.arange(grid_h * grid_w * n, device=device).view(grid_h, grid_w, side, side)  # (tile row, col, i, j)
     grid = cell.permute(0, 2, 1, 3).reshape(1, grid_h * side, grid_w * side)
@@ -40,13 +40,14 @@ class LlavaNextFamily(LlavaFamily):
     name = "llava_next"
     class_names = ("LlavaNextForConditionalGeneration",)
 
-    def crops(self, model: nn.Module, call: dict[str, Any]) -> tuple[Tensor, list[int]]:
-        """Image sizes (I, 2) (height, width) on the CPU and the crops (base + tiles) of every image."""
+    def crops(self, model: nn.Module, call: dict[str, Any]) -> tuple[list[list[int]], list[int]]:
+        """Image sizes [height, width] on the host (one read of ``image_sizes``) and the crops (base + tiles)
+        of every image."""
         sizes = call.get("image_sizes")
         if sizes is None:
             raise ValueError("LlavaNextForConditionalGeneration needs image_sizes with pixel_values")
-        sizes = torch.as_tensor(sizes).cpu()
-        crops = [image_size_to_num_patches(s.tolist(), model.config.image_grid_pinpoints,
+        sizes = sizes.tolist() if isinstance(sizes, Tensor) else [list(s) for s in sizes]
+        crops = [image_size_to_num_patches(s, model.config.image_grid_pinpoints,
                                            model.config.vision_config.image_size) for s in sizes]
         return sizes, crops
 
@@ -61,8 +62,8 @@ class LlavaNextFamily(LlavaFamily):
         newline = int(model.model.image_newline is not None)
         lengths = [n + (newline if g is None else g.shape[0] * (g.shape[1] + newline)) for g in grids]
         device = tokens.device
-        row_image = torch.repeat_interleave(torch.arange(len(crops)), torch.tensor(crops)).to(device)
-        return VisualRows(tokens, features, row_image, torch.tensor(lengths, device=device), inputs=inputs,
+        row_image = device_index([image for image, c in enumerate(crops) for _ in range(c)], device)  # (R,)
+        return VisualRows(tokens, features, row_image, device_index(lengths, device), inputs=inputs,
                           extra={"crops": crops, "grids": grids})
 
     def layout(self, model: nn.Module, rows: VisualRows, keep: Tensor, merged: Tensor | None = None) -> Layout:

@@ -85,10 +85,10 @@ class LlavaOnevisionFamily(LlavaNextFamily):
         half = self.side(model) / 2
         return (math.ceil(half) if video_pooling(model) == "bilinear" else math.floor(half)) ** 2
 
-    def crops(self, model: nn.Module, call: dict[str, Any]) -> tuple[Tensor, list[int]]:
+    def crops(self, model: nn.Module, call: dict[str, Any]) -> tuple[list[list[int]], list[int]]:
         """NeXT's crops per image, but one (the base) for images of a prompt holding several."""
         if call.get("pixel_values") is None:
-            return torch.zeros(0, 2, dtype=torch.long), []
+            return [], []
         sizes, crops = super().crops(model, call)
         counts = call.get("batch_num_images")
         if counts is not None:
@@ -175,12 +175,12 @@ class LlavaOnevisionFamily(LlavaNextFamily):
         return VisualRows(tokens, tokens, as_tensor(row_image), as_tensor(image_lengths), lengths=as_tensor(lengths),
                           extra={"items": layout_items})
 
-    def grid(self, model: nn.Module, size: Tensor, n: int, device: torch.device) -> Tensor:
+    def grid(self, model: nn.Module, size: list[int], n: int, device: torch.device) -> Tensor:
         """NeXT's unpadded tile grid (flat ``tile * n + i``); refused where the stock model would interpolate it."""
         grid = tile_grid(model, size, n, device)
         limit = int(model.config.vision_aspect_ratio.removeprefix("anyres_max_"))
         if math.sqrt(grid.numel() / (limit * n)) > 1.1:
-            raise ValueError(f"{self.name}: an image of size {size.tolist()} gives a tile grid the stock model shrinks "
+            raise ValueError(f"{self.name}: an image of size {list(size)} gives a tile grid the stock model shrinks "
                              f"by interpolation ({model.config.vision_aspect_ratio}); its tokens are not tile tokens, "
                              "so script_prune.patch cannot prune it by row (use a smaller image or fewer pinpoints)")
         return grid

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 import script_prune as sp
 from script_prune.budget import keeps_all, resolve_budget
 
-from .family import Family, VisualRows, fit_layout
+from .family import Family, VisualRows, device_index, fit_layout
 from .relevance import Query, RelevanceSource, question_mask
 
 STATE_ATTR = "_script_prune_patch"
@@ -90,6 +90,7 @@ class PatchState:
     previous_expand: Any  # the instance attribute ``_expand_inputs_for_generation`` before patching, or None
     signature: inspect.Signature
     kept: list[Tensor] | None = None
+    keep_rows: Tensor | None = None  # (R, N) bool kept tokens of the last prefill; ``kept`` is read from it on demand
     visual_counts: Tensor | None = None  # (B,) visual tokens per sample that reached the LLM (see visual_tokens)
     prompt: PromptState | None = None
     texts: list[str] | None = None
@@ -97,16 +98,18 @@ class PatchState:
 
 
 # ------------------------------------------------------------------------------------------ packing
-def pack(keep: Tensor, left: bool, key: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def pack(keep: Tensor, left: bool, short: int | None = None, key: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Kept positions of each row packed to the longest row. # (B, L) bool -> index (B, Ls), mask (B, Ls)
 
     ``index`` holds the source positions in order (ascending ``key`` (B, L) in [0, 2L) when given, e.g.
-    to place appended entries; ties keep their order); shorter rows are padded on the left (``left``) or right, their padding
-    slots pointing at an arbitrary position and masked out (mask 0).
+    to place appended entries; ties keep their order); shorter rows are padded on the left (``left``)
+    or right, their padding slots pointing at an arbitrary position and masked out (mask 0).
+    ``short``: Ls when the caller already read it (else one host sync reads it here).
     """
     length = keep.shape[1]
     count = keep.sum(dim=1)  # (B,)
-    short = int(count.max()) if keep.shape[0] else 0
+    if short is None:
+        short = int(count.max()) if keep.shape[0] else 0
     positions = torch.arange(length, device=keep.device).expand_as(keep) if key is None else key
     beyond = length if key is None else 2 * length
     order = torch.sort(torch.where(keep, positions, positions + beyond), dim=1, stable=True).indices[:, :short]
@@ -216,61 +219,112 @@ def expand_for_generation(model: nn.Module, stock_expand: Callable[..., Any], ex
 
 
 # ------------------------------------------------------------------------------------------ prefill
-def select_rows(model: nn.Module, state: PatchState, rows: VisualRows, query: Query,
-                row_sample: Tensor) -> tuple[Tensor, list[Tensor], Tensor | None]:
+@dataclass(frozen=True)
+class RowGroup:
+    """Rows of one relevance group that share a length (selected by one ``script_prune`` call).
+
+    sub: (G,) positions within the relevance group, ids: (G,) row ids (both None: every row, in order);
+    host_ids: the row ids on the host; length: their valid tokens.
+    """
+
+    sub: Tensor | None
+    ids: Tensor | None
+    host_ids: list[int]
+    length: int
+
+
+def rows_by_length(row_ids: Tensor | None, row_lengths: list[int], device: torch.device) -> list[RowGroup]:
+    """Split a relevance group (``row_ids`` (G,) or None for all rows) by row length, on the host.
+
+    No host sync when the group is all rows (every relevance source but a ``clip_text`` batch whose
+    questions need different numbers of CLIP segments, which reads its row ids once).
+    """
+    host = list(range(len(row_lengths))) if row_ids is None else row_ids.tolist()
+    by_length: dict[int, list[int]] = {}
+    for position, row in enumerate(host):
+        by_length.setdefault(row_lengths[row], []).append(position)
+    if row_ids is None and len(by_length) == 1:
+        return [RowGroup(None, None, host, row_lengths[0])]
+    groups = []
+    for length, positions in by_length.items():
+        sub = device_index(positions, device)
+        groups.append(RowGroup(sub, sub if row_ids is None else row_ids[sub], [host[p] for p in positions], length))
+    return groups
+
+
+def take(x: Tensor | None, index: Tensor | None) -> Tensor | None:
+    """``x[index]`` (None index: all of ``x``; None ``x`` stays None)."""
+    return x if x is None or index is None else x[index]
+
+
+def select_rows(model: nn.Module, state: PatchState, rows: VisualRows, query: Query, row_sample: Tensor,
+                row_lengths: list[int]) -> tuple[Tensor, Tensor | None]:
     """Which tokens of every row stay: ``script_prune.select`` on ``H_v`` with the resolved per-row budget.
 
     Merging methods (TRIM) run ``script_prune.reduce`` on the vision features (the projector input) instead
     and their merged tokens are projected like the others. Rows are processed together, split only by
-    relevance group (query shape) and row length (``rows.lengths``); TRIM-IQR, whose kept count differs per
-    row, one row at a time. -> keep (R, N) bool, kept: R ascending
-    int64 tensors, merged: (R, e, D) projected merged tokens or None.
+    relevance group (query shape) and row length (``row_lengths``: the family's host-side lengths, in row
+    order); TRIM-IQR, whose kept count differs per row, one row at a time. Selection runs on the trusted
+    path (``validate=False``: apply checked the budget and parameters; the features are the model's), so
+    this step waits for the device nowhere. -> keep (R, N) bool, merged: (R, e, D) projected merged tokens
+    or None.
     """
     cfg = state.config
     params = cfg.method_params()
     r, n = rows.tokens.shape[:2]
     device = rows.tokens.device
+    if len(row_lengths) != r:
+        raise ValueError(f"family {state.family.name!r} reported {len(row_lengths)} row lengths for {r} encoded rows")
     if cfg.spec.needs_relevance:
         groups = cfg.relevance.groups(model, state.family, rows, query, row_sample)
     else:
-        groups = [(torch.arange(r, device=device), None, None)]
-    lengths = rows.lengths if rows.lengths is not None else torch.full((r,), n, device=device)
+        groups = [(None, None, None)]
     keep = torch.zeros(r, n, dtype=torch.bool, device=device)
-    merged: list[tuple[Tensor, Tensor]] = []
+    merged: list[tuple[Tensor | None, Tensor]] = []
     for row_ids, image_embeds, query_embeds in groups:  # one group per query shape, usually one
-        for length in torch.unique(lengths[row_ids]).tolist():  # one length for fixed-resolution families
-            sub = (lengths[row_ids] == length).nonzero().flatten()
-            ids = row_ids[sub]
+        for group in rows_by_length(row_ids, row_lengths, device):  # one length for fixed-resolution families
+            ids, length = group.ids, group.length
             k = resolve_budget(cfg.budget, length)
-            inputs = dict(image_embeds=None if image_embeds is None else image_embeds[sub, :length],
-                          query_embeds=None if query_embeds is None else query_embeds[sub])
-            inputs.update({name: value[ids, :length] for name, value in rows.inputs.items()})
+            inputs = dict(image_embeds=None if image_embeds is None else take(image_embeds, group.sub)[:, :length],
+                          query_embeds=take(query_embeds, group.sub))
+            inputs.update({name: take(value, ids)[:, :length] for name, value in rows.inputs.items()})
             # the choice of tokens is not differentiable: methods see detached tensors, so a forward with autograd
             # on works (some kernels refuse grad-carrying inputs) and gradients flow through the kept tokens
             inputs = {name: None if v is None else v.detach() for name, v in inputs.items()}
             if keeps_all(k, length):
-                picked = torch.arange(length, device=device).expand(ids.shape[0], -1)
+                picked = torch.arange(length, device=device).expand(len(group.host_ids), -1)
             elif cfg.spec.merges and cfg.method in ROW_BY_ROW:  # kept count differs per row: one call per row
-                for j, row in enumerate(ids.tolist()):
+                for j, row in enumerate(group.host_ids):
                     reduction = sp.reduce(rows.vision_features[row:row + 1, :length].detach(), k, cfg.method,
                                           **{name: None if v is None else v[j:j + 1] for name, v in inputs.items()},
-                                          **params)
+                                          validate=False, **params)
                     keep[row, reduction.indices[0]] = True
                     if reduction.merged is not None:
                         features = reduction.merged.to(rows.vision_features.dtype)  # (1, e, C)
-                        merged.append((ids[j:j + 1], state.family.project(model, features)))
+                        merged.append((device_index([row], device), state.family.project(model, features)))
                 continue
             elif cfg.spec.merges:
-                reduction = sp.reduce(rows.vision_features[ids, :length].detach(), k, cfg.method, **inputs, **params)
+                reduction = sp.reduce(take(rows.vision_features, ids)[:, :length].detach(), k, cfg.method,
+                                      validate=False, **inputs, **params)
                 picked = reduction.indices
                 if reduction.merged is not None:
                     features = reduction.merged.to(rows.vision_features.dtype)  # (G, e, C)
                     merged.append((ids, state.family.project(model, features)))
             else:
-                picked = sp.select(rows.tokens[ids, :length].detach(), k, cfg.method, **inputs, **params)
-            keep[ids[:, None], picked] = True
-    values = torch.arange(n, device=device).expand(r, -1)[keep]  # row-major, ascending within each row
-    return keep, list(torch.split(values, keep.sum(dim=1).tolist())), stack_merged(merged, r)
+                picked = sp.select(take(rows.tokens, ids)[:, :length].detach(), k, cfg.method, validate=False,
+                                   **inputs, **params)
+            if ids is None:
+                keep.scatter_(1, picked, True)
+            else:
+                keep[ids[:, None], picked] = True
+    return keep, stack_merged(merged, r)
+
+
+def kept_indices(keep: Tensor) -> list[Tensor]:
+    """(R, N) bool -> R ascending int64 tensors of the kept indices (one host sync)."""
+    n = keep.shape[1]
+    values = torch.arange(n, device=keep.device).expand(keep.shape[0], -1)[keep]  # row-major, ascending per row
+    return list(torch.split(values, keep.sum(dim=1).tolist()))
 
 
 def stack_merged(parts: list[tuple[Tensor, Tensor]], rows: int) -> Tensor | None:
@@ -278,13 +332,13 @@ def stack_merged(parts: list[tuple[Tensor, Tensor]], rows: int) -> Tensor | None
     if not parts:
         return None
     counts = {tokens.shape[1] for _, tokens in parts}
-    covered = sum(ids.shape[0] for ids, _ in parts)
+    covered = sum(tokens.shape[0] for _, tokens in parts)
     if len(counts) != 1 or covered != rows:
         raise ValueError("the merging method gave different numbers of merged tokens for the rows of one prefill")
     ids, tokens = parts[0]
     out = tokens.new_empty(rows, *tokens.shape[1:])
     for ids, tokens in parts:
-        out[ids] = tokens
+        out[slice(None) if ids is None else ids] = tokens
     return out
 
 
@@ -293,37 +347,52 @@ class Prompt:
     """The unpruned prompt of a prefill with its visual rows laid out (shared by both stages).
 
     embeds: (B, L, D) input embeddings of the prompt ids (placeholders not filled yet); real: (B, L) bool (not padding);
-    placeholder: (B, L) bool; row_sample: (R,) sample of every row; left: the batch is left padded
-    (or unpadded).
+    placeholder: (B, L) bool; row_sample: (R,) sample of every row; image_sample: (I,) sample of every image;
+    checks: (3,) long on the device, [placeholders in the prompt, visual tokens the images give, batch left
+    padded (or unpadded)], read by :func:`resolve`, which sets ``left``.
     """
 
     embeds: Tensor
     real: Tensor
     placeholder: Tensor
     row_sample: Tensor
-    left: bool
+    image_sample: Tensor
+    checks: Tensor
+    left: bool | None = None
 
 
 def locate_rows(model: nn.Module, state: PatchState, call: dict[str, Any], rows: VisualRows) -> Prompt:
-    """Where the rows sit in the prompt; checks the placeholder count against the unpruned layout."""
+    """Where the rows sit in the prompt (no host sync; :func:`resolve` checks the placeholder count)."""
     input_ids = call["input_ids"]
     placeholder = state.family.placeholder_mask(model, input_ids)  # (B, L)
     mask = call.get("attention_mask")
     real = torch.ones_like(placeholder) if mask is None else mask.bool()
-    slot_sample = placeholder.nonzero()[:, 0]  # (T,) sample of every placeholder, in scatter order
-    expected = rows.image_lengths.sum()
-    if bool(slot_sample.shape[0] != expected):  # one host sync, as the stock check
-        raise ValueError(f"the prompt holds {slot_sample.shape[0]} image placeholder tokens but the images give "
-                         f"{int(expected)} visual tokens")
-    starts = rows.image_lengths.cumsum(0) - rows.image_lengths  # (I,)
-    row_sample = slot_sample[starts][rows.row_image]  # (R,)
-    left = not bool((~real[:, -1]).any())
+    ends = placeholder.sum(dim=1).cumsum(0)  # (B,) placeholders up to each sample's end, in scatter order
+    starts = rows.image_lengths.cumsum(0) - rows.image_lengths  # (I,) first placeholder slot of every image
+    image_sample = torch.searchsorted(ends, starts, right=True).clamp(max=input_ids.shape[0] - 1)  # (I,)
+    left = ~(~real[:, -1]).any()
+    checks = torch.stack([ends[-1], rows.image_lengths.sum(), left.long()])
     embeds = state.family.embed_tokens(model)(input_ids)  # (B, L, D)
-    return Prompt(embeds, real, placeholder, row_sample, left)
+    return Prompt(embeds, real, placeholder, image_sample[rows.row_image], image_sample, checks)
+
+
+def resolve(prompt: Prompt, *scalars: Tensor) -> list[int]:
+    """Read the prompt's checks and ``scalars`` (0-d integer tensors) with ONE host sync; raise when the
+    placeholder count differs from the images' visual tokens (as the stock check), set ``prompt.left``.
+    -> the scalars' values."""
+    found, expected, left, *values = torch.cat([prompt.checks, *(s.reshape(1).long() for s in scalars)]).tolist()
+    if found != expected:
+        raise ValueError(f"the prompt holds {found} image placeholder tokens but the images give {expected} visual tokens")
+    prompt.left = bool(left)
+    return values
 
 
 def prefill(model: nn.Module, state: PatchState, call: dict[str, Any]) -> Any:
-    """A prefill with pixels: stock forward when the budget keeps whole rows, else the shortened prefill."""
+    """A prefill with pixels: stock forward when the budget keeps whole rows, else the shortened prefill.
+
+    Host syncs of the shortened prefill beyond what the stock model's own forward does: one (:func:`resolve`:
+    the placeholder check, the padding side and the short prompt's length), plus those of the family's encoder
+    and the relevance source where they need host values (none for LLaVA with ``llm_text``)."""
     family, cfg = state.family, state.config
     if call.get("input_ids") is None:
         raise ValueError("script_prune.patch needs input_ids (with the image placeholders) on a prefill with "
@@ -336,7 +405,7 @@ def prefill(model: nn.Module, state: PatchState, call: dict[str, Any]) -> Any:
     lengths = family.row_lengths(model, call)  # tokens of every row (the longest decides "whole rows")
     n = max(lengths, default=family.row_length(model))
     k = resolve_budget(cfg.budget, n)
-    state.prompt = state.visual_counts = None
+    state.prompt = state.visual_counts = state.kept = state.keep_rows = None
     if keeps_all(k, n) and family.stock_layout(model):
         output = state.stock_forward(**call)
         state.kept = [torch.arange(m, device=call["input_ids"].device) for m in lengths]
@@ -348,15 +417,21 @@ def prefill(model: nn.Module, state: PatchState, call: dict[str, Any]) -> Any:
     if cfg.spec.stage == "llm":
         from .in_llm import in_llm_prefill
 
+        resolve(prompt)
         return in_llm_prefill(model, state, call, rows, prompt)
     query = Query(call["input_ids"], question_mask(call["input_ids"], prompt.real, prompt.placeholder), state.texts)
-    keep_rows, kept, merged = select_rows(model, state, rows, query, prompt.row_sample)  # (R, N), R x (k,)
+    keep_rows, merged = select_rows(model, state, rows, query, prompt.row_sample, lengths)  # (R, N)
     layout = family.layout(model, rows, keep_rows, merged)
     if merged is not None:  # without merged tokens every kept token stays in its own placeholder slot
         layout = fit_layout(layout, rows.image_lengths)
+    # tokens each sample keeps: its real text + the kept visual entries of its images (its short length)
+    per_image = torch.zeros_like(prompt.image_sample).index_add_(0, layout.image, layout.kept.long())  # (I,)
+    count = (prompt.real & ~prompt.placeholder).sum(dim=1)  # (B,)
+    count = count.index_add(0, prompt.image_sample, per_image)
+    longest, shortest = resolve(prompt, count.max(), count.min())  # the one host sync
     embeds = prompt.embeds.masked_scatter(prompt.placeholder[..., None], layout.tokens.to(prompt.embeds.dtype))
     keep = prompt.real & (~prompt.placeholder).masked_scatter(prompt.placeholder, layout.kept)  # (B, L)
-    index, short_mask = pack(keep, prompt.left)  # (B, Ls)
+    index, short_mask = pack(keep, prompt.left, longest)  # (B, Ls)
     short_call = without_pixels(family, call)
     short_call.update(inputs_embeds=gather_tokens(embeds, index), attention_mask=short_mask,
                       position_ids=family.positions(model, call, index, short_mask))
@@ -365,8 +440,8 @@ def prefill(model: nn.Module, state: PatchState, call: dict[str, Any]) -> Any:
         short_call["labels"] = gather_tokens(call["labels"], index).masked_fill(short_mask == 0, -100)
     output = state.stock_forward(**short_call)
     shift = family.decode_shift(model, prompt.real, short_mask)  # (B, 1)
-    remember_prompt(state, call, output, call["input_ids"].shape[1], short_mask, shift)
-    state.kept = kept
+    remember_prompt(state, call, output, call["input_ids"].shape[1], short_mask, shift, shortest < longest)
+    state.keep_rows = keep_rows
     state.visual_counts = (keep & prompt.placeholder).sum(dim=1)
     return output
 
@@ -378,8 +453,11 @@ def without_pixels(family: Family, call: dict[str, Any]) -> dict[str, Any]:
 
 
 def remember_prompt(state: PatchState, call: dict[str, Any], output: Any, full_length: int, short_mask: Tensor,
-                    shift: Tensor) -> None:
+                    shift: Tensor, padded: bool | None = None) -> None:
+    """Keep what decoding needs (see :class:`PromptState`); ``padded``: the short prompt has padding (read from
+    ``short_mask`` with a host sync when not given)."""
     cache = first_given(output_cache(output), call_cache(call))
     if cache is not None:
-        padded = bool((short_mask == 0).any())
+        if padded is None:
+            padded = bool((short_mask == 0).any())
         state.prompt = PromptState(weakref.ref(cache), full_length, short_mask, shift, padded)

@@ -51,8 +51,9 @@ def question_mask(input_ids: Tensor, real: Tensor, placeholder: Tensor) -> Tenso
     return torch.where(after.any(dim=1, keepdim=True), after, text)
 
 
-#: A group of rows sharing one query shape: (row ids (G,), image_embeds (G, N, C), query_embeds (G, M, C)).
-Group = tuple[Tensor, Tensor, Tensor]
+#: A group of rows sharing one query shape: (row ids (G,) or None for every row in order, image_embeds (G, N, C),
+#: query_embeds (G, M, C)).
+Group = tuple[Tensor | None, Tensor, Tensor]
 
 
 class RelevanceSource:
@@ -75,8 +76,7 @@ class LLMText(RelevanceSource):
         embeds = family.embed_tokens(model)(query.input_ids.clamp(min=0)).float()  # (B, L, D)
         weights = query.mask.to(embeds.dtype)[..., None]  # (B, L, 1)
         mean = (embeds * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)  # (B, D), Eq. 3's mean query
-        all_rows = torch.arange(rows.num_rows, device=rows.tokens.device)
-        return [(all_rows, rows.tokens, mean[row_sample][:, None, :])]  # (R, N, D), (R, 1, D)
+        return [(None, rows.tokens, mean[row_sample][:, None, :])]  # every row: (R, N, D), (R, 1, D)
 
 
 class ClipText(RelevanceSource):
@@ -141,6 +141,8 @@ class ClipText(RelevanceSource):
             ids = torch.stack([segments[s][0] for s in samples]).flatten(0, 1).to(device)  # (S * M, 77)
             mask = torch.stack([segments[s][1] for s in samples]).flatten(0, 1).to(device)
             text = self.text_model(input_ids=ids, attention_mask=mask).text_embeds.view(len(samples), -1, image.shape[-1])
+            if len(by_count) == 1:  # every sample in order: every row, no row ids to look up
+                return [(None, image, text[row_sample])]
             slot = torch.full((query.input_ids.shape[0],), -1, dtype=torch.long, device=device)
             slot[torch.tensor(samples, device=device)] = torch.arange(len(samples), device=device)
             row_ids = (slot[row_sample] >= 0).nonzero().flatten()  # rows of these samples

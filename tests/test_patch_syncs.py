@@ -1,0 +1,96 @@
+"""Host syncs of the pruning layer (issue #19): a pruned prefill waits for the device once more than the
+stock model's own forward on the same (short) prompt, and a decoding step not at all more than stock.
+
+Counted with ``script_prune.counting`` (every aten op that makes the host wait on an accelerator, counted
+on the CPU). The reference is the unpatched transformers model run on the hand-shortened prompt the
+patched model feeds its LLM, so the stock code's own syncs (mask construction, ...) cancel out.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import script_prune as sp
+from script_prune import fused
+from script_prune.counting import count_ops
+from tests.test_patch import IMAGE, build_llava, build_next, prompts, stock_image_tokens
+
+METHODS = [("divprune", {}, "torch"), ("script", {}, "triton"), ("uniform", {}, "torch")]
+
+
+def cache_of(output):
+    return output.cache if "cache" in type(output).__dataclass_fields__ else output.past_key_values
+
+
+def cache_kw(output) -> str:
+    return "cache" if "cache" in type(output).__dataclass_fields__ else "past_key_values"
+
+
+def short_prompt(model, ids, mask, pixels, kept):
+    """The prompt the patched LLaVA-1.5 model's LLM receives, built by hand: each placeholder run replaced by
+    its row's kept tokens (ascending), left padded, contiguous positions. -> embeds, mask, positions."""
+    tokens = stock_image_tokens(model, pixels)
+    embed = model.get_input_embeddings()
+    seqs = []
+    for b in range(ids.shape[0]):
+        row = ids[b][mask[b].bool()]
+        image = row == IMAGE
+        first = int(image.nonzero()[0])
+        seqs.append(torch.cat([embed(row[:first]), tokens[b][kept[b]], embed(row[first + int(image.sum()):])]))
+    length = max(s.shape[0] for s in seqs)
+    embeds = torch.zeros(len(seqs), length, seqs[0].shape[1])
+    short = torch.zeros(len(seqs), length, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        embeds[b, length - s.shape[0]:] = s
+        short[b, length - s.shape[0]:] = 1
+    return embeds, short, (short.cumsum(1) - 1).clamp(min=0)
+
+
+@pytest.mark.parametrize("method,params,backend", METHODS)
+@torch.no_grad()
+def test_pruned_prefill_adds_one_host_sync_and_decoding_none(method, params, backend):
+    model = build_llava()
+    ids, mask = prompts([16, 16])
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    sp.patch.apply(model, method=method, budget=5, relevance="llm_text", **params)
+    with fused.greedy_backend(backend):  # script: the fused walk (Triton's interpreter here), which never waits
+        with count_ops() as patched:
+            out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=True)
+    kept = sp.patch.kept(model)
+    assert [k.shape[0] for k in kept] == [5, 5]
+    step = out.logits[:, -1].argmax(-1, keepdim=True)
+    long_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+    with count_ops() as patched_step:
+        model(input_ids=step, attention_mask=long_mask, use_cache=True, **{cache_kw(out): cache_of(out)})
+    sp.patch.remove(model)
+
+    embeds, short, positions = short_prompt(model, ids, mask, pixels, kept)
+    with count_ops() as stock:
+        ref = model(inputs_embeds=embeds, attention_mask=short, position_ids=positions, use_cache=True)
+    torch.testing.assert_close(out.logits[:, -1], ref.logits[:, -1], rtol=1e-4, atol=1e-4)  # the same prompt
+    short_step = torch.cat([short, torch.ones(2, 1, dtype=short.dtype)], dim=1)
+    with count_ops() as stock_step:
+        model(input_ids=step, attention_mask=short_step, position_ids=positions[:, -1:] + 1, use_cache=True,
+              **{cache_kw(ref): cache_of(ref)})
+
+    assert patched.syncs - stock.syncs <= 1, (dict(patched.sync_ops), dict(stock.sync_ops))
+    assert patched_step.syncs <= stock_step.syncs, (dict(patched_step.sync_ops), dict(stock_step.sync_ops))
+
+
+@torch.no_grad()
+def test_next_prefill_syncs_at_most_one_more_than_the_stock_pixel_forward():
+    # NeXT reads image sizes on the host (as the stock forward does, several times): the pruned prefill of a
+    # vision-side method waits for the device at most once more than the stock forward with pixels
+    model = build_next()
+    sizes = torch.tensor([[32, 64], [64, 64]])
+    pixels = torch.randn(2, 5, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    counts = [t.shape[0] for t in stock_image_tokens(model, pixels, sizes)]
+    ids, mask = prompts(counts)
+    with count_ops() as stock:
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes, use_cache=True)
+    sp.patch.apply(model, method="divprune", budget=6, relevance="llm_text")
+    with count_ops() as patched:
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes, use_cache=True)
+    assert sum(sp.patch.visual_tokens(model)) < sum(counts)
+    assert patched.syncs <= stock.syncs + 1, (dict(patched.sync_ops), dict(stock.sync_ops))
