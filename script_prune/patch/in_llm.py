@@ -245,7 +245,7 @@ def prune_stage(tokens: Tokens, scores: Tensor, stage: Stage, num_rows: int, lef
         keep = torch.cat([keep, ok], 1)
         key = torch.cat([key, (2 * last[:, None] + 1).expand_as(merged_ok).reshape(1, -1).expand(batch, -1)], 1)
         source = torch.cat([source, centre.reshape(1, -1).expand(batch, -1)], 1)
-    index, short_mask = pack(keep, left, key)  # (B, Ls')
+    index, short_mask = pack(keep, left, key=key)  # (B, Ls')
     source = source.gather(1, index)
     return tokens.take(index, short_mask, source), source
 
@@ -322,8 +322,8 @@ def in_llm_language_forward(access: DecoderAccess, state: PatchState, tokens: To
         length = tokens.mask.shape[1]
         tokens, source = prune_stage(tokens, scores, stage, num_rows, left)
         if cache is not None:
-            check_cache_length(cache, stage.layers_before, length, f"before the cut after layer {stage.layers_before}",
-                               keyword)
+            what = "the whole prompt, before shortening" if done == 0 else f"before the cut after layer {stage.layers_before}"
+            check_cache_length(cache, stage.layers_before, length, what, keyword)
             shorten_cache(cache, source, stage.layers_before)
         done = stage.layers_before
         # the layers after the cut start with an empty cache: their mask is sized from the short prompt alone.

@@ -109,13 +109,13 @@ def stage(state: PatchState, name: str) -> AbstractContextManager[Any]:
 
 
 # ------------------------------------------------------------------------------------------ packing
-def pack(keep: Tensor, left: bool, key: Tensor | None = None, short: int | None = None) -> tuple[Tensor, Tensor]:
+def pack(keep: Tensor, left: bool, short: int | None = None, key: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Kept positions of each row packed to the longest row. # (B, L) bool -> index (B, Ls), mask (B, Ls)
 
     ``index`` holds the source positions in order (ascending ``key`` (B, L) in [0, 2L) when given, e.g.
-    to place appended entries; ties keep their order); shorter rows are padded on the left (``left``) or right,
-    their padding slots pointing at an arbitrary position and masked out (mask 0). ``short``: Ls when the
-    caller already read it (else one host sync reads it here).
+    to place appended entries; ties keep their order); shorter rows are padded on the left (``left``)
+    or right, their padding slots pointing at an arbitrary position and masked out (mask 0).
+    ``short``: Ls when the caller already read it (else one host sync reads it here).
     """
     length = keep.shape[1]
     count = keep.sum(dim=1)  # (B,)
