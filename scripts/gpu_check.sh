@@ -47,12 +47,12 @@ fi
 # The paper's shapes in script_prune.bench: case 0 = (1, 576, 4096, 64), 2 = (5, 576, 4096, 64), 3 = (64, 169, 3584, 16).
 BENCH_COMMON=(-m script_prune.bench --device cuda --methods script --cases 0 2 3 --min-repeats 10 --budget-s 1)
 
-# The efficiency tool: its command line lives here only (its CLI is being reworked; update this function).
+# The efficiency tool: its command line lives here only.
 # $1 = attention implementation (sdpa | flash_attention_2), $2 = JSON file.
 efficiency_cmd() {
     EFF_CMD=("$PYTHON" -m llava.eval.efficiency --random-weights --shape llava-v1.6-vicuna-7b --device cuda
-             --dtype float16 --methods script,divprune,visionzip,fastv,trim --budgets 64 --repeats 5 --warmup 2
-             --vision-repeats 3 --json "$2")
+             --dtype float16 --methods script,cdpruner,divprune,visionzip,trim,fastv,sparsevlm,pdrop --budgets 64
+             --param "pdrop:layers=[2,6,12]" --repeats 3 --warmup 1 --json "$2")
     if [ -z "${EFF_HELP+set}" ]; then EFF_HELP=$("$PYTHON" -m llava.eval.efficiency --help 2>/dev/null); fi
     if grep -q -- "--attn-implementation" <<< "$EFF_HELP"; then
         EFF_CMD+=(--attn-implementation "$1")

@@ -218,3 +218,29 @@ def test_bad_input():
         E.main(["--flops-only", "--shape", "nope"])
     with pytest.raises(SystemExit):
         E.main(["--model-path", "/does/not/exist"])
+
+
+def test_attention_implementation_reaches_every_sub_model_and_flash_needs_flash_attn(monkeypatch):
+    bench = E.random_bench("tiny-next", 1, attn_implementation="eager")
+    configs = [bench.model.config, bench.model.config.text_config, bench.model.config.vision_config]
+    assert [c._attn_implementation for c in configs] == ["eager"] * 3
+    assert E.random_bench("tiny-next", 1).model.config.text_config._attn_implementation == "sdpa"  # the default
+    monkeypatch.setattr("transformers.utils.is_flash_attn_2_available", lambda: False)
+    with pytest.raises(ValueError, match="flash_attention_2.*needs the flash_attn package"):
+        E.random_bench("tiny-next", 1, attn_implementation="flash_attention_2")
+    with pytest.raises(ValueError, match="attn_implementation must be one of"):
+        E.check_attn_implementation("flex")
+
+
+def test_method_params_reach_the_flops_rule_and_are_checked():
+    # PDrop at 64 per crop needs earlier drop points than its default 8 / 16 / 24 (docs/methods.md)
+    rows = E.main(["--flops-only", "--shape", "llava-v1.6-vicuna-7b", "--methods", "pdrop", "--budgets", "64",
+                   "--param", "pdrop:layers=[2,6,12]"])
+    shape = F.get_shape("llava-v1.6-vicuna-7b")
+    by_hand = F.layers_tflops(F.layer_tokens(shape, "pdrop", 64, {"layers": (2, 6, 12)}), shape.llm)
+    assert rows[1]["tflops"] == pytest.approx(by_hand, rel=1e-12)
+    assert E.method_param_args(["pdrop:layers=[2,6]", "pdrop:ratio=0.4"]) == {"pdrop": {"layers": [2, 6], "ratio": 0.4}}
+    with pytest.raises(ValueError, match="METHOD:KEY=VALUE"):
+        E.method_param_args(["layers=[2,6]"])
+    with pytest.raises(ValueError, match="ratio"):
+        E.BenchSettings(methods=["pdrop"], budgets=[64], params={"pdrop": {"ratio": 2.0}})

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import stat
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from llava.eval import efficiency
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
@@ -38,9 +40,14 @@ def test_dry_run_without_cuda_prints_the_commands_and_exits_0(tmp_path):
         assert "-m script_prune.bench --device cuda" in shown[name] and "--cases 0 2 3" in shown[name]
     assert "--greedy torch" in shown["bench_torch"] and "--trusted" not in shown["bench_torch"]
     assert "--greedy auto --trusted --dtype float16" in shown["bench_fused"]
-    for name in ("efficiency_sdpa", "efficiency_flash"):
+    for name, attn in (("efficiency_sdpa", "sdpa"), ("efficiency_flash", "flash_attention_2")):
         assert "-m llava.eval.efficiency --random-weights --shape llava-v1.6-vicuna-7b --device cuda --dtype float16" \
             in shown[name] and "--layers" not in shown[name]        # all 32 layers
+        # every flag the script passes is one the tool takes (its parser, not a copy of its flag list)
+        args = shlex.split(shown[name].split("-m llava.eval.efficiency", 1)[1])
+        parsed = efficiency.build_parser().parse_args(args)
+        assert parsed.attn_implementation == attn and parsed.random_weights
+        assert {"script", "fastv", "sparsevlm", "pdrop"} <= set(parsed.methods.split(","))
     assert "--batch-sizes 1,8,32" in shown["toy_throughput"] and "--device cuda" in shown["toy_throughput"]
     assert f"'{out}/bench_fused.json'" in shown["bench_fused"]      # a path with a space, quoted to paste
     assert not out.exists()                                          # nothing written

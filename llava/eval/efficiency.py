@@ -46,7 +46,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -74,12 +74,18 @@ class BenchSettings:
     fastv_k: int = 2
     seed: int = 0
     include_baseline: bool = True
+    #: method -> parameters ``apply`` gets for it (``--param method:key=value``), e.g. PDrop's ``layers``
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         known = set(sp.list_methods()) | {BASELINE}
         bad = [m for m in self.methods if m not in known]
         if bad:
             raise ValueError(f"methods {bad} are not known; choose from {sorted(known)}")
+        for method, params in self.params.items():
+            if method not in self.methods:
+                raise ValueError(f"--param names method {method!r}, which is not among --methods {self.methods}")
+            sp.check_params(method, params)
         if not self.budgets or any(not isinstance(b, int) or b < 1 for b in self.budgets):
             raise ValueError(f"budgets must be a non-empty list of ints >= 1, got {self.budgets!r}")
         for name in ("repeats", "text_tokens", "query_tokens"):
@@ -233,14 +239,31 @@ def model_config(shape: F.ModelShape, layers: int, vision_layers: int) -> Any:
                             vision_end_token_id=ids["end"])
 
 
+#: Attention implementations the tool builds models with (``--attn-implementation``).
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+def check_attn_implementation(name: str) -> str:
+    """``name`` if the tool can build models with it here (flash_attention_2 needs the flash_attn package)."""
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {name!r}")
+    if name == "flash_attention_2":
+        from transformers.utils import is_flash_attn_2_available
+
+        if not is_flash_attn_2_available():
+            raise ValueError("attn_implementation 'flash_attention_2' needs the flash_attn package and a CUDA GPU")
+    return name
+
+
 def build_model(config: Any, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
-                cls: Any = None) -> torch.nn.Module:
+                cls: Any = None, attn_implementation: str = "sdpa") -> torch.nn.Module:
     """The transformers model of ``config`` (``cls``, default: transformers' VLM class for it) with random weights,
-    built in place on ``device`` (no fp32 copy first; on ``"meta"``: shapes only, no values)."""
+    built in place on ``device`` (no fp32 copy first; on ``"meta"``: shapes only, no values), every sub-model
+    (vision tower, LLM) with ``attn_implementation``."""
     from transformers import AutoModelForImageTextToText
     from transformers.initialization import no_init_weights
 
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = check_attn_implementation(attn_implementation)  # set on the sub-configs too
     with no_init_weights(), torch.device(device), _default_dtype(dtype):
         model = AutoModelForImageTextToText.from_config(config) if cls is None else cls(config)
     if torch.device(device).type != "meta":
@@ -326,15 +349,17 @@ def random_clip_text(vision: F.VisionShape, query_tokens: int, device: Any, dtyp
 
 def random_bench(shape_name: str, layers: int | None = None, vision_layers: int | None = None, *,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
-                 text_tokens: int = 60, query_tokens: int = 12, with_text_tower: bool = True) -> Bench:
-    """A VLM with a real shape and random weights (``layers`` LLM / ``vision_layers`` ViT layers; default all)."""
+                 text_tokens: int = 60, query_tokens: int = 12, with_text_tower: bool = True,
+                 attn_implementation: str = "sdpa") -> Bench:
+    """A VLM with a real shape and random weights (``layers`` LLM / ``vision_layers`` ViT layers; default all),
+    its attention ``attn_implementation``."""
     shape = F.get_shape(shape_name)
     n_layers = shape.llm.layers if layers is None else layers
     n_vision = shape.vision.layers if vision_layers is None else vision_layers
     if n_layers < 1 or n_vision < 1:
         raise ValueError(f"layers and vision_layers must be >= 1, got {layers}, {vision_layers}")
     config = model_config(shape, n_layers, n_vision)
-    model = build_model(config, device, dtype, seed)
+    model = build_model(config, device, dtype, seed, attn_implementation=attn_implementation)
     device = torch.device(device)
     family = SHAPE_FAMILY[shape.name]
     inputs, count = visual_prompt(shape, family, config, text_tokens, torch.Generator().manual_seed(seed), device,
@@ -472,23 +497,25 @@ def _median(xs: list[float]) -> float | None:
 
 # ----------------------------------------------------------------------------------------- rows
 def method_params(bench: Bench, method: str, settings: BenchSettings) -> tuple[dict[str, Any], str | None]:
-    """The parameters ``apply`` gets for ``method`` (in-LLM: ``layer``, fitted to the LLM that runs) and a note."""
+    """The parameters ``apply`` gets for ``method`` (the user's ``--param`` ones; in-LLM ``layer``: ``--fastv-k``
+    fitted to the LLM that runs unless given) and a note."""
     if method == BASELINE:
         return {}, None
     spec = sp.get_method(method)
-    if spec.stage != "llm" or "layer" not in spec.params:
-        return {}, None
+    given = dict(settings.params.get(method, {}))
+    if spec.stage != "llm" or "layer" not in spec.params or "layer" in given:
+        return given, None
     k = max(1, min(settings.fastv_k, bench.layers_run - 1))
     note = None if k == settings.fastv_k else (
         f"{method}: K={k} in the {bench.layers_run}-layer LLM that ran (K={settings.fastv_k} needs more layers); "
         f"tflops use K={settings.fastv_k} on the full model")
-    return {"layer": k}, note
+    return {**given, "layer": k}, note
 
 
 def flops_row(shape: F.ModelShape, method: str, budget: int, settings: BenchSettings, full: bool) -> dict[str, Any]:
     """The theoretical part of a row (paper convention; in-LLM methods layer-aware, or None without a rule)."""
     n_vis = shape.visual_tokens(budget)
-    params = {"layer": settings.fastv_k}
+    params = {"layer": settings.fastv_k, **settings.params.get(method, {})}
     row: dict[str, Any] = {
         "shape": shape.name, "method": method, "budget": budget, "visual_tokens": n_vis,
         "tflops_paper_proportional": F.paper_proportional_tflops(n_vis, shape.full_visual_tokens, shape.llm),
@@ -632,7 +659,8 @@ def run_benchmark(bench: Bench | None, shape: F.ModelShape, settings: BenchSetti
             row.update({"device": str(bench.device), "dtype": str(bench.dtype).replace("torch.", ""),
                         "layers_run": bench.layers_run, "clock": bench.clock, "threads": torch.get_num_threads(),
                         "repeats": settings.repeats, "warmup": settings.warmup, "source": bench.source,
-                        "text_tokens": settings.text_tokens, "decode_tokens": settings.decode_tokens})
+                        "text_tokens": settings.text_tokens, "decode_tokens": settings.decode_tokens,
+                        "attn_implementation": getattr(bench.model.config, "_attn_implementation", None)})
     base = next((r for r in rows if r["method"] == BASELINE and r.get("measured")), None)
     if base is not None:
         for row in rows:
@@ -742,6 +770,19 @@ def _dtype(name: str, device: str) -> torch.dtype:
     return table[name]
 
 
+def method_param_args(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["pdrop:layers=[2,6,12]", "script:tau=0.1"]`` -> ``{"pdrop": {"layers": [2, 6, 12]}, "script": {"tau": 0.1}}``."""
+    from llava.eval.common import parse_pruning_params
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        method, sep, rest = item.partition(":")
+        if not sep or not method or "=" not in rest:
+            raise ValueError(f"--param: expected METHOD:KEY=VALUE, got {item!r}")
+        out.setdefault(method, {}).update(parse_pruning_params([rest]))
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llava.eval.efficiency", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group()
@@ -765,6 +806,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query", default="Is there a person in the image?", help="query text (--model-path)")
     p.add_argument("--fastv-k", type=int, default=2,
                    help="in-LLM methods with a 'layer' parameter (FastV) prune after this LLM layer")
+    p.add_argument("--param", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                   help="a parameter for one method (repeatable; VALUE as JSON, e.g. pdrop:layers=[2,6,12])")
     p.add_argument("--flops-only", action="store_true", help="theoretical FLOPs only (no model, instant)")
     p.add_argument("--full", action="store_true", help="also count text tokens, vision tower and projector")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -772,6 +815,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
                    help="wall: elapsed time; process: CPU time of this process (a CPU shared with other jobs)")
+    p.add_argument("--attn-implementation", default="sdpa", choices=ATTN_IMPLEMENTATIONS,
+                   help="attention of the random-weights model (flash_attention_2 needs flash_attn on a GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     return p
@@ -785,7 +830,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         settings = BenchSettings(methods=methods, budgets=_int_list(args.budgets, "budgets"), repeats=args.repeats,
                                  warmup=args.warmup, decode_tokens=args.decode_tokens, text_tokens=args.text_tokens,
                                  query_tokens=args.query_tokens, fastv_k=args.fastv_k, seed=args.seed,
-                                 include_baseline=not args.no_baseline)
+                                 include_baseline=not args.no_baseline, params=method_param_args(args.param))
         dtype = _dtype(args.dtype, args.device)
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -801,7 +846,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             needs_text = any("query_embeds" in sp.get_method(m).inputs for m in methods if m != BASELINE)
             bench = random_bench(args.shape, args.layers, args.vision_layers, device=args.device, dtype=dtype,
                                 seed=args.seed, text_tokens=args.text_tokens, query_tokens=args.query_tokens,
-                                with_text_tower=needs_text)
+                                with_text_tower=needs_text, attn_implementation=args.attn_implementation)
             shape = bench.shape
         else:
             raise ValueError("pass --flops-only, --random-weights or --model-path")
@@ -817,6 +862,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                          progress=lambda s: print(s, file=sys.stderr, flush=True))
     where = "theoretical only" if bench is None else (
         f"{bench.source}, {bench.layers_run} LLM layers run, {rows[0].get('device')}, {rows[0].get('dtype')}, "
+        f"{rows[0].get('attn_implementation')} attention, "
         f"median of {settings.repeats} after {settings.warmup} warm-up, {bench.clock} clock, "
         f"{torch.get_num_threads()} thread(s)")
     print(f"# {shape.name} ({where}); {shape.crops} visual row(s) of {shape.tokens_per_crop} tokens, "
