@@ -11,6 +11,7 @@ import torch
 import script_prune as sp
 from llava.eval import efficiency as E
 from llava.eval import flops as F
+from tests.helpers import skip_below_family_minimum
 
 REQUIRED = {"shape", "method", "budget", "tflops"}
 MEASURED = {"prefill_ms", "llm_prefill_ms", "vision_ms", "decode_ms_per_token", "kv_cache_mb", "peak_mem_mb"}
@@ -57,8 +58,15 @@ def test_sequence_and_kv_cache_match_hand_formula(tiny_rows):
 
 # (shape, rows, tokens per row, layout tokens (NeXT: a newline per row of the 8 x 8 tile grid; video: one newline),
 #  extra text positions)
-FAMILIES = [("tiny-next", 5, 16, 8, 0), ("tiny-video", 3, 4, 1, 0), ("tiny-internvl", 5, 16, 0, 0),
-            ("tiny-qwen-vl", 1, 16, 0, 2)]
+def needs_family(shape_name: str) -> pytest.MarkDecorator:
+    """Skip below the transformers release the shape's family was tested on (``Family.min_transformers``)."""
+    name = {"llava_video": "llava_onevision"}.get(E.SHAPE_FAMILY[shape_name], E.SHAPE_FAMILY[shape_name])
+    return skip_below_family_minimum(next(f for f in sp.patch.FAMILIES if f.name == name))
+
+
+FAMILIES = [pytest.param(name, *rest, marks=needs_family(name)) for name, *rest in
+            [("tiny-next", 5, 16, 8, 0), ("tiny-video", 3, 4, 1, 0), ("tiny-internvl", 5, 16, 0, 0),
+             ("tiny-qwen-vl", 1, 16, 0, 2)]]
 
 
 @pytest.mark.parametrize("name,rows,per_row,layout,markers", FAMILIES)
@@ -129,6 +137,7 @@ def test_in_llm_method_without_a_flops_rule_gets_none_not_a_wrong_number(monkeyp
     assert "?" in E.format_table([row])
 
 
+@needs_family("tiny-internvl")
 def test_stage_timer_reports_the_pruned_prefill_stages_in_order():
     bench = E.random_bench("tiny-internvl", layers=3, text_tokens=6)
     model, seen = bench.model, []
@@ -180,6 +189,7 @@ def test_flops_only_needs_no_model(capsys):
     assert "FLOPs (T)" in capsys.readouterr().out
 
 
+@needs_family("tiny-qwen-vl")
 def test_refused_method_gets_a_row_saying_why():
     rows = E.main([*RUN, "--shape", "tiny-qwen-vl", "--methods", "visionzip", "--budgets", "3", "--no-baseline"])
     assert rows[0]["measured"] is False and "visionzip" in rows[0]["note"]
