@@ -480,11 +480,9 @@ def without_pixels(family: Family, call: dict[str, Any]) -> dict[str, Any]:
 
 
 def remember_prompt(state: PatchState, call: dict[str, Any], output: Any, full_length: int, short_mask: Tensor,
-                    shift: Tensor, padded: bool | None = None) -> None:
-    """Keep what decoding needs (see :class:`PromptState`); ``padded``: the short prompt has padding (read from
-    ``short_mask`` with a host sync when not given)."""
+                    shift: Tensor, padded: bool) -> None:
+    """Keep what decoding needs (see :class:`PromptState`); ``padded``: the short prompt has padding (the
+    prefill knows it from its one host read)."""
     cache = first_given(output_cache(output), call_cache(call))
     if cache is not None:
-        if padded is None:
-            padded = bool((short_mask == 0).any())
         state.prompt = PromptState(weakref.ref(cache), full_length, short_mask, shift, padded)
