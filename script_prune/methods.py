@@ -21,7 +21,16 @@ def _check_ratio(gsp_ratio: float) -> None:
         raise ValueError(f"gsp_ratio must be in [0, 1], got {gsp_ratio}")
 
 
+def _check_graph_params(params: dict) -> None:
+    """GSP's graph (Eq. 7-9): ``tau`` thresholds a cosine similarity, ``gamma`` scales the excess above it."""
+    if not -1.0 <= params["tau"] <= 1.0:
+        raise ValueError(f"tau must be in [-1, 1] (a cosine-similarity threshold), got {params['tau']}")
+    if params["gamma"] < 0.0:
+        raise ValueError(f"gamma must be >= 0, got {params['gamma']}")
+
+
 def _check_gsp_params(params: dict) -> None:
+    _check_graph_params(params)
     _check_ratio(params["gsp_ratio"])
 
 
@@ -75,6 +84,7 @@ def qcsp(features: Tensor, budget: int, image_embeds: Tensor, query_embeds: Tens
 @register_method(
     "gsp",
     params={"tau": 0.2, "gamma": 1.0},
+    check=_check_graph_params,
     paper=PAPER,
     description="GSP alone: the m least redundant tokens of the bipartite graph (Eq. 9)",
 )
