@@ -16,11 +16,6 @@ PAPER = "Script (graph-structured and query-conditioned semantic token pruning)"
 QUERY_INPUTS = ("image_embeds", "query_embeds")
 
 
-def _check_ratio(gsp_ratio: float) -> None:
-    if not 0.0 <= gsp_ratio <= 1.0:
-        raise ValueError(f"gsp_ratio must be in [0, 1], got {gsp_ratio}")
-
-
 def _check_graph_params(params: dict) -> None:
     """GSP's graph (Eq. 7-9): ``tau`` thresholds a cosine similarity, ``gamma`` scales the excess above it."""
     if not -1.0 <= params["tau"] <= 1.0:
@@ -31,7 +26,8 @@ def _check_graph_params(params: dict) -> None:
 
 def _check_gsp_params(params: dict) -> None:
     _check_graph_params(params)
-    _check_ratio(params["gsp_ratio"])
+    if not 0.0 <= params["gsp_ratio"] <= 1.0:
+        raise ValueError(f"gsp_ratio must be in [0, 1], got {params['gsp_ratio']}")
 
 
 def _gsp_keep(similarity: Tensor, budget: int, tau: float, gamma: float, gsp_ratio: float) -> Tensor:
@@ -59,7 +55,6 @@ def script(
     tau: float, gamma: float, gsp_ratio: float, negate: bool,
 ) -> Tensor:
     """Script: one Gram shared by GSP and the kernel ``diag(r) S diag(r)``. # (B, N, D) -> (B, m)"""
-    _check_ratio(gsp_ratio)
     similarity = core.cosine_similarity_matrix(features)  # (B, N, N)
     keep = _gsp_keep(similarity, budget, tau, gamma, gsp_ratio)
     relevance = core.query_relevance(image_embeds, query_embeds, negate)
@@ -119,7 +114,6 @@ def gsp_qcrs(
     tau: float, gamma: float, gsp_ratio: float, negate: bool,
 ) -> Tensor:
     """The first ``m`` GSP survivors in descending relevance. # (B, N, D) -> (B, m)"""
-    _check_ratio(gsp_ratio)
     keep = _gsp_keep(core.cosine_similarity_matrix(features), budget, tau, gamma, gsp_ratio)
     order = core.descending_order(core.query_relevance(image_embeds, query_embeds, negate))
     return core.first_kept(order, keep, budget)

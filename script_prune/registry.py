@@ -311,6 +311,8 @@ def _split_kwargs(spec: MethodSpec, given: dict[str, Any]) -> tuple[dict[str, An
                 f"unknown parameter {key!r} for method {spec.name!r}; "
                 f"parameters: {sorted(spec.params)}, inputs: {list(spec.inputs)}"
             )
+    if spec.check is not None:  # the method's ranges (host-side, no sync)
+        spec.check(params)
     return inputs, params
 
 

@@ -125,6 +125,10 @@ def test_unknown_or_bad_param(data) -> None:
         sp.select(feats, 4, "random", seed=1.5)
     with _raises("gsp_ratio must be in [0, 1]"):
         sp.select(feats, 4, gsp_ratio=1.5, **kw)
+    with _raises("tau must be in [-1, 1]"):
+        sp.select(feats, 4, "gsp", tau=1.2, validate=False)  # ranges are host checks: the trusted path keeps them
+    with _raises("gamma must be >= 0"):
+        sp.select(feats, 4, gamma=-1.0, **kw)
     with _raises("tau must be a finite number"):
         sp.redundancy_scores(feats, tau=float("inf"))
     with _raises("negate must be a bool"):
