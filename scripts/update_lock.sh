@@ -39,7 +39,7 @@ PY
 else
     pip install -q --upgrade --upgrade-strategy eager -e ".[test,lmms-test]"
 fi
-pip install -q --no-deps "lmms-eval>=0.7,<0.8"   # as .ci/run: without its requirements (EVAL.md "lmms-eval")
+pip install -q --no-deps "lmms-eval>=0.7.3,<0.8"   # as .ci/run: without its requirements (EVAL.md "lmms-eval")
 python -c "import transformers, tokenizers, accelerate; print('transformers', transformers.__version__, '| tokenizers', tokenizers.__version__, '| accelerate', accelerate.__version__)"
 python -m pytest -q
 [ "$mode" = "--check-lowest" ] && exit 0
