@@ -16,6 +16,9 @@ from __future__ import annotations
 MODELS = {
     "script_llava_onevision": "ScriptLlavaOnevision",
     "script_internvl": "ScriptInternVL",
+    "script_qwen2_5_vl": "ScriptQwen2_5_VL",
+    "script_qwen3_vl": "ScriptQwen3VL",
+    "script_llava": "ScriptLlava",
 }
 ALIASES = {"script_llava_onevision": ("script_llava_video",)}
 
