@@ -11,6 +11,15 @@ each frame is one pruned row: ``budget`` is tokens per frame.
 are resized to ``image_size`` x ``image_size`` (the paper: 896, i.e. 2 x 2 tiles + thumbnail = 5 x 256 tokens),
 tiled by the checkpoint's image processor, and each tile is one pruned row: ``budget`` is tokens per tile.
 
+``ScriptQwen2_5_VL`` / ``ScriptQwen3VL`` (``--model script_qwen2_5_vl`` / ``script_qwen3_vl``): images and videos;
+every image and every temporal step of a video is one pruned row (``budget``: tokens, or a fraction, per row).
+Images need no torchvision (image processor + placeholders expanded here); videos go through the checkpoint's full
+processor, whose video processor needs torchvision.
+
+``ScriptLlava`` (``--model script_llava``): LLaVA-1.5 / LLaVA-NeXT in transformers' format (``llava-hf/*``, chosen by
+the checkpoint's ``model_type``) on image tasks through the checkpoint's processor; rows as ``script_prune.patch``
+(an image; NeXT: the base image and every anyres crop).
+
 model_args (``key=value,...``): :class:`PluginArgs` fields, plus any parameter of ``method``
 (``script_prune.get_method(method).params``); ``method=none`` runs the unpruned model. Bad arguments are
 refused before the model loads.
@@ -44,7 +53,7 @@ class PluginArgs:
 
     pretrained: str = ""
     method: str = "script"
-    budget: int | float = 64             # visual tokens kept per row (frame / tile), or a fraction in (0, 1)
+    budget: int | float = 64             # visual tokens kept per row (frame / tile / image / crop), or a fraction in (0, 1)
     relevance: str = "llm_text"          # query relevance for query-conditioned methods (no CLIP text tower)
     max_frames_num: int = 64
     fps: float = 1.0
