@@ -176,7 +176,9 @@ def test_llava_images_in_one_batch_with_budget_and_method(root, next_):
     assert result["kept"] == sp.select(rows, 5, "divprune").sort(dim=1).values.tolist()
 
 
-def qwen_video_test(root, tmp_path, module, processor, video_processor):
+def qwen_video_test(tmp_path, module, processor, video_processor):
+    """A video of 8 frames (48 x 32 px, 4 fps) through the checkpoint's full processor: 4 frames sampled evenly are 2
+    temporal steps, each a row keeping 3 tokens chosen by divprune on the stock get_video_features."""
     import importlib
 
     import transformers
@@ -204,12 +206,12 @@ def qwen_video_test(root, tmp_path, module, processor, video_processor):
 
 
 @pytest.mark.torchvision
-def test_qwen2_5_vl_video_frames_are_rows(root, tmp_path):
-    call = qwen_video_test(root, tmp_path, "qwen2_5_vl", "Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor")
+def test_qwen2_5_vl_video_frames_are_rows(tmp_path):
+    call = qwen_video_test(tmp_path, "qwen2_5_vl", "Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor")
     # temporal_patch_size / the sampled rate: 4 frames over the 2 s stream = 2 fps -> 1 s per temporal step
     assert call["second_per_grid_ts"].tolist() == pytest.approx([1.0])
 
 
 @pytest.mark.torchvision
-def test_qwen3_vl_video_frames_are_rows(root, tmp_path):
-    qwen_video_test(root, tmp_path, "qwen3_vl", "Qwen3VLProcessor", "Qwen3VLVideoProcessor")
+def test_qwen3_vl_video_frames_are_rows(tmp_path):
+    qwen_video_test(tmp_path, "qwen3_vl", "Qwen3VLProcessor", "Qwen3VLVideoProcessor")

@@ -310,6 +310,10 @@ class ScriptLMM(lmms):
         ids = torch.tensor([[pad] * (length - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts])
         out = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        kinds = {tuple(sorted(v)) for v in visuals}
+        if len(kinds) > 1:
+            raise ValueError(f"batch_size > 1 needs requests of one kind (all images or all videos), got inputs "
+                             f"{sorted(kinds)} in one batch; use batch_size=1 for mixed tasks")
         for key in visuals[0]:
             values = [v[key] for v in visuals]
             if key in self.pad_dims:
