@@ -18,11 +18,14 @@ __all__ = ["Video", "load_video", "sample_indices"]
 
 @dataclass
 class Video:
-    """frames: (N, H, W, 3) uint8 RGB; times: (N,) seconds of each frame; duration: seconds of the stream."""
+    """frames: (N, H, W, 3) uint8 RGB; times: (N,) seconds of each frame; duration: seconds of the stream;
+    indices: (N,) positions of the frames in the stream; rate: the stream's average frames per second."""
 
     frames: np.ndarray
     times: np.ndarray
     duration: float
+    indices: np.ndarray | None = None
+    rate: float | None = None
 
 
 def sample_indices(total: int, average_fps: float, max_frames_num: int, fps: float = 1.0,
@@ -69,4 +72,4 @@ def load_video(path: str | Path, max_frames_num: int = 64, fps: float = 1.0, for
     missing = sorted(wanted - frames.keys())
     if missing:  # a header frame count above what decodes
         raise ValueError(f"video {path}: frames {missing[:3]} of {total} could not be decoded")
-    return Video(np.stack([frames[i] for i in indices.tolist()]), indices / average, total / average)
+    return Video(np.stack([frames[i] for i in indices.tolist()]), indices / average, total / average, indices, average)

@@ -104,9 +104,11 @@ RUN = textwrap.dedent("""
             result.setdefault("refused", []).append(str(error))
     lm = cls.create_from_arg_string(f"pretrained={ckpt},device=cpu,dtype=float32,{args}")
     lm.task_dict = {"toy": {"test": dict(enumerate(docs))}}
-    seen = []
-    lm.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("pixel_values_videos", kw.get("pixel_values"))),
-                                       with_kwargs=True)
+    seen = []  # the tensors of every forward that carried visual inputs (the prefills)
+    visual_keys = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")  # the last: stock generate() >= 5.24
+    lm.model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append({k: v for k, v in kw.items() if isinstance(v, torch.Tensor)})
+        if any(kw.get(k) is not None for k in visual_keys) else None, with_kwargs=True)
 
     def visual(doc):
         if "video" in doc:
@@ -119,8 +121,8 @@ RUN = textwrap.dedent("""
                          "test"), idx=0, metadata={"task": "toy", "doc_id": i, "repeats": 1}) for i in range(len(docs))]
     result["answers"] = lm.generate_until(requests)
     result["visual_tokens"] = lm.visual_tokens
-    result["kept"] = [k.tolist() for k in sp.patch.kept(lm.model)]
-    torch.save([s for s in seen if s is not None], out + ".pt")
+    result["kept"] = [k.tolist() for k in sp.patch.kept(lm.model)] if sp.patch.is_patched(lm.model) else None
+    torch.save(seen, out + ".pt")
     json.dump(result, open(out, "w"))
 """)
 
@@ -138,16 +140,18 @@ def setup(tmp_path_factory):
     return root, videos
 
 
-def run_plugin(root, docs, args, name="script_llava_video", ckpt="ckpt"):
+def run_plugin(root, docs, args, name="script_llava_video", ckpt="ckpt", capture=False):
     out = root / "out.json"
     subprocess.run([sys.executable, str(root / "run.py"), name, str(root / ckpt), str(out), json.dumps(docs), args],
-                   check=True, cwd=root, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+                   check=True, cwd=root, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
+                   capture_output=capture, text=capture)
     return json.loads(out.read_text()), torch.load(str(out) + ".pt")
 
 
 def test_registry_finds_the_plugin_and_budget_and_method_reach_the_model(setup):
     root, videos = setup
-    result, pixels = run_plugin(root, [{"video": v} for v in videos], f"method=divprune,budget=2,max_frames_num={FRAMES},batch_size=2")
+    result, calls = run_plugin(root, [{"video": v} for v in videos], f"method=divprune,budget=2,max_frames_num={FRAMES},batch_size=2")
+    pixels = [c["pixel_values_videos"] for c in calls]
     assert {"script_llava_onevision", "script_llava_video"} <= set(result["models"])
     assert result["class"] == "llava.lmms.models.ScriptLlavaOnevision"
     refused = result["refused"]
@@ -173,7 +177,8 @@ def test_frames_are_the_video_decoded_and_normalised(setup):
     from PIL import Image
 
     root, videos = setup
-    result, pixels = run_plugin(root, [{"video": videos[0]}], f"method=script,budget=3,max_frames_num={FRAMES}")
+    result, calls = run_plugin(root, [{"video": videos[0]}], f"method=script,budget=3,max_frames_num={FRAMES}")
+    pixels = [c["pixel_values_videos"] for c in calls]
     assert result["visual_tokens"] == [FRAMES * 3 + 1]
     with av.open(videos[0]) as container:
         decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
@@ -192,8 +197,9 @@ def test_internvl_tiles_are_rows_with_the_budget_and_method(setup):
 
     root, _ = setup
     docs = [{"seed": 0, "size": [32, 32]}, {"seed": 1, "size": [48, 16]}]
-    result, pixels = run_plugin(root, docs, "method=divprune,budget=3,batch_size=2", name="script_internvl",
-                                ckpt="internvl")
+    result, calls = run_plugin(root, docs, "method=divprune,budget=3,batch_size=2", name="script_internvl",
+                               ckpt="internvl")
+    pixels = [c["pixel_values"] for c in calls]
     assert result["class"] == "llava.lmms.models.ScriptInternVL" and "script_internvl" in result["models"]
     assert len(result["refused"]) == 4
     assert len(pixels) == 1 and pixels[0].shape == (9, 3, 16, 16)

@@ -50,7 +50,7 @@ def test_video_script_passes_the_budget_and_builds_the_table(tmp_path):
     assert f"--use_cache {tmp_path}/results/lmms/cache" in launch and "--log_samples" in launch
     table = (tmp_path / "results/lmms/video/divprune_32/table.md").read_text()
     # Acc. over MLVU and Video-MME: (60 + 50) / 2 = 55; the paper's same two: (67.75 + 63.66) / 2 = 65.705
-    assert "| divprune 32 | 60.00 | - | - | 50.00 | - | - | - | 55.00 | 83.71% |" in table
+    assert "| divprune 32 | 60.00 | - | - | - | - | 50.00 | - | - | - | 55.00 | 83.71% |" in table
     with open(tmp_path / "results/summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted((r["benchmark"], r["method"], r["budget"], r["value"]) for r in rows) == [

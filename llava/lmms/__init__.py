@@ -7,8 +7,10 @@
         --model_args pretrained=llava-hf/LLaVA-Video-7B-Qwen2-hf,method=script,budget=32,max_frames_num=64 \\
         --tasks videomme --batch_size 1 --output_path results/lmms
 
-Every ``model_args`` key that is not a loading / decoding option (:class:`llava.lmms.models.PluginArgs`) is a
-parameter of ``method`` and is checked by ``script_prune.check_params`` before the model loads.
+``script_qwen2_5_vl``, ``script_qwen3_vl`` and ``script_llava`` (LLaVA-1.5 / NeXT) take the same model_args
+(EVAL.md "lmms-eval"). Every ``model_args`` key that is not a loading / decoding option
+(:class:`llava.lmms.models.PluginArgs`) is a parameter of ``method`` and is checked by
+``script_prune.check_params`` before the model loads.
 """
 from __future__ import annotations
 
@@ -16,6 +18,9 @@ from __future__ import annotations
 MODELS = {
     "script_llava_onevision": "ScriptLlavaOnevision",
     "script_internvl": "ScriptInternVL",
+    "script_qwen2_5_vl": "ScriptQwen2_5_VL",
+    "script_qwen3_vl": "ScriptQwen3VL",
+    "script_llava": "ScriptLlava",
 }
 ALIASES = {"script_llava_onevision": ("script_llava_video",)}
 

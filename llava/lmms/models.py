@@ -11,6 +11,15 @@ each frame is one pruned row: ``budget`` is tokens per frame.
 are resized to ``image_size`` x ``image_size`` (the paper: 896, i.e. 2 x 2 tiles + thumbnail = 5 x 256 tokens),
 tiled by the checkpoint's image processor, and each tile is one pruned row: ``budget`` is tokens per tile.
 
+``ScriptQwen2_5_VL`` / ``ScriptQwen3VL`` (``--model script_qwen2_5_vl`` / ``script_qwen3_vl``): images and videos;
+every image and every temporal step of a video is one pruned row (``budget``: tokens, or a fraction, per row).
+Images need no torchvision (image processor + placeholders expanded here); videos go through the checkpoint's full
+processor, whose video processor needs torchvision.
+
+``ScriptLlava`` (``--model script_llava``): LLaVA-1.5 / LLaVA-NeXT in transformers' format (``llava-hf/*``, chosen by
+the checkpoint's ``model_type``) on image tasks through the checkpoint's processor; rows as ``script_prune.patch``
+(an image; NeXT: the base image and every anyres crop).
+
 model_args (``key=value,...``): :class:`PluginArgs` fields, plus any parameter of ``method``
 (``script_prune.get_method(method).params``); ``method=none`` runs the unpruned model. Bad arguments are
 refused before the model loads.
@@ -31,7 +40,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import script_prune as sp
-from script_prune.video import load_video, sample_indices
+from script_prune.video import Video, load_video, sample_indices
 
 UNPRUNED = "none"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -44,7 +53,7 @@ class PluginArgs:
 
     pretrained: str = ""
     method: str = "script"
-    budget: int | float = 64             # visual tokens kept per row (frame / tile), or a fraction in (0, 1)
+    budget: int | float = 64             # visual tokens kept per row (frame / tile / image / crop), or a fraction in (0, 1)
     relevance: str = "llm_text"          # query relevance for query-conditioned methods (no CLIP text tower)
     max_frames_num: int = 64
     fps: float = 1.0
@@ -99,9 +108,17 @@ def until_cut(text: str, until: list[str]) -> str:
     return text
 
 
-def frames_of(visuals: list[Any], args: PluginArgs) -> np.ndarray:
-    """lmms-eval's visuals of a video request -> (F, H, W, 3) uint8 frames: a video file, a folder of frame
-    images, or a list of frame image paths (MVBench's frame tasks), sampled as ``script_prune.video``."""
+def is_video(visuals: list[Any]) -> bool:
+    """Whether lmms-eval's visuals are one video: a single video file or a folder of frame images."""
+    if len(visuals) != 1 or not isinstance(visuals[0], (str, os.PathLike)):
+        return False
+    path = Path(visuals[0])
+    return path.is_dir() or path.suffix.lower() in VIDEO_SUFFIXES
+
+
+def frames_of(visuals: list[Any], args: PluginArgs) -> Video:
+    """lmms-eval's visuals of a video request -> the sampled frames (``Video.frames`` (F, H, W, 3) uint8): a video
+    file, a folder of frame images, or a list of frame images (MVBench's frame tasks; taken as 1 frame a second)."""
     if len(visuals) == 1 and isinstance(visuals[0], (str, os.PathLike)):
         path = Path(visuals[0])
         if path.is_dir():
@@ -109,12 +126,13 @@ def frames_of(visuals: list[Any], args: PluginArgs) -> np.ndarray:
         else:
             if path.suffix.lower() not in VIDEO_SUFFIXES:
                 raise ValueError(f"visual {path}: expected a video file ({', '.join(VIDEO_SUFFIXES)}) or a folder of frames")
-            return load_video(path, args.max_frames_num, args.fps, args.force_sample).frames
+            return load_video(path, args.max_frames_num, args.fps, args.force_sample)
     if not visuals or not all(isinstance(v, (str, os.PathLike, Image.Image)) for v in visuals):
         raise ValueError(f"a video request needs a video path or frame images, got {[type(v).__name__ for v in visuals]}")
     keep = sample_indices(len(visuals), 1.0, args.max_frames_num, 1.0, force_sample=True)
     frames = [v if isinstance(v, Image.Image) else Image.open(v) for v in (visuals[i] for i in keep.tolist())]
-    return np.stack([np.asarray(f.convert("RGB")) for f in frames])
+    frames = np.stack([np.asarray(f.convert("RGB")) for f in frames])
+    return Video(frames, keep.astype(np.float64), float(len(visuals)), keep, 1.0)
 
 
 def normalise_frames(frames: np.ndarray, side: int, mean: list[float], std: list[float]) -> torch.Tensor:
@@ -124,10 +142,44 @@ def normalise_frames(frames: np.ndarray, side: int, mean: list[float], std: list
     return (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
+def images_of(visuals: list[Any], image_size: int) -> list[Image.Image]:
+    """lmms-eval's visuals of an image request -> RGB images, resized to ``image_size`` squared when it is set."""
+    if not visuals:
+        raise ValueError("a request without an image (text-only tasks are not supported)")
+    if not all(isinstance(v, (str, os.PathLike, Image.Image)) for v in visuals):
+        raise ValueError(f"an image request needs PIL images or image paths, got {[type(v).__name__ for v in visuals]}")
+    images = [(v if isinstance(v, Image.Image) else Image.open(v)).convert("RGB") for v in visuals]
+    if image_size:
+        images = [im.resize((image_size, image_size), Image.BICUBIC) for im in images]
+    return images
+
+
+def expand(text: str, token: str, runs: list[str]) -> str:
+    """``text`` with its i-th ``token`` replaced by ``runs[i]`` (one placeholder per image / video of the chat
+    template -> the model's run of visual placeholders); ValueError when the counts differ."""
+    pieces = text.split(token)
+    if len(pieces) != len(runs) + 1:
+        raise ValueError(f"chat template gave {len(pieces) - 1} {token} placeholders for {len(runs)} visual inputs")
+    return pieces[0] + "".join(run + piece for run, piece in zip(runs, pieces[1:]))
+
+
+def pad_to_batch(values: list[torch.Tensor], dim: int) -> list[torch.Tensor]:
+    """Zero-pad ``values`` along ``dim`` to the longest (LLaVA-NeXT's crops per image, read back from image_sizes)."""
+    longest = max(v.shape[dim] for v in values)
+    out = []
+    for v in values:
+        shape = list(v.shape)
+        shape[dim] = longest - v.shape[dim]
+        out.append(torch.cat([v, v.new_zeros(shape)], dim=dim))
+    return out
+
+
 class ScriptLMM(lmms):
     """Shared by the families: argument checks, loading, rank / device, batched greedy generation."""
 
-    model_class = ""  # transformers class name
+    model_types: dict[str, str] = {}  # the checkpoint's config.model_type -> transformers class it runs with
+    pad_dims: dict[str, int] = {}     # visual inputs zero-padded along this dim when batched (LLaVA-NeXT's crops)
+    video_only = False                # every request is a video (frame lists included)
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__()
@@ -142,7 +194,11 @@ class ScriptLMM(lmms):
         else:
             self.device = torch.device(self.args.device)
         dtype = DTYPES[self.args.dtype]
-        cls = getattr(transformers, self.model_class)
+        model_type = transformers.AutoConfig.from_pretrained(self.args.pretrained).model_type
+        if model_type not in self.model_types:
+            raise ValueError(f"model_args: pretrained={self.args.pretrained} is a {model_type!r} checkpoint; "
+                             f"{type(self).__name__} runs {sorted(self.model_types)}")
+        cls = getattr(transformers, self.model_types[model_type])
         self.model = cls.from_pretrained(self.args.pretrained, dtype=dtype,
                                          attn_implementation=self.args.attn_implementation).to(self.device).eval()
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.args.pretrained)
@@ -177,7 +233,20 @@ class ScriptLMM(lmms):
 
     def encode(self, context: str, visuals: list[Any]) -> tuple[list[int], dict[str, torch.Tensor]]:
         """One request -> (prompt token ids with every visual placeholder, visual tensors for the model)."""
-        raise NotImplementedError
+        visuals = list(visuals)
+        if self.video_only or is_video(visuals):
+            return self.encode_video(context, frames_of(visuals, self.args))
+        return self.encode_images(context, images_of(visuals, self.args.image_size))
+
+    def encode_images(self, context: str, images: list[Image.Image]) -> tuple[list[int], dict[str, torch.Tensor]]:
+        raise ValueError(f"{type(self).__name__} answers video requests only, got {len(images)} image(s)")
+
+    def encode_video(self, context: str, video: Video) -> tuple[list[int], dict[str, torch.Tensor]]:
+        raise ValueError(f"{type(self).__name__} answers image requests only, got a video")
+
+    def token_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-token model inputs derived from the padded prompt ids (B, L) (Qwen-VL's mm_token_type_ids)."""
+        return {}
 
     def prompt(self, content: list[dict]) -> str:
         messages = [{"role": "user", "content": content}]
@@ -241,13 +310,21 @@ class ScriptLMM(lmms):
         ids = torch.tensor([[pad] * (length - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts])
         out = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        kinds = {tuple(sorted(v)) for v in visuals}
+        if len(kinds) > 1:
+            raise ValueError(f"batch_size > 1 needs requests of one kind (all images or all videos), got inputs "
+                             f"{sorted(kinds)} in one batch; use batch_size=1 for mixed tasks")
         for key in visuals[0]:
-            shapes = {tuple(v[key].shape[1:]) for v in visuals}
+            values = [v[key] for v in visuals]
+            if key in self.pad_dims:
+                values = pad_to_batch(values, self.pad_dims[key])
+            shapes = {tuple(v.shape[1:]) for v in values}
             if len(shapes) > 1:
                 raise ValueError(f"batch_size > 1 needs requests of equal {key} shapes, got {sorted(shapes)} (videos: "
                                  "keep force_sample=True so that every video gives max_frames_num frames)")
-            value = torch.cat([v[key] for v in visuals])
+            value = torch.cat(values)
             out[key] = value.to(self.device, self.model.dtype if value.is_floating_point() else None)
+        out.update({key: value.to(self.device) for key, value in self.token_inputs(ids).items()})
         return out
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
@@ -261,7 +338,8 @@ class ScriptLMM(lmms):
 class ScriptLlavaOnevision(ScriptLMM):
     """LLaVA-Video / LLaVA-OneVision on video tasks; every frame is a pruned row."""
 
-    model_class = "LlavaOnevisionForConditionalGeneration"
+    model_types = {"llava_onevision": "LlavaOnevisionForConditionalGeneration"}
+    video_only = True
 
     def prepare(self) -> None:
         from transformers import AutoImageProcessor
@@ -281,13 +359,11 @@ class ScriptLlavaOnevision(ScriptLMM):
             return "random", self.per_frame
         return super().pruning()
 
-    def encode(self, context: str, visuals: list[Any]) -> tuple[list[int], dict[str, torch.Tensor]]:
-        frames = frames_of(list(visuals), self.args)
+    def encode_video(self, context: str, video: Video) -> tuple[list[int], dict[str, torch.Tensor]]:
+        frames = video.frames
         text = self.prompt([{"type": "video"}, {"type": "text", "text": context}])
-        placeholders = self.video_token * (frames.shape[0] * self.per_frame + 1)  # + one newline per video
-        if text.count(self.video_token) != 1:
-            raise ValueError(f"chat template gave {text.count(self.video_token)} video tokens, expected 1")
-        ids = self.tokenizer(text.replace(self.video_token, placeholders), add_special_tokens=False).input_ids
+        run = self.video_token * (frames.shape[0] * self.per_frame + 1)  # + one newline per video
+        ids = self.tokenizer(expand(text, self.video_token, [run]), add_special_tokens=False).input_ids
         pixels = normalise_frames(frames, self.side, self.mean, self.std)[None]  # (1, F, 3, S, S)
         return ids, {"pixel_values_videos": pixels}
 
@@ -295,7 +371,7 @@ class ScriptLlavaOnevision(ScriptLMM):
 class ScriptInternVL(ScriptLMM):
     """InternVL3 on image tasks; every tile (and the thumbnail) is a pruned row."""
 
-    model_class = "InternVLForConditionalGeneration"
+    model_types = {"internvl": "InternVLForConditionalGeneration"}
 
     def prepare(self) -> None:
         from transformers import AutoImageProcessor
@@ -306,19 +382,96 @@ class ScriptInternVL(ScriptLMM):
         self.context = tok.convert_ids_to_tokens(self.model.config.image_token_id)
         self.per_tile = sp.patch.family_of(self.model).row_length(self.model)
 
-    def encode(self, context: str, visuals: list[Any]) -> tuple[list[int], dict[str, torch.Tensor]]:
-        images = [v if isinstance(v, Image.Image) else Image.open(v) for v in visuals]
-        if not images:
-            raise ValueError("script_internvl: a request without an image (text-only tasks are not supported)")
-        images = [im.convert("RGB") for im in images]
-        if self.args.image_size:
-            images = [im.resize((self.args.image_size, self.args.image_size), Image.BICUBIC) for im in images]
+    def encode_images(self, context: str, images: list[Image.Image]) -> tuple[list[int], dict[str, torch.Tensor]]:
         processed = self.processor(images=images, return_tensors="pt")
         text = self.prompt([{"type": "image"}] * len(images) + [{"type": "text", "text": context}])
-        pieces = text.split(self.context)
-        if len(pieces) != len(images) + 1:
-            raise ValueError(f"chat template gave {len(pieces) - 1} image tokens for {len(images)} images")
         runs = [self.start + self.context * (self.per_tile * int(n)) + self.end for n in processed["num_patches"]]
-        text = pieces[0] + "".join(run + piece for run, piece in zip(runs, pieces[1:]))
-        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        ids = self.tokenizer(expand(text, self.context, runs), add_special_tokens=False).input_ids
         return ids, {"pixel_values": processed["pixel_values"]}
+
+
+class ScriptQwenVL(ScriptLMM):
+    """Qwen2.5-VL / Qwen3-VL on image and video tasks. Rows: every image, and every temporal step of a video
+    (two frames: ``temporal_patch_size``), so ``budget`` is tokens (or a fraction) per image / per step.
+
+    Images go through the checkpoint's image processor and the placeholders are expanded here (``image_grid_thw``
+    rows of ``h * w / merge**2`` tokens), so image tasks run without torchvision; videos go through the
+    checkpoint's full processor (its video processor needs torchvision), which writes Qwen3-VL's frame
+    timestamps; frames are sampled by ``script_prune.video`` (``max_frames_num``, ``fps``, ``force_sample``)
+    and handed over with their stream positions and rate (``do_sample_frames=False``)."""
+
+    def prepare(self) -> None:
+        from transformers import AutoImageProcessor
+
+        self.image_processor = AutoImageProcessor.from_pretrained(self.args.pretrained)
+        config = self.model.config
+        self.image_token = self.tokenizer.convert_ids_to_tokens(config.image_token_id)
+        self.merge = config.vision_config.spatial_merge_size ** 2
+        self._video_processor = None
+
+    def video_processor(self) -> Any:
+        """The checkpoint's full processor, loaded on the first video request (its video processor needs torchvision)."""
+        if self._video_processor is None:
+            from transformers import AutoProcessor
+
+            try:
+                self._video_processor = AutoProcessor.from_pretrained(self.args.pretrained)
+            except ImportError as error:
+                raise ImportError(f"{type(self).__name__}: video requests need transformers' video processor, which "
+                                  f"needs torchvision (a build matching torch {torch.__version__}); image requests "
+                                  "do not") from error
+        return self._video_processor
+
+    def encode_images(self, context: str, images: list[Image.Image]) -> tuple[list[int], dict[str, torch.Tensor]]:
+        processed = self.image_processor(images=images, return_tensors="pt")
+        grid = processed["image_grid_thw"]  # (I, 3): t, h, w in patches
+        text = self.prompt([{"type": "image"}] * len(images) + [{"type": "text", "text": context}])
+        runs = [self.image_token * n for n in (grid.prod(dim=-1) // self.merge).tolist()]
+        ids = self.tokenizer(expand(text, self.image_token, runs), add_special_tokens=False).input_ids
+        return ids, {"pixel_values": processed["pixel_values"], "image_grid_thw": grid}
+
+    def encode_video(self, context: str, video: Video) -> tuple[list[int], dict[str, torch.Tensor]]:
+        from transformers.video_utils import VideoMetadata
+
+        text = self.prompt([{"type": "video"}, {"type": "text", "text": context}])
+        height, width = video.frames.shape[1:3]
+        metadata = VideoMetadata(total_num_frames=round(video.duration * video.rate), fps=video.rate, width=width,
+                                 height=height, duration=video.duration, frames_indices=video.indices.tolist())
+        out = self.video_processor()(text=[text], videos=[video.frames], video_metadata=[metadata],
+                                     do_sample_frames=False, return_tensors="pt")
+        tensors = {key: torch.as_tensor(out[key]) for key in ("pixel_values_videos", "video_grid_thw",
+                                                                "second_per_grid_ts") if key in out}
+        return out["input_ids"][0].tolist(), tensors
+
+    def token_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        from script_prune.patch.qwen2_5_vl import IMAGE_TYPE, VIDEO_TYPE
+
+        config = self.model.config
+        types = (input_ids == config.image_token_id) * IMAGE_TYPE + (input_ids == config.video_token_id) * VIDEO_TYPE
+        return {"mm_token_type_ids": types.int()}  # (B, L), as the Qwen processors build it
+
+
+class ScriptQwen2_5_VL(ScriptQwenVL):
+    model_types = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+
+
+class ScriptQwen3VL(ScriptQwenVL):
+    model_types = {"qwen3_vl": "Qwen3VLForConditionalGeneration"}
+
+
+class ScriptLlava(ScriptLMM):
+    """LLaVA-1.5 and LLaVA-NeXT in transformers' format (``llava-hf/*``) on image tasks, through the checkpoint's
+    processor. Rows: LLaVA-1.5 one per image; LLaVA-NeXT the base image and every anyres crop."""
+
+    model_types = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
+    pad_dims = {"pixel_values": 1}  # NeXT: (I, crops, 3, S, S), the crop count differs per image size
+
+    def prepare(self) -> None:
+        from transformers import AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(self.args.pretrained)
+
+    def encode_images(self, context: str, images: list[Image.Image]) -> tuple[list[int], dict[str, torch.Tensor]]:
+        text = self.prompt([{"type": "image"}] * len(images) + [{"type": "text", "text": context}])
+        out = self.processor(images=images, text=text, return_tensors="pt")
+        return out["input_ids"][0].tolist(), {key: out[key] for key in ("pixel_values", "image_sizes") if key in out}

@@ -7,7 +7,8 @@ Usage:
 
 Each ``--run "METHOD BUDGET=DIR"`` is one lmms-eval output folder (``--output_path``); the newest
 ``*_results.json`` holding a task gives that task's numbers (reruns and resumed runs write new files), and
-Video-MME's short / medium / long come from its ``*_samples_videomme*.jsonl`` (``--log_samples``).
+Video-MME's short / medium / long and LongVideoBench's perception / relation come from the logged samples
+(``*_samples_<task>.jsonl``, ``--log_samples``): lmms-eval's results files hold only their overall scores.
 
 Acc. = mean of the columns marked ``in_acc`` on a 0-100 scale (OCRBench / 10, MME / 28, its maximum being
 2800); Relative = Acc. / Acc. of the reference row x 100 over the columns both rows have. The reference row
@@ -27,10 +28,27 @@ from llava.eval.io_utils import atomic_write_text, read_json, read_jsonl, requir
 
 
 @dataclass(frozen=True)
+class Subset:
+    """A column read from a task's logged samples: the records whose ``field`` is one of ``values``; a record whose
+    ``field`` is outside ``known`` (when given) is an error, not silently dropped."""
+
+    field: str
+    values: frozenset[str]
+    known: frozenset[str] = frozenset()
+
+
+# LongVideoBench's 17 question categories in its two levels (Wu et al. 2024, "LongVideoBench", Sec. 3): perception
+# asks about one referred moment, relation about several (their order, or a change between them)
+LVB_PERCEPTION = frozenset({"S2E", "S2O", "S2A", "E2O", "O2E", "T2E", "T2O", "T2A"})
+LVB_RELATION = frozenset({"E3E", "O3O", "SSS", "SOS", "SAA", "T3E", "T3O", "TOS", "TAA"})
+
+
+@dataclass(frozen=True)
 class Column:
     """One table column: ``metrics`` of ``task`` summed (first present name of each alternative tuple), times
     ``scale``; ``tasks_prefix`` averages the metric over every task starting with it (MVBench's 20 subtasks);
-    ``duration`` reads Video-MME's samples of that duration instead. ``acc_divisor`` maps it to 0-100."""
+    ``subset`` reads the accuracy of the task's logged samples in that subset instead (Video-MME's durations,
+    LongVideoBench's levels). ``acc_divisor`` maps it to 0-100."""
 
     title: str
     task: str
@@ -39,21 +57,33 @@ class Column:
     acc_divisor: float = 1.0
     in_acc: bool = True
     tasks_prefix: bool = False
-    duration: str = ""
+    subset: Subset | None = None
     csv_name: str = ""  # summary.csv benchmark name ("" = not recorded)
 
 
 VIDEOMME = ("videomme_perception_score", "videomme_percetion_score")
+
+
+def duration(name: str) -> Subset:
+    return Subset("duration", frozenset({name}))
+
+
+def lvb_level(level: frozenset[str]) -> Subset:
+    return Subset("question_category", level, LVB_PERCEPTION | LVB_RELATION)
+
+
 SUITES: dict[str, tuple[Column, ...]] = {
     # Table 4: LLaVA-Video-7B, 64 frames
     "video": (
         Column("MLVU m-avg", "mlvu_dev", (("mlvu_percetion_score", "mlvu_perception_score"),), csv_name="mlvu"),
         Column("MVBench", "mvbench_", (("mvbench_accuracy",),), tasks_prefix=True, csv_name="mvbench"),
         Column("LongVideoBench val", "longvideobench_val_v", (("lvb_acc",),), scale=100.0, csv_name="longvideobench"),
+        Column("perception", "longvideobench_val_v", (("lvb_acc",),), in_acc=False, subset=lvb_level(LVB_PERCEPTION)),
+        Column("relation", "longvideobench_val_v", (("lvb_acc",),), in_acc=False, subset=lvb_level(LVB_RELATION)),
         Column("Video-MME w/o sub", "videomme", (VIDEOMME,), csv_name="videomme"),
-        Column("short", "videomme", (VIDEOMME,), in_acc=False, duration="short"),
-        Column("medium", "videomme", (VIDEOMME,), in_acc=False, duration="medium"),
-        Column("long", "videomme", (VIDEOMME,), in_acc=False, duration="long"),
+        Column("short", "videomme", (VIDEOMME,), in_acc=False, subset=duration("short")),
+        Column("medium", "videomme", (VIDEOMME,), in_acc=False, subset=duration("medium")),
+        Column("long", "videomme", (VIDEOMME,), in_acc=False, subset=duration("long")),
     ),
     # Table 10: InternVL3-8B
     "internvl3": (
@@ -69,7 +99,7 @@ SUITES: dict[str, tuple[Column, ...]] = {
 }
 # The paper's unpruned rows (Table 4 / Table 10), in the columns' order
 PAPER_UNPRUNED: dict[str, tuple[float, ...]] = {
-    "video": (67.75, 58.15, 59.07, 63.66, 76.46, 61.21, 53.19),
+    "video": (67.75, 58.15, 59.07, 65.03, 53.64, 63.66, 76.46, 61.21, 53.19),
     "internvl3": (85.28, 81.51, 85.07, 853.0, 50.02, 2393.22, 83.82, 82.54),
 }
 PAPER = "paper"
@@ -111,24 +141,32 @@ def _metric(values: dict[str, object], names: tuple[str, ...]) -> float | None:
     return None
 
 
-def duration_accuracy(samples: Path, metric_names: tuple[str, ...], duration: str) -> float | None:
-    """Accuracy (%) of Video-MME's logged samples of one duration (their ``score`` 0 / 1, or pred == answer)."""
+def subset_accuracy(samples: Path, metric_names: tuple[str, ...], subset: Subset) -> float | None:
+    """Accuracy (%) of a task's logged samples in ``subset``: their ``score`` 0 / 1, else the prediction
+    (Video-MME ``pred_answer``, LongVideoBench ``parsed_pred``) equal to ``answer``."""
     correct = total = 0
-    for row in read_jsonl(samples, "lmms-eval samples"):
+    for number, row in enumerate(read_jsonl(samples, "lmms-eval samples"), start=1):
         record = next((row[n] for n in metric_names if isinstance(row.get(n), dict)), None)
-        if record is None or record.get("duration") != duration:
+        if record is None:
+            continue
+        value = record.get(subset.field)
+        if subset.known and value not in subset.known:
+            raise ValueError(f"{samples} line {number}: {subset.field} {value!r} is none of {sorted(subset.known)}")
+        if value not in subset.values:
             continue
         score = record.get("score")
-        correct += float(score) if score is not None else float(record.get("pred_answer") == record.get("answer"))
+        if score is None:
+            score = record.get("pred_answer", record.get("parsed_pred")) == record.get("answer")
+        correct += float(score)
         total += 1
     return 100.0 * correct / total if total else None
 
 
 def column_value(run: RunResults, column: Column) -> float | None:
     """The column's number for this run, or None when the run lacks it."""
-    if column.duration:
+    if column.subset is not None:
         path = run.samples.get(column.task)
-        return duration_accuracy(path, column.metrics[0], column.duration) if path else None
+        return subset_accuracy(path, column.metrics[0], column.subset) if path else None
     if column.tasks_prefix:
         parts = [_metric(v, column.metrics[0]) for t, v in sorted(run.results.items()) if t.startswith(column.task)]
         parts = [p for p in parts if p is not None]
