@@ -153,3 +153,28 @@ def test_qwen2_5_vl_in_llm_stages_add_no_host_sync(method, budget, params):
         sp.patch.remove(model)
     vision_side, in_llm = counts
     assert in_llm.syncs <= vision_side.syncs, (dict(in_llm.sync_ops), dict(vision_side.sync_ops))
+
+
+@torch.no_grad()
+def test_next_prefill_reads_image_sizes_once(monkeypatch):
+    # the family needs the sizes on the host for its row lengths and again to encode: one read per prefill (each
+    # prefill reads afresh), for a vision-side and an in-LLM method
+    model = build_next()
+    sizes = torch.tensor([[32, 64], [64, 64]])
+    pixels = torch.randn(2, 5, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    ids, mask = prompts([t.shape[0] for t in stock_image_tokens(model, pixels, sizes)])
+    reads = []
+    tolist = torch.Tensor.tolist
+
+    def counted(self, *args, **kwargs):
+        reads.append(self is sizes)
+        return tolist(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    for method, params in [("divprune", {"relevance": "llm_text"}), ("pdrop", {"layers": (1, 2)})]:
+        sp.patch.apply(model, method=method, budget=6, **params)
+        for _ in range(2):
+            reads.clear()
+            model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes, use_cache=True)
+            assert sum(reads) == 1, method
+        sp.patch.remove(model)

@@ -23,6 +23,8 @@ Conventions here:
   keeping them is what M-RoPE families need and leaves RoPE distances to the text unchanged);
 - a merged token sits right after its row's last kept token in the sequence and takes the position of
   its cluster centre (a dropped token of that row);
+- one host sync per prefill (:func:`host_shapes`, the shared ``resolve``): every stage's shapes are host ints
+  from the schedule and that read, so no stage and no decoding step waits for the device;
 - every layer's KV cache holds the same final sequence: a stage removes the dropped entries from the
   cache of all layers that ran before it, and a merged token's entry in those layers is its centre's
   (the merged token itself exists from the next layer on). Decoding runs on it with the stock mask code.

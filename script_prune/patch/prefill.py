@@ -17,8 +17,8 @@ Decoding steps that reach the same cache get generate()'s attention mask (counte
 ORIGINAL prompt) mapped onto the short cache and their position ids shifted by the tokens dropped
 in their row, so greedy / sampling / beam search / num_return_sequences need nothing else.
 A budget that keeps whole rows (``script_prune.keeps_all``) calls the stock forward unchanged.
-In-LLM methods (FastV) take the same path up to the layout and then prune inside the decoder
-(``in_llm.py``).
+In-LLM methods (FastV, SparseVLM, PDrop) take the same path up to the layout and then prune inside the
+decoder (``in_llm.py``).
 """
 
 from __future__ import annotations
