@@ -134,12 +134,15 @@ def _monotone(plan: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
     return out
 
 
-def stage_counts(method: str, k: int, n: int, num_layers: int, params: dict) -> list[tuple[int, int, int, int]]:
+def stage_counts(method: str, k: int, n: int, num_layers: int, params: dict,
+                 held: int | None = None) -> list[tuple[int, int, int, int]]:
     """What a row of ``n`` really goes through: per stage ``(layers_before, kept, recycled, merged)``: it keeps
     ``kept`` of its current visual tokens and (SparseVLM with ``recycle``) clusters its ``recycled`` best dropped
-    ones into ``merged`` tokens, which count as its visual tokens from then on (see :func:`recycle_count`)."""
+    ones into ``merged`` tokens, which count as its visual tokens from then on (see :func:`recycle_count`).
+    ``held``: the tokens the row really brings to the LLM when a layout step cut it below ``n`` (LLaVA-NeXT's
+    unpadding; the plan stays that of ``n``, a row keeps at most what it holds and recycles what it drops)."""
     recycle = method == "sparsevlm" and bool(params.get("recycle", False))
-    out, current = [], n
+    out, current = [], n if held is None else held
     for layer, count in stage_plan(method, k, n, num_layers, params):
         kept = min(count, current)
         recycled, merged = recycle_count(current - kept) if recycle else (0, 0)
@@ -196,7 +199,7 @@ def rater_scores(attention: Tensor, raters: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------ recycling
-def dpc_merge(x: Tensor, valid: Tensor, clusters: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def dpc_merge(x: Tensor, valid: Tensor, clusters: Tensor, width: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Density-peak clustering (DPC-kNN) of the tokens ``x`` into ``clusters`` per row, merged by averaging.
 
     x: (G, M, D) tokens (rows padded), valid: (G, M) bool, clusters: (G,) long, 1 <= clusters <= valid count.
@@ -204,11 +207,14 @@ def dpc_merge(x: Tensor, valid: Tensor, clusters: Tensor) -> tuple[Tensor, Tenso
     tokens)`` (c = the row's clusters, itself included); ``delta`` = distance to the nearest denser token (the
     largest distance of the row for the densest); centres = the c largest ``density * delta``; every token
     joins its nearest centre (a centre itself); a merged token is the mean of its members. Density ties go
-    to the lower index (the release adds 1e-6 noise instead). -> merged (G, C, D) (C = clusters.max(), the
-    entries past a row's count are 0), merged_ok (G, C) bool, centre (G, C) long index into M.
+    to the lower index (the release adds 1e-6 noise instead). ``width``: C = clusters.max() when the caller
+    knows it on the host (no host sync); else it is read here. -> merged (G, C, D) (the entries past a row's
+    count are 0), merged_ok (G, C) bool, centre (G, C) long index into M.
     """
     g, m, d = x.shape
-    c_max = int(clusters.max()) if g else 0
+    if width is None:
+        width = int(clusters.max()) if g else 0
+    c_max = width
     xf = x.float()
     dist = torch.cdist(xf, xf) / math.sqrt(d)  # (G, M, M)
     pair_ok = valid[:, :, None] & valid[:, None, :]
@@ -230,7 +236,7 @@ def dpc_merge(x: Tensor, valid: Tensor, clusters: Tensor) -> tuple[Tensor, Tenso
     own = torch.where(centre_ok, torch.arange(c_max, device=x.device)[None], assign.gather(1, order))
     assign.scatter_(1, order, own)  # a centre joins itself (entries past a row's count are no centres)
     assign = torch.where(valid, assign, c_max)  # padding goes to a discarded extra cluster
-    one_hot = torch.nn.functional.one_hot(assign, c_max + 1)[..., :c_max].to(xf.dtype)  # (G, M, C)
+    one_hot = (assign[..., None] == torch.arange(c_max, device=x.device)).to(xf.dtype)  # (G, M, C), padding: no 1
     sums = one_hot.transpose(1, 2) @ xf  # (G, C, D)
     counts = one_hot.sum(dim=1)[..., None]  # (G, C, 1)
     merged = (sums / counts.clamp(min=1)).masked_fill(~centre_ok[..., None], 0.0)

@@ -126,16 +126,20 @@ def prune(seq: Sequence, scores: torch.Tensor, counts: dict[int, int], recycle: 
 
 
 def reference_generate(model, method: str, params: dict, budget, seq: Sequence, steps: int,
-                       next_position: torch.Tensor) -> tuple[list[int], dict[int, list[int]], int, torch.Tensor]:
+                       next_position: torch.Tensor, row_length: int | None = None
+                       ) -> tuple[list[int], dict[int, list[int]], int, torch.Tensor]:
     """Greedy tokens, kept original indices per row, final visual count and the prefill's last logits.
 
     ``model``: a float64 copy of the stock model; ``seq``: the sample's whole prompt (no padding);
-    ``next_position``: (1,) or (3, 1) position of the first decoded token.
+    ``next_position``: (1,) or (3, 1) position of the first decoded token; ``row_length``: the rows' length
+    the plans are made for when the prompt holds fewer of a row's tokens (LLaVA-NeXT's unpadding; default:
+    what the prompt holds).
     """
     lm = model.model.language_model
     layers = list(lm.layers)
     rope_of = lambda h, p: lm.rotary_emb(h, position_ids=p[None] if p.dim() == 1 else p[:, None])  # noqa: E731
-    lengths = {r: seq.row.count(r) for r in set(seq.row) if r >= 0}
+    held = {r: seq.row.count(r) for r in set(seq.row) if r >= 0}
+    lengths = held if row_length is None else {r: row_length for r in held}
     n_layers = len(layers)
     params = {**sp.get_method(method).params, **params}
     plans = {r: inllm.stage_plan(method, sp.resolve_budget(budget, n), n, n_layers, params) for r, n in lengths.items()}
@@ -144,7 +148,7 @@ def reference_generate(model, method: str, params: dict, budget, seq: Sequence, 
     stages = list(zip(*plans.values()))  # per stage, one (layers_before, count) per row
     inputs: list[Sequence] = []
     next_ident = [len(seq.row)]
-    current = dict(lengths)
+    current = dict(held)
     scores = None
     for i, layer in enumerate(layers):
         stage = stages[0] if stages else None

@@ -17,7 +17,8 @@ from script_prune.patch import Qwen2_5_VLFamily
 from tests import test_patch_qwen2_5_vl as qwen
 from tests import test_patch_qwen3_vl as qwen3
 from tests.inllm_reference import Sequence, dpc_reference, raters_reference, reference_generate
-from tests.test_patch import IMAGE, build_llava, prompts, stock_image_tokens
+from tests.test_patch import (IMAGE, build_llava, build_next, next_crops, projected_rows, prompts, stock_image_tokens,
+                               stock_layout_ids)
 
 STEPS = 4
 
@@ -154,15 +155,18 @@ def patched_run(model, inputs, method, budget, params):
     return logits, kept, visual, generated
 
 
-def check_against_reference(model, inputs, sequences, row_of_sample, method, budget, params):
+def check_against_reference(model, inputs, sequences, row_of_sample, method, budget, params, row_length=None,
+                            layout_tokens=(0, 0)):
+    """``layout_tokens``: per sample, placeholder slots that are no row's tokens (NeXT newlines; they stay and count
+    as visual tokens of the sample, the reference counts row entries)."""
     logits, kept, visual, generated = patched_run(model, inputs, method, budget, params)
     model64 = copy.deepcopy(model).double()
     for b, (seq, next_position) in enumerate(sequences):
         tokens, ref_kept, ref_visual, ref_logits = reference_generate(model64, method, params, budget, seq, STEPS,
-                                                                      next_position)
+                                                                      next_position, row_length)
         for r in row_of_sample[b]:
             assert kept[r] == ref_kept[r], (b, r)
-        assert visual[b] == ref_visual
+        assert visual[b] == ref_visual + layout_tokens[b]
         torch.testing.assert_close(logits[b].double(), ref_logits, atol=2e-4, rtol=0)
         assert generated[b].tolist() == tokens
 
@@ -197,6 +201,51 @@ def test_eager_and_sdpa_pick_alike_and_a_batch_of_two_equals_single_runs(method,
         _, kept_one, visual_one, generated_one = patched_run(model, single, method, 6, params)
         assert kept_one == [kept[b]] and visual_one == [visual[b]]
         assert torch.equal(generated_one[0], generated[b])
+
+
+# ------------------------------------------------------------------------------------------ LLaVA-NeXT (cut rows)
+def next_sequences(model64, inputs) -> list[tuple[Sequence, torch.Tensor]]:
+    """As llava_sequences for a LLaVA-NeXT batch: every visual token's (row, index) matched to the stock tower's
+    crops, newlines as layout tokens (row -1)."""
+    ids, mask, sizes = inputs["input_ids"], inputs["attention_mask"], inputs["image_sizes"]
+    pixels = inputs["pixel_values"].double()
+    packed = stock_image_tokens(model64, pixels, sizes)
+    out, first_row = [], 0
+    for b, crops in enumerate(next_crops(model64, pixels, sizes)):
+        rows = projected_rows(model64, crops)  # (R_b, N, D)
+        sample = ids[b][mask[b].bool()]
+        embeds = model64.get_input_embeddings()(sample).clone()
+        visual = (sample == IMAGE).nonzero().flatten().tolist()
+        embeds[visual] = packed[b]
+        ident = dict(zip(visual, stock_layout_ids(model64, packed[b], rows)))  # None: a newline
+        row = [first_row + ident[i][0] if ident.get(i) else -1 for i in range(len(sample))]
+        index = [ident[i][1] if ident.get(i) else -1 for i in range(len(sample))]
+        text = list(range(max(visual) + 1, len(sample)))
+        flags = dict(zip(text, raters_reference(embeds, visual, text)))
+        rater = [flags.get(i, False) for i in range(len(sample))]
+        out.append((Sequence(embeds, torch.arange(len(sample)), row, index, rater, list(range(len(sample)))),
+                    torch.tensor([len(sample)])))
+        first_row += rows.shape[0]
+    return out
+
+
+@pytest.mark.parametrize("method,budget,params", [("sparsevlm", 12, {"layers": (0, 1, 2)}),
+                                                  ("pdrop", 0.75, {"layers": (1, 2, 3)}), ("fastv", 6, {"layer": 2})])
+@torch.no_grad()
+def test_llava_next_rows_cut_by_unpadding_equal_the_float64_reference(method, budget, params):
+    """Wide / tall images whose unpadding leaves 8 of a tile row's 16 tokens in the prompt: the plan is that of
+    16-token rows, a cut row keeps at most what it holds and recycles only the tokens it really drops."""
+    model = build_next(layers=5, seed=2)
+    model.generation_config.eos_token_id = None  # the reference decodes on past an end token
+    torch.manual_seed(7)
+    pixels, sizes = torch.randn(2, 5, 3, 32, 32), torch.tensor([[12, 64], [64, 24]])
+    ids, mask = prompts([p.shape[0] for p in stock_image_tokens(model, pixels, sizes)])
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes)
+    sequences = next_sequences(copy.deepcopy(model).double(), inputs)
+    assert [[s.row.count(r) for r in range(6) if r in s.row] for s, _ in sequences] == [[16, 8, 8], [16, 16, 16]]
+    newlines = [int((ids[b][mask[b].bool()] == IMAGE).sum()) - sum(r >= 0 for r in s.row) for b, (s, _) in enumerate(sequences)]
+    check_against_reference(model, inputs, sequences, [[0, 1, 2], [3, 4, 5]], method, budget, params, row_length=16,
+                            layout_tokens=newlines)
 
 
 # ------------------------------------------------------------------------------------------ Qwen2.5-VL (M-RoPE)

@@ -3,7 +3,8 @@ stock model's own forward on the same (short) prompt, and a decoding step not at
 
 Counted with ``script_prune.counting`` (every aten op that makes the host wait on an accelerator, counted
 on the CPU). The reference is the unpatched transformers model run on the hand-shortened prompt the
-patched model feeds its LLM, so the stock code's own syncs (mask construction, ...) cancel out.
+patched model feeds its LLM (in-LLM methods: on the whole prompt, which their LLM receives), so the stock
+code's own syncs (mask construction, ...) cancel out.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 import script_prune as sp
 from script_prune import fused
 from script_prune.counting import count_ops
-from tests.test_patch import IMAGE, build_llava, build_next, prompts, stock_image_tokens
+from tests import test_patch_qwen2_5_vl as qwen
+from tests.test_patch import IMAGE, build_llava, build_next, cache_length, prompts, stock_image_tokens
 
 METHODS = [("divprune", {}, "torch"), ("script", {}, "triton"), ("uniform", {}, "torch")]
 
@@ -94,3 +96,85 @@ def test_next_prefill_syncs_at_most_one_more_than_the_stock_pixel_forward():
         model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes, use_cache=True)
     assert sum(sp.patch.visual_tokens(model)) < sum(counts)
     assert patched.syncs <= stock.syncs + 1, (dict(patched.sync_ops), dict(stock.sync_ops))
+
+
+IN_LLM = [("fastv", 0.25, {"layer": 2}), ("pdrop", 8, {"layers": (1, 2, 3)}), ("sparsevlm", 8, {"layers": (0, 1, 2)}),
+          ("sparsevlm", 8, {"layers": (0, 1, 2), "recycle": False})]
+
+
+@pytest.mark.parametrize("method,budget,params", IN_LLM)
+@torch.no_grad()
+def test_in_llm_prefill_adds_one_host_sync_and_decoding_none(method, budget, params):
+    # FastV / PDrop / SparseVLM prune at one or three stages inside the LLM: the prefill waits for the device at
+    # most once more than the stock model fed the same whole prompt (its input embeddings), a decoding step no
+    # more than the stock step on that prompt's cache
+    model = build_llava(layers=5, seed=2)
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    tokens = stock_image_tokens(model, pixels)
+    ids, mask = prompts([t.shape[0] for t in tokens])
+    embeds = model.get_input_embeddings()(ids).masked_scatter((ids == IMAGE)[..., None], torch.cat(tokens))
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    long_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+    with count_ops() as stock:
+        ref = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+    step = ref.logits[:, -1].argmax(-1, keepdim=True)
+    with count_ops() as stock_step:
+        model(input_ids=step, attention_mask=long_mask, position_ids=positions[:, -1:] + 1, use_cache=True,
+              **{cache_kw(ref): cache_of(ref)})
+
+    sp.patch.apply(model, method=method, budget=budget, **params)
+    with count_ops() as patched:
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=True)
+    with count_ops() as patched_step:
+        model(input_ids=step, attention_mask=long_mask, use_cache=True, **{cache_kw(out): cache_of(out)})
+    visual = sp.patch.visual_tokens(model)
+    sp.patch.remove(model)
+    assert sum(visual) < sum(t.shape[0] for t in tokens)  # pruned inside the LLM: a shorter cache
+    assert cache_length(out) < ids.shape[1] + 1
+    assert patched.syncs - stock.syncs <= 1, (dict(patched.sync_ops), dict(stock.sync_ops))
+    assert patched_step.syncs <= stock_step.syncs, (dict(patched_step.sync_ops), dict(stock_step.sync_ops))
+
+
+@pytest.mark.skipif(qwen.pytestmark.args[0], reason=qwen.pytestmark.kwargs["reason"])
+@pytest.mark.parametrize("method,budget,params", IN_LLM[:3])
+@torch.no_grad()
+def test_qwen2_5_vl_in_llm_stages_add_no_host_sync(method, budget, params):
+    # Qwen2.5-VL's family reads its grids on the host (encode, M-RoPE positions) more often than the stock forward,
+    # for every method alike: the in-LLM prefill (stages on rows of unequal length) waits no more often than the
+    # vision-side prefill of the same batch, i.e. its stages add none
+    model = qwen.build(seed=2, layers=5)
+    inputs = qwen.batch()
+    counts = []
+    for name, k, extra in [("uniform", budget, {}), (method, budget, params)]:
+        sp.patch.apply(model, method=name, budget=k, **extra)
+        with count_ops() as seen:
+            model(**inputs, use_cache=True)
+        counts.append(seen)
+        sp.patch.remove(model)
+    vision_side, in_llm = counts
+    assert in_llm.syncs <= vision_side.syncs, (dict(in_llm.sync_ops), dict(vision_side.sync_ops))
+
+
+@torch.no_grad()
+def test_next_prefill_reads_image_sizes_once(monkeypatch):
+    # the family needs the sizes on the host for its row lengths and again to encode: one read per prefill (each
+    # prefill reads afresh), for a vision-side and an in-LLM method
+    model = build_next()
+    sizes = torch.tensor([[32, 64], [64, 64]])
+    pixels = torch.randn(2, 5, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    ids, mask = prompts([t.shape[0] for t in stock_image_tokens(model, pixels, sizes)])
+    reads = []
+    tolist = torch.Tensor.tolist
+
+    def counted(self, *args, **kwargs):
+        reads.append(self is sizes)
+        return tolist(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    for method, params in [("divprune", {"relevance": "llm_text"}), ("pdrop", {"layers": (1, 2)})]:
+        sp.patch.apply(model, method=method, budget=6, **params)
+        for _ in range(2):
+            reads.clear()
+            model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes, use_cache=True)
+            assert sum(reads) == 1, method
+        sp.patch.remove(model)

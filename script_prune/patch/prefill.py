@@ -17,8 +17,8 @@ Decoding steps that reach the same cache get generate()'s attention mask (counte
 ORIGINAL prompt) mapped onto the short cache and their position ids shifted by the tokens dropped
 in their row, so greedy / sampling / beam search / num_return_sequences need nothing else.
 A budget that keeps whole rows (``script_prune.keeps_all``) calls the stock forward unchanged.
-In-LLM methods (FastV) take the same path up to the layout and then prune inside the decoder
-(``in_llm.py``).
+In-LLM methods (FastV, SparseVLM, PDrop) take the same path up to the layout and then prune inside the
+decoder (``in_llm.py``).
 """
 
 from __future__ import annotations
@@ -400,10 +400,10 @@ def locate_rows(model: nn.Module, state: PatchState, call: dict[str, Any], rows:
 
 
 def resolve(prompt: Prompt, *scalars: Tensor) -> list[int]:
-    """Read the prompt's checks and ``scalars`` (0-d integer tensors) with ONE host sync; raise when the
+    """Read the prompt's checks and ``scalars`` (0-d or 1-d integer tensors) with ONE host sync; raise when the
     placeholder count differs from the images' visual tokens (as the stock check), set ``prompt.left``.
-    -> the scalars' values."""
-    found, expected, left, *values = torch.cat([prompt.checks, *(s.reshape(1).long() for s in scalars)]).tolist()
+    -> the scalars' values, flat in order."""
+    found, expected, left, *values = torch.cat([prompt.checks, *(s.reshape(-1).long() for s in scalars)]).tolist()
     if found != expected:
         raise ValueError(f"the prompt holds {found} image placeholder tokens but the images give {expected} visual tokens")
     prompt.left = bool(left)
@@ -441,9 +441,8 @@ def prefill(model: nn.Module, state: PatchState, call: dict[str, Any]) -> Any:
     if cfg.spec.stage == "llm":
         from .in_llm import in_llm_prefill
 
-        resolve(prompt)
-        with stage(state, "llm"):  # the selection happens inside the decoder
-            return in_llm_prefill(model, state, call, rows, prompt)
+        with stage(state, "llm"):  # the selection happens inside the decoder (its resolve reads the row shapes too)
+            return in_llm_prefill(model, state, call, rows, prompt, lengths)
     query = Query(call["input_ids"], question_mask(call["input_ids"], prompt.real, prompt.placeholder), state.texts)
     with stage(state, "select"):  # relevance inputs + selection (+ projection of merged tokens)
         keep_rows, merged = select_rows(model, state, rows, query, prompt.row_sample, lengths)  # (R, N)
