@@ -1,10 +1,11 @@
 """Throughput with and without pruning in vLLM: requests/s and time to first token (TTFT).
 
-    python -m script_vllm.bench [--model PATH | --tiny qwen3_vl] [--requests 32] [--budget 0.25] [--out results/vllm_bench.json]
+    python -m script_vllm.bench [--model PATH | --tiny qwen3_vl] [--requests 32] [--budget 0.25]
+                                [--out results/vllm_bench.json]
 
 Without ``--model`` a tiny random Qwen2.5-VL (``--tiny qwen3_vl``: Qwen3-VL) is built offline (numbers then
-measure vLLM's overheads more than the model). Requests/s: one ``generate`` call over all requests (each its own random image and question),
-``--max-tokens`` greedy tokens each. TTFT: the median wall time of single requests with one output token.
+measure vLLM's overheads more than the model). Requests/s: one ``generate`` call over all requests (each its own
+random image and question), ``--max-tokens`` greedy tokens each. TTFT: the median wall time of single requests with one output token.
 Every request has an image no earlier request had (no encoder / prefix cache hits); a warm-up pass first.
 """
 

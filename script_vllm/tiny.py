@@ -41,8 +41,18 @@ def _tokenizer(path: Path) -> None:
     fast.save_pretrained(path)
 
 
-def _special_ids(tok) -> dict[str, int]:
-    return {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
+def _text_config(path: Path, layers: int, **extra) -> tuple[object, dict[str, int], dict]:
+    """Writes the tokenizer at ``path``: (tokenizer, special token ids, the LLM's config: hidden 64, 2 heads of 32)."""
+    from transformers import AutoTokenizer
+
+    _tokenizer(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096, rms_norm_eps=1e-6,
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                **extra)
+    return tok, ids, text
 
 
 def _heavier_decoder(model) -> None:
@@ -55,21 +65,14 @@ def _heavier_decoder(model) -> None:
 
 def build_qwen2_5_vl(path: str | Path, seed: int = 0, layers: int = 2) -> Path:
     """A random Qwen2.5-VL (LLM hidden 64, 2 heads of 32; vision depth 2) with tokenizer and processor at ``path``."""
-    from transformers import (AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                              Qwen2_5_VLProcessor)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     path = Path(path)
-    _tokenizer(path)
-    tok = AutoTokenizer.from_pretrained(path)
-    ids = _special_ids(tok)
+    tok, ids, text = _text_config(path, layers, tie_word_embeddings=False, rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]})
     torch.manual_seed(seed)
-    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-                tie_word_embeddings=False, rms_norm_eps=1e-6, bos_token_id=ids["<|endoftext|>"],
-                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]})
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=1, out_hidden_size=64, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
                   tokens_per_second=2)
@@ -92,21 +95,14 @@ def build_qwen2_5_vl(path: str | Path, seed: int = 0, layers: int = 2) -> Path:
 def build_qwen3_vl(path: str | Path, seed: int = 0, layers: int = 3) -> Path:
     """A random Qwen3-VL (LLM hidden 64, 2 heads of 32, interleaved M-RoPE; vision depth 3 with DeepStack after
     blocks 0 and 1; patch 16) with tokenizer and processor at ``path``."""
-    from transformers import AutoTokenizer, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
     path = Path(path)
-    _tokenizer(path)
-    tok = AutoTokenizer.from_pretrained(path)
-    ids = _special_ids(tok)
+    tok, ids, text = _text_config(path, layers, head_dim=32, rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 5, 5], "mrope_interleaved": True})
     torch.manual_seed(seed)
-    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=4096,
-                rms_norm_eps=1e-6, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                pad_token_id=ids["<|endoftext|>"],
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 5, 5],
-                                 "mrope_interleaved": True})
     vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=1, out_hidden_size=64, patch_size=16,
                   spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
                   deepstack_visual_indexes=[0, 1])

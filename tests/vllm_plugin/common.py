@@ -50,6 +50,17 @@ def load_hf(cls: type, checkpoint: str, dtype: torch.dtype = torch.float32):
     return model, AutoProcessor.from_pretrained(checkpoint)
 
 
+def engine(checkpoint: str, dtype: str = "float32", **kwargs):
+    """vLLM on ``checkpoint`` (the plugin loads itself): eager, greedy-deterministic, prefill chunked in CHUNK-token
+    steps, up to 2 images and a video per prompt; ``kwargs`` override."""
+    from vllm import LLM
+
+    options = dict(max_model_len=1024, enforce_eager=True, seed=0, max_num_batched_tokens=CHUNK,
+                   enable_chunked_prefill=True, enable_prefix_caching=True,
+                   limit_mm_per_prompt={"image": 2, "video": 1})
+    return LLM(model=checkpoint, dtype=dtype, **{**options, **kwargs})
+
+
 def hf_inputs(processor, text: str, images: list, video: np.ndarray | None) -> dict:
     kwargs = {}
     if video is not None:
@@ -80,6 +91,16 @@ def reference(hf, text: str, images: list, video: np.ndarray | None = None, meth
         if method is not None:
             patch.remove(model)
     return out[0, ids.shape[1]:].tolist(), ids.shape[1] - visual + sum(rows), rows
+
+
+def check_against_reference(out, hf, text: str, images: list, video=None, method: str = "script", budget=None,
+                            params: dict | None = None) -> list[int]:
+    """vLLM's output ``out`` has the reference's greedy tokens and pruned prompt length; returns its kept tokens
+    per visual row (for the caller's checks of the prompt's placeholder runs)."""
+    expected, length, rows = reference(hf, text, images, video, method=method, budget=budget, params=params)
+    assert len(out.prompt_token_ids) == length, (method, budget)
+    assert list(out.outputs[0].token_ids) == expected, (method, budget)
+    return rows
 
 
 def placeholder_runs(token_ids: list[int], tokens: set[int]) -> list[int]:

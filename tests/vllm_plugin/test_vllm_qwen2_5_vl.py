@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from script_vllm.tiny import SPECIAL, build_qwen2_5_vl
-from tests.vllm_plugin.common import (CHUNK, MAX_TOKENS, generate, image, load_hf, placeholder_runs, prompt,
-                                      reference, request, video_frames)
+from tests.vllm_plugin.common import (MAX_TOKENS, check_against_reference, engine, generate, image, load_hf,
+                                      placeholder_runs, prompt, reference, request, video_frames)
 
 LANDSCAPE, PORTRAIT = image(168, 112, 0), image(112, 168, 1)  # 24 visual tokens each (6 x 4 / 4 x 6)
 VIDEO = video_frames(84, 112)  # 2 temporal steps of 12 tokens
@@ -35,13 +35,9 @@ def hf(checkpoint):
 
 @pytest.fixture(scope="module")
 def llm(checkpoint):
-    from vllm import LLM
-
-    engine = LLM(model=checkpoint, dtype="float32", max_model_len=1024, enforce_eager=True, seed=0,
-                 max_num_batched_tokens=CHUNK, enable_chunked_prefill=True, enable_prefix_caching=True,
-                 limit_mm_per_prompt={"image": 2, "video": 1})
-    yield engine
-    del engine
+    llm = engine(checkpoint)
+    yield llm
+    del llm
 
 
 def hf_unpruned(hf, text: str, images: list, video=None) -> list[int]:
@@ -64,10 +60,8 @@ def test_greedy_tokens_equal_transformers_reference(llm, hf, images, method, bud
     text = prompt("what is the color of the object in the left ?", images=len(images))
     kwargs = dict(script_budget=budget, script_method=method, **({"script_params": params} if params else {}))
     out = generate(llm, [request(text, images, **kwargs)])[0]
-    expected, length, rows = reference(hf, text, images, method=method, budget=budget, params=params)
-    assert len(out.prompt_token_ids) == length
+    rows = check_against_reference(out, hf, text, images, method=method, budget=budget, params=params)
     assert placeholder_runs(out.prompt_token_ids, VISUAL) == rows  # one row per image
-    assert list(out.outputs[0].token_ids) == expected
 
 
 def test_kept_counts_per_row_equal_the_resolved_budget(llm, hf):
@@ -116,10 +110,9 @@ def test_concurrent_requests_with_different_budgets_and_questions(llm, hf):
 def test_video_frames_pruned_per_frame(llm, hf, budget):
     text = prompt("what is in the video ?", images=0, video=True)
     out = generate(llm, [request(text, [], VIDEO, script_budget=budget)])[0]
-    expected, length, rows = reference(hf, text, [], VIDEO, method="script", budget=budget)
-    assert len(rows) == 2 and len(out.prompt_token_ids) == length
+    rows = check_against_reference(out, hf, text, [], VIDEO, budget=budget)
+    assert len(rows) == 2
     assert placeholder_runs(out.prompt_token_ids, VISUAL) == [sum(rows)]  # the video is one run of its frames
-    assert list(out.outputs[0].token_ids) == expected
 
 
 def test_bad_settings_are_refused_by_name(llm):
@@ -135,39 +128,29 @@ def test_bad_settings_are_refused_by_name(llm):
 
 def test_server_wide_defaults_and_request_overrides(checkpoint, hf):
     """Engine-level mm_processor_kwargs are every request's defaults; a request's own keys override them."""
-    from vllm import LLM
-
-    engine = LLM(model=checkpoint, dtype="float32", max_model_len=1024, enforce_eager=True, seed=0,
-                 limit_mm_per_prompt={"image": 1, "video": 0},
-                 mm_processor_kwargs={"script_budget": 5, "script_method": "divprune"})
+    defaults = engine(checkpoint, mm_processor_kwargs={"script_budget": 5, "script_method": "divprune"})
     text = prompt("where is the red cat ?")
-    default, override = generate(engine, [request(text, [PORTRAIT]), request(text, [PORTRAIT], script_budget=0.5)])
-    del engine
+    default, override = generate(defaults, [request(text, [PORTRAIT]), request(text, [PORTRAIT], script_budget=0.5)])
+    del defaults
     for out, (method, budget) in [(default, ("divprune", 5)), (override, ("divprune", 0.5))]:
-        expected, length, _ = reference(hf, text, [PORTRAIT], method=method, budget=budget)
-        assert len(out.prompt_token_ids) == length
-        assert list(out.outputs[0].token_ids) == expected
+        check_against_reference(out, hf, text, [PORTRAIT], method=method, budget=budget)
 
 
 def test_bfloat16_end_to_end_equals_transformers_reference(checkpoint):
     """bfloat16 in both engines (weights, vision tower, LLM; selection in float32 in both): greedy tokens,
     prompt lengths and kept tokens per row equal transformers' bfloat16 model under script_prune.patch."""
     from transformers import Qwen2_5_VLForConditionalGeneration
-    from vllm import LLM
 
     hf16 = load_hf(Qwen2_5_VLForConditionalGeneration, checkpoint, torch.bfloat16)
-    engine = LLM(model=checkpoint, dtype="bfloat16", max_model_len=1024, enforce_eager=True, seed=0,
-                 max_num_batched_tokens=CHUNK, enable_chunked_prefill=True, limit_mm_per_prompt={"image": 1, "video": 1})
+    bf16 = engine(checkpoint, dtype="bfloat16")
     cases = [(prompt("what is the color of the object in the left ?"), [LANDSCAPE], None, 0.5),
              (prompt("where is the red cat ?"), [PORTRAIT], None, 5),
              (prompt("what is in the video ?", images=0, video=True), [], VIDEO, 0.5)]
-    outs = generate(engine, [request(text, images, video, script_budget=budget) for text, images, video, budget in cases])
-    del engine
+    outs = generate(bf16, [request(text, images, video, script_budget=budget) for text, images, video, budget in cases])
+    del bf16
     for (text, images, video, budget), out in zip(cases, outs):
-        expected, length, rows = reference(hf16, text, images, video, method="script", budget=budget)
-        assert len(out.prompt_token_ids) == length, budget
+        rows = check_against_reference(out, hf16, text, images, video, budget=budget)
         assert sum(placeholder_runs(out.prompt_token_ids, VISUAL)) == sum(rows), budget
-        assert list(out.outputs[0].token_ids) == expected, budget
 
 
 # ------------------------------------------------------------------------------------------ vllm serve

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 
 from script_vllm.tiny import SPECIAL, WORDS, build_qwen3_vl
-from tests.vllm_plugin.common import (CHUNK, generate, hf_inputs, image, load_hf, placeholder_runs, prompt, reference,
-                                      request, video_frames)
+from tests.vllm_plugin.common import (check_against_reference, engine, generate, hf_inputs, image, load_hf,
+                                      placeholder_runs, prompt, reference, request, video_frames)
 
 LANDSCAPE, PORTRAIT = image(192, 128, 0), image(128, 192, 1)  # 24 visual tokens each (6 x 4 / 4 x 6), patch 16
 VIDEO = video_frames(96, 128)  # 2 temporal steps (frames) of 12 tokens, each after its timestamp
@@ -34,13 +34,9 @@ def hf(checkpoint):
 
 @pytest.fixture(scope="module")
 def llm(checkpoint):
-    from vllm import LLM
-
-    engine = LLM(model=checkpoint, dtype="float32", max_model_len=1024, enforce_eager=True, seed=0,
-                 max_num_batched_tokens=CHUNK, enable_chunked_prefill=True, enable_prefix_caching=True,
-                 limit_mm_per_prompt={"image": 2, "video": 1})
-    yield engine
-    del engine
+    llm = engine(checkpoint)
+    yield llm
+    del llm
 
 
 CASES = [  # (images, method, budget, params)
@@ -56,21 +52,17 @@ def test_images_greedy_tokens_equal_transformers_reference(llm, hf, images, meth
     text = prompt("what is the color of the object in the left ?", images=len(images))
     kwargs = dict(script_budget=budget, script_method=method, **({"script_params": params} if params else {}))
     out = generate(llm, [request(text, images, **kwargs)])[0]
-    expected, length, rows = reference(hf, text, images, method=method, budget=budget, params=params)
-    assert len(out.prompt_token_ids) == length
+    rows = check_against_reference(out, hf, text, images, method=method, budget=budget, params=params)
     assert placeholder_runs(out.prompt_token_ids, VISUAL) == rows
-    assert list(out.outputs[0].token_ids) == expected
 
 
 @pytest.mark.parametrize("budget", [0.5, 3])
 def test_video_frames_pruned_per_frame_timestamps_stay(llm, hf, budget):
     text = prompt("what is in the video ?", images=0, video=True)
     unpruned, pruned = generate(llm, [request(text, [], VIDEO), request(text, [], VIDEO, script_budget=budget)])
-    expected, length, rows = reference(hf, text, [], VIDEO, method="script", budget=budget)
+    rows = check_against_reference(pruned, hf, text, [], VIDEO, budget=budget)
     assert rows == [max(1, int(budget * 12)) if budget < 1 else budget] * 2
-    assert len(pruned.prompt_token_ids) == length
     assert placeholder_runs(pruned.prompt_token_ids, VISUAL) == rows  # one run per frame
-    assert list(pruned.outputs[0].token_ids) == expected
     # the unpruned prompt is transformers' own; pruning removes placeholders only (timestamps and brackets stay)
     full = hf_inputs(hf[1], text, [], VIDEO)["input_ids"][0].tolist()
     assert unpruned.prompt_token_ids == full
@@ -92,8 +84,6 @@ def test_budget_keeping_all_tokens_equals_the_unpruned_model(llm, hf):
 def test_image_and_video_in_one_prompt(llm, hf):
     text = prompt("where is the red cat ?", images=1, video=True)
     out = generate(llm, [request(text, [LANDSCAPE], VIDEO, script_budget=0.25)])[0]
-    expected, length, rows = reference(hf, text, [LANDSCAPE], VIDEO, method="script", budget=0.25)
+    rows = check_against_reference(out, hf, text, [LANDSCAPE], VIDEO, budget=0.25)
     assert rows == [6, 3, 3]
     assert placeholder_runs(out.prompt_token_ids, VISUAL) == rows
-    assert len(out.prompt_token_ids) == length
-    assert list(out.outputs[0].token_ids) == expected
