@@ -1,7 +1,7 @@
 """Script (and every vision-side selection method of ``script_prune``) inside vLLM, as a plugin.
 
 Installed with the ``vllm`` extra, vLLM loads :func:`register` through the ``vllm.general_plugins`` entry point
-in every process; it registers the pruning-enabled Qwen2.5-VL under vLLM's own architecture name, so an
+in every process; it registers the pruning-enabled Qwen2.5-VL and Qwen3-VL under vLLM's own architecture name, so an
 unchanged ``vllm serve`` / ``LLM(...)`` picks it up. A request prunes when its ``mm_processor_kwargs`` carry
 ``script_budget`` (docs/vllm.md); others run the stock computation.
 """
@@ -13,7 +13,8 @@ import functools
 #: the vLLM releases this plugin was tested on (docs/vllm.md); others are refused at load
 SUPPORTED_VLLM = ("0.32.0",)
 #: architecture name -> "module:class" of the pruning-enabled class
-MODELS = {"Qwen2_5_VLForConditionalGeneration": "script_vllm.qwen2_5_vl:ScriptQwen2_5_VLForConditionalGeneration"}
+MODELS = {"Qwen2_5_VLForConditionalGeneration": "script_vllm.qwen2_5_vl:ScriptQwen2_5_VLForConditionalGeneration",
+          "Qwen3VLForConditionalGeneration": "script_vllm.qwen3_vl:ScriptQwen3VLForConditionalGeneration"}
 
 
 def check_vllm_version(installed: str | None = None) -> None:

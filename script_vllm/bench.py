@@ -1,10 +1,11 @@
 """Throughput with and without pruning in vLLM: requests/s and time to first token (TTFT).
 
-    python -m script_vllm.bench [--model PATH] [--requests 32] [--budget 0.25] [--out results/vllm_bench.json]
+    python -m script_vllm.bench [--model PATH | --tiny qwen3_vl] [--requests 32] [--budget 0.25]
+                                [--out results/vllm_bench.json]
 
-Without ``--model`` a tiny random Qwen2.5-VL is built offline (numbers then measure vLLM's overheads more than
-the model). Requests/s: one ``generate`` call over all requests (each its own random image and question),
-``--max-tokens`` greedy tokens each. TTFT: the median wall time of single requests with one output token.
+Without ``--model`` a tiny random Qwen2.5-VL (``--tiny qwen3_vl``: Qwen3-VL) is built offline (numbers then
+measure vLLM's overheads more than the model). Requests/s: one ``generate`` call over all requests (each its own
+random image and question), ``--max-tokens`` greedy tokens each. TTFT: the median wall time of single requests with one output token.
 Every request has an image no earlier request had (no encoder / prefix cache hits); a warm-up pass first.
 """
 
@@ -17,6 +18,9 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
+#: --tiny choices: family -> name (script_vllm.tiny.build_<family>)
+TINY = {"qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}
 
 
 def _requests(count: int, size: tuple[int, int], budget: float | int | None, seed: int = 0) -> list[dict]:
@@ -62,7 +66,9 @@ def measure(llm, count: int, size: tuple[int, int], budget, max_tokens: int) -> 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="checkpoint (default: a tiny random Qwen2.5-VL built offline)")
+    parser.add_argument("--model", default=None, help="checkpoint (default: a tiny random model built offline)")
+    parser.add_argument("--tiny", choices=sorted(TINY), default="qwen2_5_vl",
+                        help="the tiny random family built offline when --model is not given")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--budget", type=float, default=0.25, help="script_budget of the pruned run")
     parser.add_argument("--size", type=int, nargs=2, default=(448, 336), metavar=("W", "H"))
@@ -79,12 +85,12 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            from .tiny import build_qwen2_5_vl
+            from . import tiny
 
-            model = str(build_qwen2_5_vl(Path(tmp) / "tiny"))
+            model = str(getattr(tiny, f"build_{args.tiny}")(Path(tmp) / "tiny"))
         llm = LLM(model=model, dtype=args.dtype, max_model_len=4096, seed=0, limit_mm_per_prompt={"image": 1})
         rows = [measure(llm, args.requests, tuple(args.size), b, args.max_tokens) for b in (None, budget)]
-    result = {"model": args.model or "tiny random Qwen2.5-VL", "image_size": list(args.size),
+    result = {"model": args.model or f"tiny random {TINY[args.tiny]}", "image_size": list(args.size),
               "max_tokens": args.max_tokens, "dtype": args.dtype, "runs": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

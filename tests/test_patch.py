@@ -685,9 +685,12 @@ def test_a_family_refuses_transformers_older_than_it_was_tested_on():
     from script_prune.patch import (InternVLFamily, LlavaFamily, LlavaNextFamily, LlavaOnevisionFamily,
                                     Qwen2_5_VLFamily, Qwen3VLFamily, check_transformers_version)
 
-    for family in (Qwen2_5_VLFamily(), Qwen3VLFamily(), LlavaOnevisionFamily(), InternVLFamily()):
-        with pytest.raises(RuntimeError, match=r"supports Model on transformers >= 5\.24 .*installed 5\.6\.0"):
+    tested = {Qwen2_5_VLFamily(): "5.19", Qwen3VLFamily(): "5.19", LlavaOnevisionFamily(): "5.24",
+              InternVLFamily(): "5.24"}  # the Qwen families: also vLLM 0.32's pin, 5.19.0
+    for family, minimum in tested.items():
+        with pytest.raises(RuntimeError, match=rf"supports Model on transformers >= {minimum} .*installed 5\.6\.0"):
             check_transformers_version(family, "Model", installed="5.6.0")
-        check_transformers_version(family, "Model", installed="5.24.0")  # the tested release passes
+        check_transformers_version(family, "Model", installed=f"{minimum}.0")  # the tested release passes
+        check_transformers_version(family, "Model", installed="5.24.0")
     for family in (LlavaFamily(), LlavaNextFamily()):  # the whole declared range
         check_transformers_version(family, "Model", installed="5.6.0")

@@ -14,6 +14,7 @@ import script_prune as sp
 from tests.test_patch import VISION_METHODS, cache_length, left_padded, masked_forward
 
 from script_prune.patch import Qwen2_5_VLFamily  # noqa: E402
+from script_prune.patch.family import cache_keyword, output_cache_field  # noqa: E402
 from tests.helpers import check_vision_side_refusals, skip_below_family_minimum  # noqa: E402
 
 pytestmark = skip_below_family_minimum(Qwen2_5_VLFamily())
@@ -258,14 +259,15 @@ def test_decoding_without_position_ids_continues_from_rope_deltas():
     first = model(**inputs, use_cache=True)
     kept = sp.patch.kept(model)
     step_ids = first.logits[:, -1].argmax(-1, keepdim=True)
-    step = model(input_ids=step_ids, cache=first.cache, use_cache=True)
+    key, field = cache_keyword(type(model).forward), output_cache_field(type(first))  # the release's names
+    step = model(input_ids=step_ids, **{key: getattr(first, field)}, use_cache=True)
     sp.patch.remove(model)
     rows = stock_rows(model, inputs)
     embeds, short, positions = hand_shortened(model, inputs, rows[:3], kept)
     assert torch.equal(model.model.rope_deltas, positions.amax(dim=(0, 2))[:, None] + 1 - short.shape[1])
     ref_first = model(inputs_embeds=embeds, attention_mask=short, position_ids=positions, use_cache=True)
     next_positions = positions.amax(dim=2, keepdim=True) + 1  # (3, 1, 1): the original last position + 1
-    ref_step = model(inputs_embeds=model.get_input_embeddings()(step_ids), cache=ref_first.cache,
+    ref_step = model(inputs_embeds=model.get_input_embeddings()(step_ids), **{key: getattr(ref_first, field)},
                      position_ids=next_positions)
     torch.testing.assert_close(step.logits, ref_step.logits, atol=1e-4, rtol=0)
 

@@ -17,6 +17,7 @@ from tests.test_patch_qwen2_5_vl import (BEAMS, SAMPLED, check_kept, check_whole
                                          pruned_forward, pruned_generate)
 
 from script_prune.patch import Qwen3VLFamily  # noqa: E402
+from script_prune.patch.family import cache_keyword, output_cache_field  # noqa: E402
 from tests.helpers import check_vision_side_refusals, skip_below_family_minimum  # noqa: E402
 
 pytestmark = skip_below_family_minimum(Qwen3VLFamily())
@@ -122,7 +123,7 @@ def reference_logits(model, inputs, rows, kept):
     deepstack = list(torch.cat(stacks, dim=1))  # per level (n_visual, D), batch-major sequence order
     out = model.model.language_model(inputs_embeds=embeds, attention_mask=short, position_ids=positions,
                                      visual_pos_masks=visual_mask, deepstack_visual_embeds=deepstack, use_cache=True)
-    return model.lm_head(out.last_hidden_state), short, out.cache, positions
+    return model.lm_head(out.last_hidden_state), short, getattr(out, output_cache_field(type(out))), positions
 
 
 @pytest.mark.parametrize("method,budget", [("divprune", 0.5), ("script", 3)])
@@ -136,7 +137,7 @@ def test_logits_equal_stock_model_with_deepstack_pruned_by_hand(method, budget):
     ref, short, cache, _ = reference_logits(model, inputs, rows, kept)
     assert out.logits.shape == ref.shape
     torch.testing.assert_close(out.logits[short.bool()], ref[short.bool()], atol=1e-4, rtol=0)
-    assert out.cache.get_seq_length() == cache.get_seq_length() == short.shape[1]
+    assert getattr(out, output_cache_field(type(out))).get_seq_length() == cache.get_seq_length() == short.shape[1]
     # the short prompt = every text token (the timestamps 40, 41 between the frames included) + the kept tokens
     ids, real = inputs["input_ids"], inputs["attention_mask"].bool()
     text = (real & (ids != IMAGE) & (ids != VIDEO)).sum(1)
@@ -151,12 +152,13 @@ def test_greedy_decoding_equals_reference():
     logits, mask, cache, positions = reference_logits(model, inputs, stock_rows(model, inputs), kept)
     # greedy by hand with the stock language model, continuing from the last original position
     last, tokens, logits = positions.amax(dim=2, keepdim=True), [], logits[:, -1]  # (3, B, 1)
+    key = cache_keyword(type(model.model.language_model).forward)  # the release's name of the cache argument
     for _ in range(8):
         token = logits.argmax(-1, keepdim=True)  # (B, 1)
         tokens.append(token)
         last, mask = last + 1, torch.cat([mask, torch.ones_like(token)], dim=1)
         step = model.model.language_model(inputs_embeds=model.get_input_embeddings()(token), attention_mask=mask,
-                                          cache=cache, position_ids=last, use_cache=True)
+                                          **{key: cache}, position_ids=last, use_cache=True)
         logits = model.lm_head(step.last_hidden_state)[:, -1]
     assert torch.equal(generated, torch.cat(tokens, dim=1))
 

@@ -28,7 +28,7 @@ IMAGE_TYPE, VIDEO_TYPE = 1, 2
 
 class Qwen2_5_VLFamily(Family):
     name = "qwen2_5_vl"
-    min_transformers = "5.24"  # 5.6 fails the family tests (hook points moved since)
+    min_transformers = "5.19"  # tested: 5.19.0 (vLLM 0.32's pin) and 5.24; 5.6 fails the family tests
     class_names = ("Qwen2_5_VLForConditionalGeneration",)
     default_relevance = "llm_text"
     default_budget = 0.25
