@@ -178,3 +178,30 @@ def test_next_prefill_reads_image_sizes_once(monkeypatch):
             model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes, use_cache=True)
             assert sum(reads) == 1, method
         sp.patch.remove(model)
+
+
+@pytest.mark.skipif(qwen.pytestmark.args[0], reason=qwen.pytestmark.kwargs["reason"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("method", ["uniform", "divprune"])
+@torch.no_grad()
+def test_qwen_vision_side_prefill_waits_at_most_once_more_than_stock(family, method):
+    # the stock forward with pixels reads its grids on the host several times (encoder, rope index, placeholder
+    # checks); the pruned prefill reads the grids and placeholder kinds once (before selection: the row lengths
+    # set the budgets), then the one resolve, plus the stock encoder's and rope index's own reads. Qwen2.5-VL
+    # skips the stock placeholder checks (its short prompt goes in as embeddings): at most one wait more than
+    # the stock forward. Qwen3-VL's short prompt goes in as ids with the kept features (DeepStack), so the stock
+    # checks run there too and the grid read and the resolve are two more.
+    from tests import test_patch_qwen3_vl as qwen3
+
+    module = qwen if family == "qwen2_5_vl" else qwen3
+    model, inputs = module.build(seed=2), module.batch()
+    with count_ops() as stock:
+        model(**inputs, use_cache=True)
+    sp.patch.apply(model, method=method, budget=0.5)
+    with count_ops() as patched:
+        model(**inputs, use_cache=True)
+    visual = sp.patch.visual_tokens(model)
+    sp.patch.remove(model)
+    assert sum(visual) < int(sp.patch.family_of(model).placeholder_mask(model, inputs["input_ids"]).sum())
+    extra = 1 if family == "qwen2_5_vl" else 2
+    assert patched.syncs <= stock.syncs + extra, (dict(patched.sync_ops), dict(stock.sync_ops))

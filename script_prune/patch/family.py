@@ -19,9 +19,11 @@ decoding, in-LLM methods) is shared:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -99,6 +101,33 @@ def fit_layout(layout: Layout, image_lengths: Tensor) -> Layout:
     order = order[rank < image_lengths[image]]
     return Layout(layout.tokens[order], layout.kept[order], layout.row[order], layout.index[order],
                   layout.image[order])
+
+
+#: host values read during the current prefill, by key (:func:`read_once`); None outside a prefill
+_PREFILL_READS: ContextVar[dict | None] = ContextVar("script_prune_prefill_reads", default=None)
+
+
+@contextlib.contextmanager
+def one_read_per_prefill() -> Iterator[None]:
+    """The span of one prefill: inside it, :func:`read_once` reads each key's host values once."""
+    token = _PREFILL_READS.set({})
+    try:
+        yield
+    finally:
+        _PREFILL_READS.reset(token)
+
+
+def read_once(key: tuple, read: Callable[[], Any]) -> Any:
+    """``read()`` (values a family needs on the host, e.g. image sizes or grids: a host sync) made once per
+    ``key`` within one prefill, where the family asks twice (its row lengths, then its encoder); outside a
+    prefill it reads every time. Key by the ``id`` of the call's tensors the read depends on (the call keeps
+    them alive for the whole prefill)."""
+    reads = _PREFILL_READS.get()
+    if reads is None:
+        return read()
+    if key not in reads:
+        reads[key] = read()
+    return reads[key]
 
 
 def device_index(values: list[int], device: torch.device) -> Tensor:
@@ -321,9 +350,11 @@ class Family:
         return None
 
     def llm_inputs(self, model: nn.Module, rows: VisualRows, layout: Layout, index: Tensor,
-                   mask: Tensor) -> dict[str, Any]:
+                   mask: Tensor, kept_per_row: list[int] | None) -> dict[str, Any]:
         """Extra (or replacing) arguments of the short call, pruned with the same keep mask (DeepStack);
-        index / mask: (B, Ls) the short prompt's source positions and 0/1 mask. None by default."""
+        index / mask: (B, Ls) the short prompt's source positions and 0/1 mask; kept_per_row: the kept tokens
+        of every row, known on the host from the budget so that sizes need no device read (None for merging
+        methods, whose counts vary). None by default."""
         return {}
 
 

@@ -9,7 +9,6 @@ Kept tile tokens that fall in the unpadded-away border never reach the LLM (nor 
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
@@ -20,7 +19,7 @@ from transformers.models.llava_next.modeling_llava_next import (
     unpad_image,
 )
 
-from .family import LAYOUT_TOKEN, Layout, VisualRows, device_index
+from .family import LAYOUT_TOKEN, Layout, VisualRows, device_index, read_once
 from .llava import LlavaFamily, projected_rows
 
 
@@ -41,38 +40,14 @@ class LlavaNextFamily(LlavaFamily):
     name = "llava_next"
     class_names = ("LlavaNextForConditionalGeneration",)
 
-    def __init__(self) -> None:
-        self._host_sizes: tuple[weakref.ref, list[list[int]]] | None = None
-        self._remember = False
-
-    def row_lengths(self, model: nn.Module, call: dict[str, Any]) -> list[int]:
-        """As every family's; the read of ``image_sizes`` it makes is left for the :meth:`encode` that follows
-        in a prefill (see :meth:`host_sizes`)."""
-        self._host_sizes, self._remember = None, True
-        try:
-            return super().row_lengths(model, call)
-        finally:
-            self._remember = False
-
-    def host_sizes(self, sizes: Tensor) -> list[list[int]]:
-        """``image_sizes`` on the host. A prefill asks for them twice, for its row lengths and then in
-        :meth:`encode`, with nothing in between: the ask right after :meth:`row_lengths` read them, if it is
-        for the same tensor object, takes that read (a one-use memo; every other ask reads)."""
-        seen, self._host_sizes = self._host_sizes, None
-        if seen is not None and seen[0]() is sizes:
-            return seen[1]
-        host = sizes.tolist()
-        if self._remember:
-            self._host_sizes = (weakref.ref(sizes), host)
-        return host
-
     def crops(self, model: nn.Module, call: dict[str, Any]) -> tuple[list[list[int]], list[int]]:
         """Image sizes [height, width] on the host (one read of ``image_sizes`` per prefill) and the crops (base +
         tiles) of every image."""
         sizes = call.get("image_sizes")
         if sizes is None:
             raise ValueError("LlavaNextForConditionalGeneration needs image_sizes with pixel_values")
-        sizes = self.host_sizes(sizes) if isinstance(sizes, Tensor) else [list(s) for s in sizes]
+        host = read_once(("image_sizes", id(sizes)), sizes.tolist) if isinstance(sizes, Tensor) else sizes
+        sizes = [list(s) for s in host]
         crops = [image_size_to_num_patches(s, model.config.image_grid_pinpoints,
                                            model.config.vision_config.image_size) for s in sizes]
         return sizes, crops

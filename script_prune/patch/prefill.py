@@ -35,7 +35,7 @@ from torch import Tensor, nn
 import script_prune as sp
 from script_prune.budget import keeps_all, resolve_budget
 
-from .family import Family, VisualRows, device_index, fit_layout, output_cache_field
+from .family import Family, VisualRows, device_index, fit_layout, one_read_per_prefill, output_cache_field
 from .relevance import Query, RelevanceSource, question_mask
 
 STATE_ATTR = "_script_prune_patch"
@@ -414,8 +414,14 @@ def prefill(model: nn.Module, state: PatchState, call: dict[str, Any]) -> Any:
     """A prefill with pixels: stock forward when the budget keeps whole rows, else the shortened prefill.
 
     Host syncs of the shortened prefill beyond what the stock model's own forward does: one (:func:`resolve`:
-    the placeholder check, the padding side and the short prompt's length), plus those of the family's encoder
-    and the relevance source where they need host values (none for LLaVA with ``llm_text``)."""
+    the placeholder check, the padding side and the short prompt's length), plus the family's own host reads
+    (sizes, grids; made once per prefill through ``family.read_once``) and those of the relevance source where
+    they need host values (none for LLaVA with ``llm_text``)."""
+    with one_read_per_prefill():
+        return run_prefill(model, state, call)
+
+
+def run_prefill(model: nn.Module, state: PatchState, call: dict[str, Any]) -> Any:
     family, cfg = state.family, state.config
     if call.get("input_ids") is None:
         raise ValueError("script_prune.patch needs input_ids (with the image placeholders) on a prefill with "
@@ -460,7 +466,8 @@ def prefill(model: nn.Module, state: PatchState, call: dict[str, Any]) -> Any:
     short_call = without_pixels(family, call)
     short_call.update(inputs_embeds=gather_tokens(embeds, index), attention_mask=short_mask,
                       position_ids=family.positions(model, call, index, short_mask))
-    short_call.update(family.llm_inputs(model, rows, layout, index, short_mask))
+    counts = None if cfg.spec.merges else kept_per_row(cfg.budget, lengths)  # merging methods: counts vary
+    short_call.update(family.llm_inputs(model, rows, layout, index, short_mask, counts))
     if call.get("labels") is not None:
         short_call["labels"] = gather_tokens(call["labels"], index).masked_fill(short_mask == 0, -100)
     with stage(state, "llm"):
@@ -470,6 +477,16 @@ def prefill(model: nn.Module, state: PatchState, call: dict[str, Any]) -> Any:
     state.keep_rows = keep_rows
     state.visual_counts = (keep & prompt.placeholder).sum(dim=1)
     return output
+
+
+def kept_per_row(budget: int | float, row_lengths: list[int]) -> list[int]:
+    """The tokens a selection method keeps in every row (the budget resolved per row length, as
+    :func:`select_rows` resolves it), on the host."""
+    counts = []
+    for length in row_lengths:
+        k = resolve_budget(budget, length)
+        counts.append(length if keeps_all(k, length) else k)
+    return counts
 
 
 def without_pixels(family: Family, call: dict[str, Any]) -> dict[str, Any]:

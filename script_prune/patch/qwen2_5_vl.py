@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .family import Family, Layout, VisualRows
+from .family import Family, Layout, VisualRows, device_index, read_once
 
 #: mm_token_type_ids values of transformers' Qwen processors
 IMAGE_TYPE, VIDEO_TYPE = 1, 2
@@ -49,23 +49,39 @@ class Qwen2_5_VLFamily(Family):
         return [grid]
 
     def items(self, model: nn.Module, call: dict[str, Any]) -> list[tuple[str, list[int]]]:
-        """(kind, grid (t, h, w)) of every placeholder item, in sequence (scatter) order over the batch."""
+        """(kind, grid (t, h, w)) of every placeholder item, in sequence (scatter) order over the batch; the
+        grids and the prompt's placeholder kinds come to the host in one read, once per prefill."""
+        return self.host_grids(model, call)[0]
+
+    def host_grids(self, model: nn.Module, call: dict[str, Any]) -> tuple[list[tuple[str, list[int]]], list[list[int]]]:
+        """-> (the placeholder items as :meth:`items`, ``video_grid_thw`` as lists), read once per prefill."""
+        keys = ("input_ids", "image_grid_thw", "video_grid_thw")
+        return read_once(("qwen_grids", *(id(call.get(key)) for key in keys)), lambda: self.read_grids(model, call))
+
+    def read_grids(self, model: nn.Module, call: dict[str, Any]) -> tuple[list[tuple[str, list[int]]], list[list[int]]]:
         config = model.config
-        grids = {kind: [] if call.get(key) is None else
-                 [item for g in call[key].tolist() for item in (self.video_items(g) if kind == "video" else [g])]
-                 for kind, key in (("image", "image_grid_thw"), ("video", "video_grid_thw"))}
+        ids = call["input_ids"]  # (B, L)
+        grids = {kind: call.get(key) for kind, key in (("image", "image_grid_thw"), ("video", "video_grid_thw"))}
+        kinds = (ids == config.image_token_id).long() + 2 * (ids == config.video_token_id).long()  # (B, L) 0/1/2
+        parts = [g.reshape(-1).long() for g in grids.values() if g is not None]
+        host = torch.cat([*(p.to(kinds.device) for p in parts), kinds.reshape(-1)]).tolist()  # the one host sync
+        split, triples = {}, {}
+        for kind, grid in grids.items():
+            flat, host = (host[:grid.numel()], host[grid.numel():]) if grid is not None else ([], host)
+            triples[kind] = [flat[i:i + 3] for i in range(0, len(flat), 3)]
+            split[kind] = [item for g in triples[kind] for item in (self.video_items(g) if kind == "video" else [g])]
+        placeholders = [value for value in host if value]  # kinds of the placeholder tokens in sequence order
         merge = config.vision_config.spatial_merge_size ** 2
-        ids = call["input_ids"][self.placeholder_mask(model, call["input_ids"])].tolist()  # one host sync
         out, position, taken = [], 0, {"image": 0, "video": 0}
-        while position < len(ids):
-            kind = "image" if ids[position] == config.image_token_id else "video"
-            if taken[kind] >= len(grids[kind]):
+        while position < len(placeholders):
+            kind = "image" if placeholders[position] == 1 else "video"
+            if taken[kind] >= len(split[kind]):
                 raise ValueError(f"the prompt holds more {kind} placeholder runs than {kind}_grid_thw describes")
-            grid = grids[kind][taken[kind]]
+            grid = split[kind][taken[kind]]
             taken[kind] += 1
             out.append((kind, grid))
             position += grid[0] * grid[1] * grid[2] // merge
-        return out
+        return out, triples["video"]
 
     def row_length(self, model: nn.Module) -> int:
         return 1  # rows vary: row_lengths of the call decide
@@ -111,15 +127,13 @@ class Qwen2_5_VLFamily(Family):
 
     def encode(self, model: nn.Module, call: dict[str, Any], needs: frozenset[str] = frozenset()) -> VisualRows:
         """Rows in sequence order, right-padded to the longest: tokens (R, N, D), ``lengths`` (R,)."""
-        items = self.items(model, call)
+        items, video_grids = self.host_grids(model, call)
         outputs = {kind: self.features(model, call, kind) for kind in ("image", "video")}
-        video_grids = [] if call.get("video_grid_thw") is None else call["video_grid_thw"].tolist()
         rows = self.item_rows(items, {kind: None if out is None else out.pooler_output for kind, out in outputs.items()},
                               video_grids)
         device = rows[0].device
-        lengths = torch.tensor([r.shape[0] for r in rows], device=device)
-        row_image = torch.repeat_interleave(torch.arange(len(items), device=device),
-                                            torch.tensor([grid[0] for _, grid in items], device=device))  # (R,)
+        lengths = device_index([r.shape[0] for r in rows], device)  # (R,)
+        row_image = device_index([i for i, (_, grid) in enumerate(items) for _ in range(grid[0])], device)  # (R,)
         tokens = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # (R, N, D)
         image_lengths = torch.zeros(len(items), dtype=torch.long, device=device).index_add_(0, row_image, lengths)
         extra = {"items": items, "outputs": outputs, "input_ids": call["input_ids"], "video_grids": video_grids}
@@ -148,10 +162,11 @@ class Qwen2_5_VLFamily(Family):
             raise ValueError(f"{self.name} does not place merged tokens (no M-RoPE position)")
         r, n, _ = rows.tokens.shape
         device = keep.device
-        valid = torch.arange(n, device=device)[None] < rows.lengths[:, None]  # (R, N)
-        row = torch.arange(r, device=device)[:, None].expand(r, n)
-        index = torch.arange(n, device=device)[None].expand(r, n)
-        return Layout(rows.tokens[valid], keep[valid], row[valid], index[valid], rows.row_image[row[valid]])
+        merge = model.config.vision_config.spatial_merge_size ** 2
+        total = sum(t * h * w // merge for _, (t, h, w) in rows.extra["items"])  # valid entries (host)
+        row = torch.repeat_interleave(torch.arange(r, device=device), rows.lengths, output_size=total)  # (T,)
+        index = torch.arange(total, device=device) - (rows.lengths.cumsum(0) - rows.lengths)[row]  # (T,)
+        return Layout(rows.tokens[row, index], keep[row, index], row, index, rows.row_image[row])
 
     # -- positions -----------------------------------------------------------------------------
     def rope_index(self, model: nn.Module, call: dict[str, Any]) -> Tensor:

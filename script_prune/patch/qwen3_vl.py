@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .family import Layout, VisualRows
+from .family import Layout, VisualRows, device_index
 from .qwen2_5_vl import Qwen2_5_VLFamily
 
 
@@ -52,22 +52,29 @@ class Qwen3VLFamily(Qwen2_5_VLFamily):
         return rows.extra["deepstack"][:, layout.row, layout.index]
 
     def llm_inputs(self, model: nn.Module, rows: VisualRows, layout: Layout, index: Tensor,
-                   mask: Tensor) -> dict[str, Any]:
+                   mask: Tensor, kept_per_row: list[int] | None) -> dict[str, Any]:
         """The short prompt as ``input_ids`` (B, Ls) with the kept tokens and DeepStack features (same keep mask)
-        as ``mm_encoder_outputs`` per modality, replacing the short ``inputs_embeds``."""
+        as ``mm_encoder_outputs`` per modality, replacing the short ``inputs_embeds``. The kept count of each
+        modality comes from ``kept_per_row`` (host), so the kept entries are gathered without a device read."""
+        if kept_per_row is None:
+            raise ValueError(f"{self.name} takes selection methods only (kept tokens per row from the budget)")
         config = model.config
         pad = config.text_config.pad_token_id
         pad = 0 if pad is None else int(pad)
         ids = rows.extra["input_ids"].gather(1, index).masked_fill(mask == 0, pad)  # (B, Ls)
-        is_video = torch.tensor([kind == "video" for kind, _ in rows.extra["items"]], device=layout.kept.device)
-        entry_video = is_video[layout.image]  # (T,)
+        items = rows.extra["items"]
+        row_kinds = [kind for kind, (t, _, _) in items for _ in range(t)]  # (R,) host
+        is_video = device_index([kind == "video" for kind, _ in items], layout.kept.device)
+        entry_video = is_video[layout.image].bool()  # (T,)
         deepstack = rows.extra["deepstack"]  # (L, R, N, D)
         encoded = {}
         for kind, flag in (("image", False), ("video", True)):
             if rows.extra["outputs"][kind] is None:
                 continue
-            chosen = layout.kept & (entry_video == flag)  # (T,) kept entries of this modality, scatter order
-            features = deepstack[:, layout.row[chosen], layout.index[chosen]]  # (L, n, D)
+            count = sum(c for c, k in zip(kept_per_row, row_kinds) if k == kind)
+            chosen = layout.kept & (entry_video == flag)  # (T,) kept entries of this modality
+            order = torch.sort((~chosen).to(torch.uint8), stable=True).indices[:count]  # (n,) in scatter order
+            features = deepstack[:, layout.row[order], layout.index[order]]  # (L, n, D)
             encoded[kind] = type(rows.extra["outputs"][kind])(  # the stock output class, with DeepStack
-                pooler_output=(layout.tokens[chosen],), deepstack_features=[(level,) for level in features])
+                pooler_output=(layout.tokens[order],), deepstack_features=[(level,) for level in features])
         return {"input_ids": ids, "inputs_embeds": None, "mm_encoder_outputs": encoded}
