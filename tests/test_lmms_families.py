@@ -12,8 +12,8 @@ pytest.importorskip("av")
 
 import script_prune as sp  # noqa: E402
 from script_prune.patch import LlavaFamily, Qwen2_5_VLFamily  # noqa: E402
-from tests.helpers import skip_below_family_minimum  # noqa: E402
-from tests.test_lmms_plugin import RUN, TEMPLATE, run_plugin, word_tokenizer, write_clip  # noqa: E402
+from tests.helpers import skip_below_family_minimum, word_tokenizer, write_clip  # noqa: E402
+from tests.test_lmms_plugin import RUN, TEMPLATE, run_plugin  # noqa: E402
 
 pytestmark = [skip_below_family_minimum(Qwen2_5_VLFamily()), skip_below_family_minimum(LlavaFamily())]
 
@@ -187,7 +187,7 @@ def qwen_video_test(tmp_path, module, processor, video_processor):
     ckpt = tmp_path / module
     save_qwen(ckpt, family)
     save_qwen_video_processor(ckpt, family, getattr(transformers, processor), getattr(transformers, video_processor))
-    write_clip(tmp_path / "clip.mp4", 8, seed=0)  # 8 frames of 48 x 32 px at 4 fps
+    write_clip(tmp_path / "clip.mp4", 8, seed=0, rate=4)  # 8 frames of 48 x 32 px at 4 fps
     (tmp_path / "run.py").write_text(RUN)
     result, calls = run_plugin(tmp_path, [{"video": str(tmp_path / "clip.mp4")}],
                                f"method=divprune,budget=3,max_frames_num={FRAMES}", name=f"script_{module}",
