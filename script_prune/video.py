@@ -24,8 +24,17 @@ class Video:
     frames: np.ndarray
     times: np.ndarray
     duration: float
-    indices: np.ndarray | None = None
-    rate: float | None = None
+    indices: np.ndarray
+    rate: float
+
+    def processor_metadata(self) -> dict:
+        """The frames as transformers' video processors take them (``video_metadata``, with
+        ``do_sample_frames=False``): the stream's frame count and rate and each frame's index in it, so the
+        frame times a processor derives (Qwen3-VL's timestamps, Qwen2.5-VL's ``second_per_grid_ts``) are the
+        file's."""
+        height, width = self.frames.shape[1:3]
+        return dict(total_num_frames=round(self.duration * self.rate), fps=self.rate, width=width, height=height,
+                    duration=self.duration, frames_indices=self.indices.tolist())
 
 
 def sample_indices(total: int, average_fps: float, max_frames_num: int, fps: float = 1.0,

@@ -45,6 +45,9 @@ def test_decode_a_written_clip_and_errors_name_the_file(tmp_path):
     np.testing.assert_allclose(levels, [0, 70, 150, 230], atol=6)  # frames 0, 7, 15, 23
     np.testing.assert_allclose(video.times, [0, 7 / 8, 15 / 8, 23 / 8])
     assert video.duration == pytest.approx(3.0)
+    # as transformers' video processors take it: 24 frames at 8 fps, the sampled frames at their stream positions
+    assert video.processor_metadata() == dict(total_num_frames=24, fps=pytest.approx(8.0), width=SIZE, height=SIZE,
+                                              duration=pytest.approx(3.0), frames_indices=[0, 7, 15, 23])
     assert load_video(path).frames.shape[0] == 3  # 1 fps
     with pytest.raises(ValueError, match="cannot read video .*missing.mp4"):
         load_video(tmp_path / "missing.mp4")

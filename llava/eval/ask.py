@@ -186,15 +186,6 @@ def load_inputs(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
     return images, videos
 
 
-def clip_metadata(video: Any) -> dict[str, Any]:
-    """The frames ``load_video`` sampled, described to the video processor as a clip of their own (sent with
-    ``do_sample_frames=False``: the processor keeps every frame): frame i at ``i / fps`` seconds, ``fps`` the
-    sampling rate, so the times Qwen3-VL writes between frames are those of the file (the first frame is at 0 s)."""
-    count, span = len(video.times), float(video.times[-1] - video.times[0])
-    fps = (count - 1) / span if count > 1 and span > 0 else 1.0
-    return dict(total_num_frames=count, fps=fps, frames_indices=list(range(count)), duration=video.duration)
-
-
 def ask(args: argparse.Namespace) -> AskResult:
     budget, params = check_args(args)
     images, videos = load_inputs(args)
@@ -212,7 +203,7 @@ def ask(args: argparse.Namespace) -> AskResult:
     prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                            tokenize=False)
     video_kwargs = (dict(videos=[video.frames for video in videos], do_sample_frames=False,
-                         video_metadata=[clip_metadata(video) for video in videos]) if videos else {})
+                         video_metadata=[video.processor_metadata() for video in videos]) if videos else {})
     # images nested per prompt: one prompt with several images (OneVision then keeps only each image's base crop)
     inputs = processor(text=[prompt], images=[images] if images else None, return_tensors="pt", **video_kwargs)
     inputs = {key: value.to(args.device) if isinstance(value, torch.Tensor) else value for key, value in inputs.items()}

@@ -434,10 +434,8 @@ class ScriptQwenVL(ScriptLMM):
         from transformers.video_utils import VideoMetadata
 
         text = self.prompt([{"type": "video"}, {"type": "text", "text": context}])
-        height, width = video.frames.shape[1:3]
-        metadata = VideoMetadata(total_num_frames=round(video.duration * video.rate), fps=video.rate, width=width,
-                                 height=height, duration=video.duration, frames_indices=video.indices.tolist())
-        out = self.video_processor()(text=[text], videos=[video.frames], video_metadata=[metadata],
+        out = self.video_processor()(text=[text], videos=[video.frames],
+                                     video_metadata=[VideoMetadata(**video.processor_metadata())],
                                      do_sample_frames=False, return_tensors="pt")
         tensors = {key: torch.as_tensor(out[key]) for key in ("pixel_values_videos", "video_grid_thw",
                                                                 "second_per_grid_ts") if key in out}
