@@ -12,7 +12,7 @@ access, the only part that imports transformers) prunes transformers' own VLM cl
 
 import importlib as _importlib
 
-from .budget import check_budget, keeps_all, resolve_budget
+from .budget import check_budget, keeps_all, kept_tokens, resolve_budget
 from .registry import (
     MethodSpec,
     Reduction,
@@ -35,6 +35,7 @@ __all__ = [
     "check_budget",
     "check_params",
     "keeps_all",
+    "kept_tokens",
     "resolve_budget",
     "Reduction",
     "dpp_greedy",

@@ -4,7 +4,7 @@ A budget is given either as an ``int`` >= 1 (tokens kept per visual row: an imag
 frame) or as a ``float`` in (0, 1) (the fraction of each row kept, for dynamic-resolution
 families whose rows differ in length). :func:`resolve_budget` turns it into a token count for
 a row of ``n`` tokens; :func:`keeps_all` is the single place that says a count leaves a row
-unpruned (``k >= n``).
+unpruned (``k >= n``); :func:`kept_tokens` is what a selection then keeps.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 import numbers
 from fractions import Fraction
 
-__all__ = ["check_budget", "keeps_all", "resolve_budget"]
+__all__ = ["check_budget", "keeps_all", "kept_tokens", "resolve_budget"]
 
 
 def check_budget(budget: object, name: str = "budget") -> int | float:
@@ -45,3 +45,9 @@ def resolve_budget(budget: int | float, n: int) -> int:
 def keeps_all(k: int, n: int) -> bool:
     """True when keeping ``k`` of ``n`` tokens leaves the row exactly unpruned (``k >= n``)."""
     return k >= n
+
+
+def kept_tokens(budget: int | float, n: int) -> int:
+    """Tokens a selection method keeps of a row of ``n``: the resolved budget, or all ``n`` when it keeps all."""
+    k = resolve_budget(budget, n)
+    return n if keeps_all(k, n) else k

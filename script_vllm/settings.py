@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import torch
 
 import script_prune as sp
-from script_prune.budget import check_budget, keeps_all, resolve_budget
+from script_prune.budget import check_budget, kept_tokens
 
 #: the request keys this plugin reads (kept out of the HF processor call)
 KEYS = ("script_method", "script_budget", "script_params")
@@ -38,9 +38,8 @@ class Settings:
     query: tuple[int, ...] = ()
 
     def kept(self, n: int) -> int:
-        """Tokens kept in a row of ``n`` (``script_prune.resolve_budget``, at most ``n``)."""
-        k = resolve_budget(self.budget, n)
-        return n if keeps_all(k, n) else k
+        """Tokens kept in a row of ``n`` (``script_prune.kept_tokens``)."""
+        return kept_tokens(self.budget, n)
 
     @staticmethod
     def encode_optional(settings: "Settings | None") -> torch.Tensor:

@@ -206,3 +206,12 @@ def test_cuda_matches_cpu(method: str) -> None:
     want_half = sp.select(feats.half(), 9, method, image_embeds=img, query_embeds=query)
     assert got.cpu().tolist() == want_half.tolist()
     assert want.shape == got.shape
+
+
+def test_kept_tokens_per_row_by_hand() -> None:
+    # int: the count, capped at the row; fraction: floor(f * n) of the written decimal, at least 1
+    assert [sp.kept_tokens(64, n) for n in (576, 64, 30)] == [64, 64, 30]
+    assert [sp.kept_tokens(0.25, n) for n in (56, 24, 3)] == [14, 6, 1]
+    assert sp.kept_tokens(0.29, 100) == 29
+    with pytest.raises(ValueError, match="budget must be"):
+        sp.kept_tokens(0, 10)

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 import script_prune as sp
-from script_prune.budget import keeps_all, resolve_budget
+from script_prune.budget import keeps_all, kept_tokens, resolve_budget
 
 from .family import Family, VisualRows, device_index, fit_layout, one_read_per_prefill, output_cache_field
 from .relevance import Query, RelevanceSource, question_mask
@@ -466,7 +466,7 @@ def run_prefill(model: nn.Module, state: PatchState, call: dict[str, Any]) -> An
     short_call = without_pixels(family, call)
     short_call.update(inputs_embeds=gather_tokens(embeds, index), attention_mask=short_mask,
                       position_ids=family.positions(model, call, index, short_mask))
-    counts = None if cfg.spec.merges else kept_per_row(cfg.budget, lengths)  # merging methods: counts vary
+    counts = None if cfg.spec.merges else [kept_tokens(cfg.budget, n) for n in lengths]  # merging: counts vary
     short_call.update(family.llm_inputs(model, rows, layout, index, short_mask, counts))
     if call.get("labels") is not None:
         short_call["labels"] = gather_tokens(call["labels"], index).masked_fill(short_mask == 0, -100)
@@ -477,16 +477,6 @@ def run_prefill(model: nn.Module, state: PatchState, call: dict[str, Any]) -> An
     state.keep_rows = keep_rows
     state.visual_counts = (keep & prompt.placeholder).sum(dim=1)
     return output
-
-
-def kept_per_row(budget: int | float, row_lengths: list[int]) -> list[int]:
-    """The tokens a selection method keeps in every row (the budget resolved per row length, as
-    :func:`select_rows` resolves it), on the host."""
-    counts = []
-    for length in row_lengths:
-        k = resolve_budget(budget, length)
-        counts.append(length if keeps_all(k, length) else k)
-    return counts
 
 
 def without_pixels(family: Family, call: dict[str, Any]) -> dict[str, Any]:
